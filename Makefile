@@ -1,0 +1,60 @@
+# edgeos — the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+export EDGEOS_TEST_PG_DSN ?= postgresql://edgeos_test:edgeos_test@127.0.0.1:5432/postgres
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+LINT_PATHS := edgeos drivers tests bench hil_tests models examples
+
+.PHONY: help venv services lint format test test-slow bench demo models clean
+
+help:
+	@echo "make demo       set up and run the whole thing locally (simulated line, runtime, broker, receiver)"
+	@echo "make test       set up and run lint + the test suite"
+	@echo "make test-slow  also the slow soak/fuzz tests"
+	@echo "make bench      run every benchmark (each prints one JSON object)"
+	@echo "make lint       ruff + mypy --strict on edgeos/ and drivers/"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgeos needs Python >= 3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,postgres,demo,speed]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+# Mosquitto and PostgreSQL for the tests: installed when missing, started when stopped.
+services:
+	@bash .ci/ensure-services
+
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+test: venv services lint
+	$(PY) -m pytest
+
+test-slow: venv services
+	$(PY) -m pytest -m slow
+
+bench: venv services
+	@for b in bench/*.py; do case $$b in bench/_*|bench/*_bench.py) continue;; esac; \
+	  echo "== $$b" >&2; $(PY) $$b $(BENCH_ARGS) || exit 1; done
+
+demo: venv
+	$(VENV)/bin/edgeos demo
+
+models: venv
+	$(PY) -m pip install --quiet -e '.[train]'
+	$(PY) models/train_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
