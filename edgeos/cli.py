@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from edgeos import __version__
 from edgeos.config import Config, load_config
@@ -68,6 +69,24 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_install_service(args: argparse.Namespace) -> int:
+    from edgeos.service import install_service
+
+    report = install_service(
+        Path(args.root),
+        config_template=Path(args.config_template) if args.config_template else None,
+        enable=not args.no_enable,
+        run_tools=not args.no_tools,
+    )
+    for path in report.written:
+        print(f"wrote  {path}")
+    for path in report.kept:
+        print(f"kept   {path} (exists; not overwritten)")
+    for note in report.notes:
+        print(f"note   {note}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeos",
@@ -86,6 +105,17 @@ def _build_parser() -> argparse.ArgumentParser:
         help="skip validating driver options against the installed drivers",
     )
     check.set_defaults(func=_cmd_check_config)
+
+    install = sub.add_parser(
+        "install-service", help="install units, user, directories and the default config"
+    )
+    install.add_argument("--root", default="/", help="target root filesystem (default: /)")
+    install.add_argument("--config-template", help="config to install when none exists")
+    install.add_argument("--no-enable", action="store_true", help="do not enable the unit")
+    install.add_argument(
+        "--no-tools", action="store_true", help="do not run systemd-sysusers/systemd-tmpfiles"
+    )
+    install.set_defaults(func=_cmd_install_service)
 
     for name, (_, _, help_text) in _DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
