@@ -5,9 +5,9 @@ task (a child of the runtime's root TaskGroup) keeps the connection up; the sche
 :meth:`~ConnectionSupervisor.read` on every tick. State machine::
 
     connecting ──ok──► up ◄──all good── degraded
-        ▲               │  some tags bad ──►
-        │               │ transport error / lost
-        └──backoff── down ◄┘
+        │               │  some tags bad ──►
+        │ fail          │ transport error / lost
+        └──────────► down ◄┘   (retries with backoff stay in down until one succeeds)
 
 A read while the connection is not up never waits: it returns the group's tags with quality
 ``BAD_COMM`` at once, so a dead PLC costs nothing on the scan loop. State changes are logged
@@ -86,7 +86,7 @@ class ConnectionSupervisor:
         self.connect_timeout_s = connect_timeout_s
         self.backoff = backoff or Backoff()
         self._on_state = on_state
-        self.state = ConnState.DOWN
+        self.state = ConnState.CONNECTING
         self.since = clock.monotonic()
         self.last_error = ""
         self.reconnects = 0
@@ -142,7 +142,10 @@ class ConnectionSupervisor:
         """Connect, watch, reconnect with backoff — until cancelled."""
         try:
             while True:
-                self._set(ConnState.CONNECTING)
+                # Retries while down stay "down": a PLC that is off for a week must not log
+                # two lines per attempt.
+                if self.state != ConnState.DOWN:
+                    self._set(ConnState.CONNECTING)
                 try:
                     async with asyncio.timeout(self.connect_timeout_s):
                         await self.driver.connect()
