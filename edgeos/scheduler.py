@@ -1,0 +1,364 @@
+"""The soft-realtime scan scheduler: scan groups on absolute deadlines.
+
+Each scan group has a period; each *job* is one connection's scan of one group. A single
+dispatcher task keeps a heap of absolute deadlines (``base + k * period`` on the monotonic clock,
+so there is no drift however long it runs), sleeps through :meth:`Clock.sleep_until` and starts
+every due job in its own task, so a slow group never delays a fast one.
+
+Rules the dispatcher keeps:
+
+* **Stagger.** Job ``j`` of ``n`` in the ``g``-th group gets the phase
+  ``period * (j + frac(g * 0.618…)) / n``: the connections of a group poll spread over the
+  period, and groups are offset from each other by golden-ratio fractions of a slot (which
+  never line up exactly whatever the job counts), so requests do not burst together.
+* **Priority.** When several jobs are due at once, higher ``priority`` starts first.
+* **No stacking.** A job still running at its next deadline is not started again; the tick is
+  counted as ``skipped``. When the dispatcher itself wakes more than one period late (the loop
+  was blocked), the ticks in between are counted as ``missed`` and only the latest is started.
+* **Timeouts.** Every scan runs inside an ``asyncio.timeout`` scope. The dispatcher expires the
+  scope at ``deadline + timeout`` (``timeout_ms``, else the period), so the decision follows the
+  injected clock (virtual time in tests). A timeout shorter than the period is enforced at its
+  own instant; a longer one is checked at the job's ticks. The cancelled scan is counted in
+  ``timeouts``; the tick at which it was cancelled is skipped because the scan is still
+  unwinding.
+* **Errors.** An exception from a job is counted in ``errors`` and logged when the job starts
+  failing and when it recovers, never once per failed scan.
+* **Idle time.** When no scan is running and the next deadline is far enough away, the
+  :class:`~edgeos.gcpolicy.GcPolicy` (if given) collects garbage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeos.clock import Clock
+from edgeos.config import ScanGroupConfig
+from edgeos.gcpolicy import GcPolicy
+from edgeos.histogram import Histogram
+
+__all__ = ["GroupStats", "JobFn", "Scheduler"]
+
+log = logging.getLogger(__name__)
+
+JobFn = Callable[[], Awaitable[None]]
+
+# Heap entry kinds; at the same instant timeouts are handled before ticks.
+_TIMEOUT = 0
+_TICK = 1
+_GOLDEN = 0.6180339887498949
+
+
+@dataclass(slots=True)
+class GroupStats:
+    """Counters and histograms of one scan group (all of its jobs together)."""
+
+    #: Actual start minus deadline, seconds.
+    jitter: Histogram = field(default_factory=Histogram)
+    #: Scan durations, seconds.
+    duration: Histogram = field(default_factory=Histogram)
+    ticks: int = 0
+    skipped: int = 0
+    missed: int = 0
+    timeouts: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ticks": self.ticks,
+            "skipped": self.skipped,
+            "missed": self.missed,
+            "timeouts": self.timeouts,
+            "errors": self.errors,
+            "jitter": self.jitter.summary_ms(),
+            "duration": self.duration.summary_ms(),
+        }
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    config: ScanGroupConfig
+    index: int
+    period: float
+    timeout: float
+    jobs: list[_Job] = field(default_factory=list)
+    stats: GroupStats = field(default_factory=GroupStats)
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    group: _Group
+    name: str
+    fn: JobFn
+    #: Deadline ``k`` is ``base + k * period``.
+    base: float = 0.0
+    task: asyncio.Task[None] | None = None
+    scope: asyncio.Timeout | None = None
+    timeout_at: float = 0.0
+    #: Identifies one scan, so a stale timeout entry cannot cancel a later scan.
+    run_id: int = 0
+    failing: bool = False
+    removed: bool = False
+
+
+class Scheduler:
+    """Runs registered jobs on their scan group's absolute deadlines.
+
+    ``run()`` is meant to be a child of the runtime's root ``TaskGroup``; scans are children of a
+    task group inside it, so cancelling ``run()`` cancels them and re-raises.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        groups: Sequence[ScanGroupConfig],
+        *,
+        gc_policy: GcPolicy | None = None,
+        stagger: bool = True,
+        start_delay_s: float = 0.0,
+    ) -> None:
+        self._clock = clock
+        self._groups: dict[str, _Group] = {}
+        for i, cfg in enumerate(groups):
+            if cfg.name in self._groups:
+                raise ValueError(f"duplicate scan group {cfg.name!r}")
+            period = cfg.period_ms / 1000.0
+            timeout = cfg.timeout_ms / 1000.0 if cfg.timeout_ms is not None else period
+            self._groups[cfg.name] = _Group(cfg, i, period, timeout)
+        self._gc = gc_policy
+        self._stagger = stagger
+        self._start_delay = start_delay_s
+        self._heap: list[tuple[float, int, int, int, _Job, int]] = []
+        self._seq = itertools.count()
+        self._run_ids = itertools.count(1)
+        self._tg: asyncio.TaskGroup | None = None
+        self._origin = 0.0
+        self._wake_at = 0.0
+        self._running = 0
+
+    # --------------------------------------------------------------------------- registration
+
+    def add_job(self, group: str, name: str, fn: JobFn) -> None:
+        """Register ``fn`` (one connection's scan) to run on every tick of ``group``.
+
+        Jobs added before ``run()`` are staggered across the period; a job added while running
+        starts at its phase after the dispatcher's next wake-up.
+        """
+        g = self._groups.get(group)
+        if g is None:
+            known = ", ".join(sorted(self._groups)) or "none"
+            raise KeyError(f"unknown scan group {group!r} (known: {known})")
+        if any(job.name == name for job in g.jobs):
+            raise ValueError(f"job {name!r} already registered in scan group {group!r}")
+        job = _Job(g, name, fn)
+        g.jobs.append(job)
+        if self._tg is not None:
+            phase = self._phase(g, len(g.jobs) - 1, len(g.jobs))
+            job.base = self._origin + phase
+            k = max(0, _ceil_ticks(self._wake_at - job.base, g.period))
+            self._push(job.base + k * g.period, _TICK, job, k)
+
+    def remove_job(self, group: str, name: str) -> None:
+        """Stop scheduling a job; a scan in progress is cancelled."""
+        g = self._groups[group]
+        for job in g.jobs:
+            if job.name == name:
+                job.removed = True
+                g.jobs.remove(job)
+                if job.task is not None:
+                    job.task.cancel()
+                return
+        raise KeyError(f"no job {name!r} in scan group {group!r}")
+
+    def jobs(self, group: str) -> list[str]:
+        return [job.name for job in self._groups[group].jobs]
+
+    # --------------------------------------------------------------------------- running
+
+    async def run(self) -> None:
+        """Dispatch until cancelled."""
+        if self._tg is not None:
+            raise RuntimeError("Scheduler.run() is already running")
+        if self._gc is not None:
+            self._gc.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._origin = self._clock.monotonic() + self._start_delay
+                self._wake_at = self._origin
+                for g in self._groups.values():
+                    n = len(g.jobs)
+                    for j, job in enumerate(g.jobs):
+                        job.base = self._origin + self._phase(g, j, n)
+                        self._push(job.base, _TICK, job, 0)
+                await self._dispatch()
+        finally:
+            self._tg = None
+            self._heap.clear()
+            if self._gc is not None:
+                self._gc.stop()
+
+    def _phase(self, g: _Group, j: int, n: int) -> float:
+        if not self._stagger:
+            return 0.0
+        # Golden-ratio offsets keep groups with different job counts off each other's slots.
+        shift = (g.index * _GOLDEN) % 1.0
+        return g.period * (j + shift) / n
+
+    def _push(self, when: float, kind: int, job: _Job, k: int) -> None:
+        heapq.heappush(
+            self._heap, (when, kind, -job.group.config.priority, next(self._seq), job, k)
+        )
+
+    async def _dispatch(self) -> None:
+        clock = self._clock
+        heap = self._heap
+        # With no jobs the dispatcher still wakes now and then, so jobs added later are seen.
+        idle_wake = 1.0
+        while True:
+            now = clock.monotonic()
+            if heap and heap[0][0] <= now:
+                due: list[tuple[float, int, int, int, _Job, int]] = []
+                while heap and heap[0][0] <= now:
+                    due.append(heapq.heappop(heap))
+                self._handle_due(due, now)
+            if self._running == 0:
+                self._idle(clock.monotonic())
+            wake = heap[0][0] if heap else clock.monotonic() + idle_wake
+            self._wake_at = wake
+            await clock.sleep_until(wake)
+
+    def _handle_due(self, due: list[tuple[float, int, int, int, _Job, int]], now: float) -> None:
+        for _, kind, _, _, job, k in due:
+            if kind == _TIMEOUT and not job.removed:
+                self._expire(job, k)
+        ticks = [entry for entry in due if entry[1] == _TICK and not entry[4].removed]
+        # Heap order is (deadline, priority); "due together" means priority first.
+        ticks.sort(key=lambda e: (e[2], e[0], e[3]))
+        for _, _, _, _, job, k in ticks:
+            g = job.group
+            period = g.period
+            latest = max(k, int((now - job.base) / period))
+            # Guard the float division: never start before the deadline we report.
+            while job.base + latest * period > now and latest > k:
+                latest -= 1
+            if latest > k:
+                g.stats.missed += latest - k
+            deadline = job.base + latest * period
+            self._push(job.base + (latest + 1) * period, _TICK, job, latest + 1)
+            if job.task is not None:
+                g.stats.skipped += 1
+                # The slack absorbs float rounding when the timeout equals the period.
+                if job.scope is not None and deadline >= job.timeout_at - 1e-9:
+                    self._expire(job, job.run_id)
+                continue
+            self._start(job, deadline)
+
+    def _start(self, job: _Job, deadline: float) -> None:
+        assert self._tg is not None
+        g = job.group
+        job.run_id = run_id = next(self._run_ids)
+        job.timeout_at = deadline + g.timeout
+        if g.timeout < g.period:
+            self._push(job.timeout_at, _TIMEOUT, job, run_id)
+        g.stats.ticks += 1
+        self._running += 1
+        task = self._tg.create_task(
+            self._scan(job, deadline), name=f"scan:{g.config.name}:{job.name}"
+        )
+        job.task = task
+        # A done callback (not the coroutine's finally) so a scan cancelled before its first
+        # step is accounted for too.
+        task.add_done_callback(lambda t: self._scan_done(job, t))
+
+    def _scan_done(self, job: _Job, task: asyncio.Task[None]) -> None:
+        # Only does something for a scan cancelled before its first step.
+        self._release(job, task)
+
+    def _release(self, job: _Job, task: asyncio.Task[Any] | None) -> None:
+        if job.task is not task:
+            return
+        job.task = None
+        job.scope = None
+        self._running -= 1
+        if self._running == 0:
+            self._idle(self._clock.monotonic())
+
+    def _expire(self, job: _Job, run_id: int) -> None:
+        if job.run_id == run_id and job.scope is not None and not job.scope.expired():
+            # Expire "now": the scope cancels the scan at the loop's next iteration.
+            job.scope.reschedule(asyncio.get_running_loop().time())
+
+    async def _scan(self, job: _Job, deadline: float) -> None:
+        clock = self._clock
+        stats = job.group.stats
+        start = clock.monotonic()
+        stats.jitter.record(start - deadline)
+        failed: str | None = None
+        try:
+            async with asyncio.timeout(None) as scope:
+                job.scope = scope
+                try:
+                    await job.fn()
+                finally:
+                    # An exited scope can no longer be rescheduled.
+                    job.scope = None
+        except TimeoutError:
+            if scope.expired():
+                stats.timeouts += 1
+                failed = f"timed out after {job.group.timeout * 1e3:g} ms"
+            else:
+                stats.errors += 1
+                failed = "raised TimeoutError"
+        except Exception as exc:  # the one place: a failing scan is counted, never fatal
+            stats.errors += 1
+            failed = f"{type(exc).__name__}: {exc}"
+        finally:
+            stats.duration.record(clock.monotonic() - start)
+            # Free the job now rather than in the done callback one loop iteration later, so a
+            # scan that finished just before its next deadline is not counted as an overrun.
+            self._release(job, asyncio.current_task())
+        if failed is not None and not job.failing:
+            log.warning("scan %s/%s failing: %s", job.group.config.name, job.name, failed)
+        elif failed is None and job.failing:
+            log.info("scan %s/%s recovered", job.group.config.name, job.name)
+        job.failing = failed is not None
+
+    def _idle(self, now: float) -> None:
+        if self._gc is None or not self._heap:
+            return
+        budget = self._heap[0][0] - now
+        if budget > 0:
+            self._gc.idle(budget)
+
+    # --------------------------------------------------------------------------- reporting
+
+    def group_stats(self, group: str) -> GroupStats:
+        return self._groups[group].stats
+
+    def stats(self) -> dict[str, Any]:
+        """Per-group counters and histograms (milliseconds), plus GC counters if managed."""
+        out: dict[str, Any] = {
+            "groups": {
+                name: {
+                    "period_ms": g.config.period_ms,
+                    "priority": g.config.priority,
+                    "jobs": len(g.jobs),
+                    **g.stats.as_dict(),
+                }
+                for name, g in self._groups.items()
+            }
+        }
+        if self._gc is not None:
+            out["gc"] = self._gc.stats()
+        return out
+
+
+def _ceil_ticks(delta: float, period: float) -> int:
+    k = int(delta // period)
+    return k if k * period >= delta else k + 1

@@ -1,0 +1,20 @@
+"""The local digital twin: columnar tag state, history windows, desired state, snapshots."""
+
+from __future__ import annotations
+
+from edgeos.twin.desired import FINAL, DesiredChange, Status, WritePath
+from edgeos.twin.history import History
+from edgeos.twin.scanlog import ScanBatch, ScanLog, ScanRecord
+from edgeos.twin.store import Twin
+
+__all__ = [
+    "FINAL",
+    "DesiredChange",
+    "History",
+    "ScanBatch",
+    "ScanLog",
+    "ScanRecord",
+    "Status",
+    "Twin",
+    "WritePath",
+]
