@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from edgeos import __version__
 from edgeos.config import Config, load_config
@@ -69,6 +71,103 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_or_exit(path: str) -> Config | int:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid — {len(exc.issues)} error(s):", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.config)
+    if isinstance(config, int):
+        return config
+    from edgeos.app import run_forever
+    from edgeos.logs import setup_logging
+
+    setup_logging(args.log_format or config.logging.format, args.log_level or config.logging.level)
+    return run_forever(config)
+
+
+def _control_socket(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    config = _load_or_exit(args.config)
+    if isinstance(config, int):
+        raise SystemExit(config)
+    sock = config.control.socket
+    return sock if sock.is_absolute() else config.device.state_dir / sock
+
+
+def _ask(args: argparse.Namespace, op: str, **params: Any) -> Any:
+    from edgeos.control import ControlError, request
+
+    try:
+        return request(_control_socket(args), op, **params)
+    except ControlError as exc:
+        print(f"edgeos: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from exc
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    doc = _ask(args, "status")
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    from rich.console import Console
+
+    from edgeos.status_view import render_status
+
+    assert isinstance(doc, dict)
+    Console().print(render_status(doc))
+    return EXIT_OK
+
+
+def _cmd_twin(args: argparse.Namespace) -> int:
+    if args.twin_command == "get":
+        rows = _ask(args, "twin.get", pattern=args.pattern)
+        assert isinstance(rows, list)
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return EXIT_OK
+        for row in rows:
+            shown = row.get("value")
+            if isinstance(shown, float):
+                shown = f"{shown:.6g}"
+            extra = ""
+            if "desired" in row and row["desired"] is not None:
+                extra = f"  desired={row['desired']} v{row.get('version', '?')}"
+            print(
+                f"{row['name']:<40} {shown!s:>14} {row.get('unit', ''):<6} "
+                f"{row.get('quality', '')}{extra}"
+            )
+        return EXIT_OK
+    value: object = args.value
+    for cast in (int, float):
+        try:
+            value = cast(args.value)
+            break
+        except ValueError:
+            continue
+    if args.value.lower() in ("true", "false"):
+        value = args.value.lower() == "true"
+    change = _ask(args, "twin.set", tag=args.tag, value=value, wait_s=args.wait)
+    assert isinstance(change, dict)
+    print(
+        f"{change['name']} v{change['version']}: {change['status']}"
+        + (f" ({change['reason']})" if change.get("reason") else "")
+    )
+    return EXIT_OK if change["status"] == "applied" else EXIT_FAILURE
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="/etc/edgeos/edgeos.toml", help="runtime configuration")
+    p.add_argument("--socket", help="control socket (default: from the configuration)")
+
+
 def _cmd_install_service(args: argparse.Namespace) -> int:
     from edgeos.service import install_service
 
@@ -105,6 +204,30 @@ def _build_parser() -> argparse.ArgumentParser:
         help="skip validating driver options against the installed drivers",
     )
     check.set_defaults(func=_cmd_check_config)
+
+    run = sub.add_parser("run", help="run the gateway runtime (foreground; systemd runs this)")
+    run.add_argument("--config", required=True, help="TOML configuration file")
+    run.add_argument("--log-format", choices=["plain", "json"], help="override logging.format")
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="one-screen status of the running runtime")
+    _add_target(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_cmd_status)
+
+    twin = sub.add_parser("twin", help="read or set tags of the running runtime's twin")
+    twin_sub = twin.add_subparsers(dest="twin_command", required=True)
+    get = twin_sub.add_parser("get", help="tags matching a glob pattern")
+    get.add_argument("pattern", nargs="?", default="*")
+    get.add_argument("--json", action="store_true")
+    _add_target(get)
+    tset = twin_sub.add_parser("set", help="request a value for a writable tag")
+    tset.add_argument("tag")
+    tset.add_argument("value")
+    tset.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the outcome")
+    _add_target(tset)
+    twin.set_defaults(func=_cmd_twin)
 
     install = sub.add_parser(
         "install-service", help="install units, user, directories and the default config"

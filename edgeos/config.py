@@ -262,7 +262,8 @@ class ScanGroupConfig(_Model):
     period_ms: Annotated[float, Field(ge=10, le=3_600_000)]
     #: Higher runs first when two groups are due together.
     priority: Annotated[int, Field(ge=0, le=100)] = 50
-    #: Deadline for one scan; a scan still running at its next tick is never stacked.
+    #: Cancel a scan running longer than this. Unset: a late scan finishes and the ticks it
+    #: overlaps are skipped (never stacked); the supervisor's request timeout bounds its I/O.
     timeout_ms: PositiveFloat | None = None
 
 

@@ -15,8 +15,9 @@ Rules the dispatcher keeps:
 * **No stacking.** A job still running at its next deadline is not started again; the tick is
   counted as ``skipped``. When the dispatcher itself wakes more than one period late (the loop
   was blocked), the ticks in between are counted as ``missed`` and only the latest is started.
-* **Timeouts.** Every scan runs inside an ``asyncio.timeout`` scope. The dispatcher expires the
-  scope at ``deadline + timeout`` (``timeout_ms``, else the period), so the decision follows the
+* **Timeouts.** Every scan runs inside an ``asyncio.timeout`` scope. With ``timeout_ms`` set,
+  the dispatcher expires the scope at ``deadline + timeout`` (without it a late scan is left
+  to finish and only its overlapped ticks are skipped), so the decision follows the
   injected clock (virtual time in tests). A timeout shorter than the period is enforced at its
   own instant; a longer one is checked at the job's ticks. The cancelled scan is counted in
   ``timeouts``; the tick at which it was cancelled is skipped because the scan is still
@@ -33,6 +34,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,7 +130,10 @@ class Scheduler:
             if cfg.name in self._groups:
                 raise ValueError(f"duplicate scan group {cfg.name!r}")
             period = cfg.period_ms / 1000.0
-            timeout = cfg.timeout_ms / 1000.0 if cfg.timeout_ms is not None else period
+            # No timeout by default: a late scan is left to finish (the supervisor's request
+            # timeout bounds its I/O) and the ticks it overlaps are skipped. Cancelling it
+            # mid-request would force the connection to be re-opened.
+            timeout = cfg.timeout_ms / 1000.0 if cfg.timeout_ms is not None else math.inf
             self._groups[cfg.name] = _Group(cfg, i, period, timeout)
         self._gc = gc_policy
         self._stagger = stagger

@@ -266,15 +266,16 @@ class Twin:
         return change
 
     def _last_seen(self, i: int) -> tuple[float | None, float | None]:
+        """Reference for ``max_rate``: the last write this runtime made to the tag.
+
+        ``max_rate`` bounds how fast successive writes move a set-point. Measuring against the
+        last *read* would refuse every step (a read is always milliseconds old); the first write
+        after start is checked against the hard limits only.
+        """
         written = self._last_write.get(i)
-        read: tuple[float, float] | None = None
-        if self._quality[i] < _BAD and math.isfinite(self._values[i]):
-            read = (float(self._values[i]), float(self._recv_ts[i]))
-        candidates = [c for c in (written, read) if c is not None]
-        if not candidates:
+        if written is None:
             return None, None
-        value, ts = max(candidates, key=lambda c: c[1])
-        return value, ts
+        return written
 
     async def run_writes(self, write_path: WritePath) -> None:
         """Carry queued desired changes to the device until cancelled (a root-TaskGroup child).

@@ -1,0 +1,357 @@
+"""The Runtime: builds every part from the configuration and runs them under one TaskGroup.
+
+Start-up order (each step can refuse to start with a message that says what to fix):
+
+1. state directory, device key (refused when readable by group/others), spool recovery;
+2. twin (restored from the last snapshot with quality ``stale``), drivers + supervisors,
+   scheduler jobs (one per connection and scan group), subscription sinks;
+3. the root ``asyncio.TaskGroup``: supervisors, scheduler, desired-state writes, snapshots,
+   batcher, publisher, control socket, metrics, watchdog;
+4. READY once every scan group has ticked (or ``ready_timeout_s`` passed).
+
+Shutdown (SIGTERM/SIGINT, or cancellation): the TaskGroup is cancelled, then the open batch is
+sealed into the spool, the twin snapshot is written and the spool closed — an accepted sample is
+on disk before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from edgeos import __version__
+from edgeos.clock import Clock, SystemClock
+from edgeos.config import Config
+from edgeos.control import ControlServer
+from edgeos.driver import ReadResult, TagBinding, Value, load_driver_class
+from edgeos.errors import (
+    ConfigError,
+    ProvisioningError,
+    StorageError,
+    TransportError,
+    WriteRefused,
+)
+from edgeos.gcpolicy import GcPolicy
+from edgeos.metrics import MetricsServer, make_registry
+from edgeos.scheduler import Scheduler
+from edgeos.supervisor import ConnectionSupervisor
+from edgeos.systemd import Notifier, watchdog_interval_s
+from edgeos.twin import Twin
+from edgeos.uplink_runtime import UplinkRuntime
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("edgeos.runtime")
+
+EventSource = Callable[[], list[dict[str, Any]]]
+
+
+class _SupervisedWrites:
+    """The twin's write path: route a desired value to its connection's supervisor."""
+
+    def __init__(self, supervisors: dict[str, ConnectionSupervisor]) -> None:
+        self._supervisors = supervisors
+
+    async def write(self, binding: TagBinding, value: Value) -> None:
+        sup = self._supervisors.get(binding.tag.connection)
+        if sup is None:
+            raise WriteRefused(
+                binding.tag.name, f"connection {binding.tag.connection!r} is disabled"
+            )
+        await sup.write(binding.tag.name, value)
+
+
+class Runtime:
+    """One gateway: machines → twin → (inference) → uplink, plus control and health."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+        ready_timeout_s: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.notifier = notifier or Notifier()
+        self.ready_timeout_s = ready_timeout_s
+        self.state = "starting"
+        self.started_at = time.monotonic()
+        self.state_dir = config.device.state_dir
+        self._event_sources: list[EventSource] = []
+        self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._progress = 0
+        self._last_progress_seen = -1
+        self.ready = asyncio.Event()
+
+        tags = config.all_tags
+        self.bindings = [TagBinding(i, t) for i, t in enumerate(tags)]
+        self.twin = Twin(tags, config.twin, clock=self.clock, scan_groups=config.scan_groups)
+        self._event_sources.append(self.twin.drain_events)
+
+        self.supervisors: dict[str, ConnectionSupervisor] = {}
+        by_conn: dict[str, list[TagBinding]] = {}
+        for b in self.bindings:
+            by_conn.setdefault(b.tag.connection, []).append(b)
+        for conn in config.connections:
+            if not conn.enabled:
+                continue
+            bindings = by_conn.get(conn.name, [])
+            driver = load_driver_class(conn.driver)(conn, bindings, clock=self.clock)
+            driver.set_subscription_sink(self._on_notification)
+            timeout = float(conn.options.get("request_timeout_s", 2.0))
+            self.supervisors[conn.name] = ConnectionSupervisor(
+                conn.name, driver, bindings, clock=self.clock, request_timeout_s=timeout
+            )
+
+        self.gc = GcPolicy()
+        self.scheduler = Scheduler(self.clock, config.scan_groups, gc_policy=self.gc)
+        for name, sup in self.supervisors.items():
+            polled = {
+                b.tag.scan_group
+                for b in by_conn.get(name, [])
+                if b.tag.opcua is None or b.tag.opcua.mode == "poll"
+            }
+            for group in sorted(polled):
+                self.scheduler.add_job(group, name, self._scan_job(sup, group))
+
+        self.uplink: UplinkRuntime | None = None
+        if config.uplink.enabled:
+            self.uplink = UplinkRuntime(
+                config,
+                scan_source=self.twin.scan_log,
+                drain_events=self._drain_events,
+                on_command=self._on_command,
+                clock=self.clock,
+            )
+
+    # ------------------------------------------------------------- data path
+
+    def _scan_job(self, sup: ConnectionSupervisor, group: str) -> Callable[[], Awaitable[None]]:
+        async def scan() -> None:
+            result = await sup.read(group)
+            if len(result):
+                self.twin.apply(result, self.clock.time())
+            self._progress += 1
+
+        return scan
+
+    def _on_notification(self, result: ReadResult) -> None:
+        self.twin.apply(result, self.clock.time())
+
+    def add_event_source(self, source: EventSource) -> None:
+        """Events (verdicts, guard decisions, write outcomes) the uplink should carry."""
+        self._event_sources.append(source)
+
+    def _drain_events(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for source in self._event_sources:
+            events.extend(source())
+        return events
+
+    async def _on_command(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A desired-state command from the receiver: apply each tag, report each outcome."""
+        desired = payload.get("desired")
+        results: dict[str, Any] = {}
+        if not isinstance(desired, dict):
+            return {
+                "id": payload.get("id"),
+                "version": payload.get("version"),
+                "ok": False,
+                "results": {"error": "command has no 'desired' mapping"},
+            }
+        changes = {}
+        for name, value in desired.items():
+            try:
+                changes[name] = self.twin.set_desired(str(name), value, source="cloud")
+            except KeyError:
+                results[str(name)] = {"status": "refused", "reason": "unknown tag"}
+        for name, change in changes.items():
+            await self._wait_done(change, 15.0)
+            results[name] = {
+                "status": change.status,
+                "reason": change.reason,
+                "version": change.version,
+            }
+        ok = all(r["status"] == "applied" for r in results.values())
+        return {
+            "id": payload.get("id"),
+            "version": payload.get("version"),
+            "ok": ok,
+            "results": results,
+        }
+
+    @staticmethod
+    async def _wait_done(change: Any, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not change.done:  # noqa: ASYNC110 - a change has no event to await
+                    await asyncio.sleep(0.05)
+
+    # --------------------------------------------------------------- control
+
+    async def _op_status(self, _: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _op_twin_get(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.twin.query(str(req.get("pattern") or "*"))
+
+    async def _op_twin_set(self, req: dict[str, Any]) -> dict[str, Any]:
+        change = self.twin.set_desired(str(req["tag"]), req["value"], source="operator")
+        await self._wait_done(change, float(req.get("wait_s", 15.0)))
+        return change.as_dict()
+
+    # ---------------------------------------------------------------- health
+
+    def _healthy(self) -> bool:
+        """The scan loop made progress since the last look (a stalled loop stops pinging)."""
+        progressed = self._progress != self._last_progress_seen
+        self._last_progress_seen = self._progress
+        # With no polled tags (subscriptions only) the watchdog task running at all is the proof.
+        return progressed or not any(self.scheduler.jobs(g.name) for g in self.config.scan_groups)
+
+    def status_line(self) -> str:
+        up = sum(1 for s in self.supervisors.values() if s.is_up)
+        line = (
+            f"{self.state}: {len(self.bindings)} tags, {up}/{len(self.supervisors)} connections up"
+        )
+        if self.uplink is not None:
+            line += f", {self.uplink.status_brief()}"
+        return line
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "device": self.config.device.id,
+            "version": __version__,
+            "state": self.state,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "status_line": self.status_line(),
+            "connections": [s.stats() for s in self.supervisors.values()],
+            "scan_groups": self.scheduler.stats().get("groups", {}),
+            "twin": self.twin.stats(),
+            "gc": self.gc.stats(),
+        }
+        if self.uplink is not None:
+            doc["uplink"] = self.uplink.status()
+        for name, provider in self._status_providers.items():
+            doc[name] = provider()
+        return doc
+
+    def add_status_provider(self, name: str, provider: Callable[[], dict[str, Any]]) -> None:
+        """A part (inference, OTA) that adds a section to the status document."""
+        self._status_providers[name] = provider
+
+    # ------------------------------------------------------------------- run
+
+    def _snapshot_path(self) -> Path:
+        return self.state_dir / "twin.snapshot"
+
+    def _control_path(self) -> Path:
+        sock = self.config.control.socket
+        return sock if sock.is_absolute() else self.state_dir / sock
+
+    async def run(self) -> None:
+        """Run until cancelled (SIGTERM/SIGINT cancel it); always shuts down in order."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        snapshot = self._snapshot_path()
+        if snapshot.exists():
+            try:
+                if self.twin.restore(snapshot):
+                    log.info("twin restored from %s (values stale until read)", snapshot)
+            except StorageError as exc:
+                log.warning("twin snapshot not used: %s", exc)
+        if self.uplink is not None:
+            await self.uplink.open()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for sup in self.supervisors.values():
+                    tg.create_task(sup.run(), name=f"supervisor:{sup.name}")
+                tg.create_task(self.scheduler.run(), name="scheduler")
+                tg.create_task(
+                    self.twin.run_writes(_SupervisedWrites(self.supervisors)), name="writes"
+                )
+                tg.create_task(self.twin.run_snapshots(snapshot), name="snapshots")
+                if self.uplink is not None:
+                    self.uplink.start(tg)
+                handlers = {
+                    "status": self._op_status,
+                    "twin.get": self._op_twin_get,
+                    "twin.set": self._op_twin_set,
+                }
+                tg.create_task(ControlServer(self._control_path(), handlers).run(), name="control")
+                if self.config.control.metrics_listen:
+                    metrics = MetricsServer(
+                        self.config.control.metrics_listen, make_registry(self.status)
+                    )
+                    tg.create_task(metrics.run(), name="metrics")
+                interval = watchdog_interval_s()
+                if interval is not None:
+                    tg.create_task(
+                        self.notifier.watchdog_task(self._healthy, interval), name="watchdog"
+                    )
+                tg.create_task(self._announce_ready(), name="ready")
+        finally:
+            await asyncio.shield(self._shutdown())
+
+    async def _announce_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        groups = self.scheduler.stats().get("groups", {})
+        while time.monotonic() < deadline:
+            groups = self.scheduler.stats().get("groups", {})
+            if all(g.get("ticks", 0) > 0 for g in groups.values()):
+                break
+            await asyncio.sleep(0.05)
+        self.gc.start()
+        self.state = "running"
+        self.notifier.ready(self.status_line())
+        self.ready.set()
+        log.info("ready: %s", self.status_line())
+        while True:
+            await asyncio.sleep(5)
+            self.notifier.status(self.status_line())
+
+    async def _shutdown(self) -> None:
+        self.state = "stopping"
+        self.notifier.stopping()
+        self.gc.stop()
+        if self.uplink is not None:
+            try:
+                await self.uplink.close()
+            except Exception:
+                log.exception("uplink did not close cleanly")
+        try:
+            await asyncio.to_thread(self.twin.save_snapshot, self._snapshot_path())
+        except (OSError, StorageError) as exc:
+            log.error("could not write the twin snapshot: %s", exc)
+        log.info("stopped")
+
+
+def run_forever(config: Config) -> int:
+    """Run the runtime in this process until SIGTERM/SIGINT; the ``edgeos run`` entry point."""
+    from edgeos.gcpolicy import new_event_loop
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        runtime = Runtime(config)
+    except (ConfigError, ProvisioningError, StorageError, TransportError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    main = loop.create_task(runtime.run(), name="runtime")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        loop.run_until_complete(main)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return 0
