@@ -1,0 +1,122 @@
+"""The Runtime against a real simulated line: scan, twin, writes, control, snapshots, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeos.app import Runtime
+from edgeos.control import request
+from edgeos.driver import Quality
+from edgeos.errors import ProvisioningError
+from edgeos.sim import SimLine, SimOptions
+from edgeos.testing.line import write_line_config
+
+
+@pytest.fixture
+async def line() -> AsyncIterator[SimLine]:
+    async with SimLine(SimOptions(nests=2, tags_per_nest=20, opcua_port=None, tick_hz=20)) as sim:
+        yield sim
+
+
+def _config(line: SimLine, tmp_path: Path, **overrides: object):  # type: ignore[no-untyped-def]
+    return write_line_config(
+        tmp_path / "edgeos.toml",
+        modbus_port=line.modbus_port,
+        opcua_url=None,
+        state_dir=tmp_path / "state",
+        nests=2,
+        tags_per_nest=20,
+        overrides={"uplink": {"enabled": False}, **overrides},
+    )
+
+
+async def _run(runtime: Runtime) -> asyncio.Task[None]:
+    task = asyncio.create_task(runtime.run())
+    async with asyncio.timeout(20):
+        await runtime.ready.wait()
+    return task
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_runtime_scans_writes_and_serves_control(line: SimLine, tmp_path: Path) -> None:
+    config = _config(line, tmp_path)
+    runtime = Runtime(config)
+    task = await _run(runtime)
+    try:
+        async with asyncio.timeout(10):
+            while not (runtime.twin.quality == Quality.GOOD).all():
+                await asyncio.sleep(0.05)
+        sock = tmp_path / "state" / "control.sock"
+        status = await asyncio.to_thread(request, sock, "status")
+        assert status["state"] == "running"
+        assert status["connections"][0]["state"] == "up"
+        assert status["twin"]["by_quality"] == {"GOOD": 40}
+
+        # Operator write: refused beyond limits, applied within, confirmed by a read.
+        refused = await asyncio.to_thread(
+            request, sock, "twin.set", tag="nest01.heater.sp", value=1000
+        )
+        assert refused["status"] == "refused" and "hard limits" in refused["reason"]
+        applied = await asyncio.to_thread(
+            request, sock, "twin.set", tag="nest01.heater.sp", value=175.0
+        )
+        assert applied["status"] == "applied", applied
+        idx = line.layout.index("nest01.heater.sp")
+        assert line.physics.values()[idx] == pytest.approx(175.0, abs=0.1)
+        rows = await asyncio.to_thread(request, sock, "twin.get", pattern="nest01.heater.*")
+        assert {r["name"] for r in rows} >= {"nest01.heater.sp", "nest01.heater.pv"}
+    finally:
+        await _stop(task)
+
+    # Shutdown wrote a snapshot; a new runtime starts from it with every value STALE.
+    assert (tmp_path / "state" / "twin.snapshot").exists()
+    again = Runtime(config)
+    assert again.twin.restore(tmp_path / "state" / "twin.snapshot")
+    assert (again.twin.quality == Quality.STALE).all()
+    assert np.isfinite(again.twin.values).all()
+
+
+async def test_dead_plc_costs_nothing_and_tags_go_bad(tmp_path: Path) -> None:
+    async with SimLine(SimOptions(nests=1, tags_per_nest=20, opcua_port=None)) as sim:
+        port = sim.modbus_port
+    # The line is gone: the port refuses.
+    config = write_line_config(
+        tmp_path / "edgeos.toml",
+        modbus_port=port,
+        opcua_url=None,
+        state_dir=tmp_path / "s",
+        nests=1,
+        tags_per_nest=20,
+        overrides={"uplink": {"enabled": False}},
+    )
+    runtime = Runtime(config)
+    task = await _run(runtime)
+    try:
+        async with asyncio.timeout(10):
+            while not (runtime.twin.quality == Quality.BAD_COMM).all():
+                await asyncio.sleep(0.05)
+        groups = runtime.scheduler.stats()["groups"]
+        assert all(g["ticks"] > 0 and g["errors"] == 0 for g in groups.values())
+        assert runtime.supervisors["line-plc"].state.value == "down"
+    finally:
+        await _stop(task)
+
+
+async def test_refuses_to_start_with_a_world_readable_key(line: SimLine, tmp_path: Path) -> None:
+    key = tmp_path / "device.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
+    config = _config(line, tmp_path, uplink={"enabled": True, "key_file": str(key)})
+    with pytest.raises(ProvisioningError, match="chmod"):
+        Runtime(config)
