@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import time
@@ -104,7 +105,12 @@ class Runtime:
             if not conn.enabled:
                 continue
             bindings = by_conn.get(conn.name, [])
-            driver = load_driver_class(conn.driver)(conn, bindings, clock=self.clock)
+            cls = load_driver_class(conn.driver)
+            extra: dict[str, Any] = {}
+            # Drivers that sample on the server side (OPC UA) want the scan periods.
+            if "scan_periods_ms" in inspect.signature(cls).parameters:
+                extra["scan_periods_ms"] = {g.name: g.period_ms for g in config.scan_groups}
+            driver = cls(conn, bindings, clock=self.clock, **extra)
             driver.set_subscription_sink(self._on_notification)
             timeout = float(conn.options.get("request_timeout_s", 2.0))
             self.supervisors[conn.name] = ConnectionSupervisor(
@@ -351,6 +357,15 @@ def run_forever(config: Config) -> int:
         loop.run_until_complete(main)
     except asyncio.CancelledError:
         pass
+    except BaseExceptionGroup as group:
+        # e.g. an OPC UA password file readable by others: fail start, say what to fix.
+        fatal, rest = group.split((ProvisioningError, ConfigError))
+        if rest is not None:
+            raise
+        assert fatal is not None
+        for problem in fatal.exceptions:
+            log.error("cannot run: %s", problem)
+        return 2
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
