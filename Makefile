@@ -5,7 +5,7 @@ VENV := .venv
 export EDGEOS_TEST_PG_DSN ?= postgresql://edgeos_test:edgeos_test@127.0.0.1:5432/postgres
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
-LINT_PATHS := edgeos drivers tests bench hil_tests models examples
+LINT_PATHS := $(wildcard edgeos drivers tests bench hil_tests models examples)
 
 .PHONY: help venv services lint format test test-slow bench demo models clean
 
