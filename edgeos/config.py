@@ -646,11 +646,11 @@ def _expand_equipment(config: Config) -> Iterable[TagConfig]:
         prepared = []
         for tt in template.tags:
             values = {name: getattr(tt, name) for name in _TAG_FIELDS if name != "connection"}
-            fields_set = frozenset(tt.model_fields_set | {"name", "connection"})
+            fields_set = set(tt.model_fields_set) | {"name", "connection"}
             if eq.scan_group is not None and "scan_group" not in tt.model_fields_set:
                 values["scan_group"] = eq.scan_group
-                fields_set = fields_set | {"scan_group"}
-            prepared.append((tt, values, set(fields_set)))
+                fields_set.add("scan_group")
+            prepared.append((tt, values, fields_set))
         for n in range(eq.first, eq.first + eq.count):
             prefix = eq.name.format(n=n)
             connection = eq.connection.format(n=n)
