@@ -52,9 +52,12 @@ bench: venv services
 demo: venv
 	$(VENV)/bin/edgeos demo
 
-models: venv
-	$(PY) -m pip install --quiet -e '.[train]'
-	$(PY) models/train_all.py
+# TensorFlow lives in its own venv: it would fight ai-edge-litert over protobuf in .venv.
+models:
+	test -x .venv-train/bin/python || $(PYTHON) -m venv .venv-train
+	.venv-train/bin/pip install --quiet tensorflow-cpu pydantic numpy msgpack
+	.venv-train/bin/pip install --quiet --no-deps -e .
+	.venv-train/bin/python models/train_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

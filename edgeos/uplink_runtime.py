@@ -96,9 +96,9 @@ class UplinkRuntime:
     def status(self) -> dict[str, Any]:
         if self.batcher is None or self.publisher is None or self.spool is None:
             return {"state": "starting"}
-        b = self.batcher.stats.as_dict()
-        p = self.publisher.stats.as_dict()
-        s = self.spool.stats.as_dict()
+        b = self.batcher.stats()
+        p = self.publisher.stats()
+        s = self.spool.stats()
         last_ack = p.get("last_ack_time")
         return {
             "state": p.get("state"),

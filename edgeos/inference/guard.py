@@ -1,0 +1,322 @@
+"""Guarded actuation: apply a learned recipe only when it is safe *and* affordable.
+
+After the safe-exploration idea of "Enhancing Digital Twins" (and the conservative-bandit
+constraint of Wu et al., 2016): the plant's default policy gives baseline set-points, the
+correction model proposes its own, and the guard decides per station and tyre.
+
+**Hard safety.** Every value the guard emits passes :func:`edgeos.driver.check_write` for its
+tag: writable, finite, inside the hard ``limits``, and within ``max_rate`` against the last
+value the guard wrote to that tag (and when). A learned proposal that fails → the default
+recipe. A default value that would break ``max_rate`` is ramped (the largest allowed step
+towards it); one outside the hard limits is not written at all. Nothing unchecked leaves.
+
+**Budget.** Rewards are per tyre, ``r(e) = E* − |e − E*|`` (MPa, ``E*`` = perfect modulus).
+Over the run so far the learned policy's realised reward may not fall more than ``α``
+(:attr:`GuardConfig.alpha`) below what the default policy would have earned::
+
+    Σ_t r_t  ≥  (1 − α) · Σ_t d_t
+
+``r_t`` is the realised reward of the tyre. ``d_t`` is the default policy's reward: realised
+when the default recipe was applied, and otherwise — the counterfactual nobody observed —
+estimated *conservatively* as an upper confidence bound: the correction model's predicted
+modulus under the default recipe ``ê_d``, widened to ``ê_d ± k·σ_d`` and scored with the
+best reward in that interval (``σ_d`` from the manifest's closed-loop residuals). The learned
+recipe is applied only if the constraint still holds when its own tyre is counted at a *lower*
+bound (``ê_l ± k·σ_l``, worst reward in the interval) and the default at its upper bound, with
+every tyre still in the press counted the same way. When measured tyres show the model's
+residuals are larger than its manifest says, ``k`` is widened by the observed ratio, so the
+bounds stay honest after the raw material drifts away from the training data.
+
+**Operator switch.** :meth:`ActuationGuard.set_learning` turns learned actions off (or on) at
+once; from the next decision every station gets the default recipe.
+
+Every decision is counted and returned as an event (``type = "guard_decision"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from edgeos.config import GuardConfig, TagConfig
+from edgeos.driver import check_write
+from edgeos.errors import WriteRefused
+
+__all__ = ["ActuationGuard", "GuardDecision", "reward", "reward_bounds"]
+
+Action = Literal["learned", "default"]
+#: Calibration widens ``k`` only after this many measured learned tyres.
+_CALIBRATION_MIN = 20
+
+
+def reward(elasticity: float, target: float) -> float:
+    """Reward of one tyre: the best modulus minus its distance from it."""
+    return target - abs(elasticity - target)
+
+
+def reward_bounds(predicted: float, width: float, target: float) -> tuple[float, float]:
+    """Worst and best reward of a tyre whose modulus lies in ``predicted ± width``."""
+    lo_e, hi_e = predicted - width, predicted + width
+    worst = min(reward(lo_e, target), reward(hi_e, target))
+    best = target if lo_e <= target <= hi_e else max(reward(lo_e, target), reward(hi_e, target))
+    return worst, best
+
+
+@dataclass(frozen=True, slots=True)
+class GuardDecision:
+    """What the guard decided for one station's next tyre."""
+
+    station: str
+    action: Action
+    reason: str
+    #: Values to write, by full tag name (already checked against the tags' limits).
+    writes: Mapping[str, float]
+    ts: float
+    learned_lower: float
+    default_upper: float
+    slack: float
+
+    def event(self) -> dict[str, Any]:
+        return {
+            "type": "guard_decision",
+            "station": self.station,
+            "action": self.action,
+            "reason": self.reason,
+            "writes": dict(self.writes),
+            "ts": self.ts,
+            "learned_lower": round(self.learned_lower, 4),
+            "default_upper": round(self.default_upper, 4),
+            "slack": round(self.slack, 4),
+        }
+
+
+@dataclass(slots=True)
+class _Pending:
+    action: Action
+    default_upper: float
+    learned_lower: float
+    predicted: float
+    sigma: float
+
+
+class ActuationGuard:
+    """Decides, per station and tyre, between the learned proposal and the default recipe."""
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        tags: Mapping[str, TagConfig],
+        *,
+        target: float,
+        k: float = 2.0,
+    ) -> None:
+        self.config = config
+        self.tags = dict(tags)
+        self.target = target
+        self.k = k
+        self.learning_enabled = config.enabled
+        #: Realised reward of every measured tyre (Σ r_t).
+        self.realised = 0.0
+        #: Default policy's reward for the same tyres (realised or upper bound) (Σ d_t).
+        self.default_estimate = 0.0
+        self.tyres = 0
+        self.counts: Counter[str] = Counter()
+        self._pending: dict[str, _Pending] = {}
+        self._last: dict[str, tuple[float, float]] = {}
+        # Calibration: squared standardised residuals of measured learned tyres.
+        self._z2_sum = 0.0
+        self._z_n = 0
+
+    # ------------------------------------------------------------------ switches
+
+    def set_learning(self, enabled: bool, *, ts: float, who: str = "operator") -> dict[str, Any]:
+        """The operator switch; returns the event to log."""
+        self.learning_enabled = enabled and self.config.enabled
+        self.counts["switch_on" if enabled else "switch_off"] += 1
+        return {
+            "type": "guard_switch",
+            "learning": self.learning_enabled,
+            "requested": enabled,
+            "by": who,
+            "ts": ts,
+        }
+
+    @property
+    def k_effective(self) -> float:
+        """``k`` widened by the observed/declared residual ratio once enough tyres are measured."""
+        if self._z_n < _CALIBRATION_MIN:
+            return self.k
+        return self.k * max(1.0, math.sqrt(self._z2_sum / self._z_n))
+
+    @property
+    def slack(self) -> float:
+        """``Σ r − (1 − α) Σ d`` over measured tyres (≥ 0 while the budget holds)."""
+        return self.realised - (1.0 - self.config.alpha) * self.default_estimate
+
+    def _pending_slack(self) -> float:
+        a = 1.0 - self.config.alpha
+        total = 0.0
+        for p in self._pending.values():
+            if p.action == "learned":
+                total += p.learned_lower - a * p.default_upper
+            # A default tyre adds r − (1 − α)·r = α·r ≥ 0 whatever r is: counted as 0.
+        return total
+
+    # ------------------------------------------------------------------ decisions
+
+    def decide(
+        self,
+        station: str,
+        *,
+        baseline: Mapping[str, float],
+        proposal: Mapping[str, float] | None,
+        predicted_default: float,
+        sigma_default: float,
+        predicted_learned: float,
+        sigma_learned: float,
+        now: float,
+    ) -> GuardDecision:
+        """Choose the recipe for ``station``'s next tyre.
+
+        ``baseline`` and ``proposal`` map tag *suffixes* (``heater.sp``) to values; ``proposal``
+        is ``None`` when there is no correction model. ``now`` is the monotonic time used for
+        rate limits.
+        """
+        k = self.k_effective
+        _, d_upper = reward_bounds(predicted_default, k * sigma_default, self.target)
+        l_lower, _ = reward_bounds(predicted_learned, k * sigma_learned, self.target)
+        a = 1.0 - self.config.alpha
+        slack_after = self.slack + self._pending_slack() + l_lower - a * d_upper
+
+        reason = ""
+        writes: dict[str, float] | None = None
+        if proposal is None:
+            reason = "no correction model"
+        elif not self.config.enabled:
+            reason = "guarded actuation disabled in the configuration"
+        elif not self.learning_enabled:
+            reason = "learned actions switched off by the operator"
+        elif not all(math.isfinite(v) for v in proposal.values()):
+            reason = "proposal is not finite"
+        elif slack_after < 0.0:
+            reason = (
+                f"budget: slack would be {slack_after:.3f} < 0 "
+                f"(learned ≥ {l_lower:.3f} vs default ≤ {d_upper:.3f})"
+            )
+        else:
+            try:
+                writes = self._checked(station, proposal, now)
+            except WriteRefused as exc:
+                reason = f"limits: {exc.reason} ({exc.tag})"
+        action: Action
+        if writes is not None:
+            action = "learned"
+            reason = f"learned recipe within limits and budget (slack after {slack_after:.3f})"
+            self._pending[station] = _Pending(
+                "learned", d_upper, l_lower, predicted_learned, sigma_learned
+            )
+        else:
+            action = "default"
+            writes = self._default_writes(station, baseline, now)
+            self._pending[station] = _Pending(
+                "default", d_upper, l_lower, predicted_learned, sigma_learned
+            )
+        self._commit(writes, now)
+        self.counts[action] += 1
+        self.counts["decisions"] += 1
+        return GuardDecision(station, action, reason, writes, now, l_lower, d_upper, self.slack)
+
+    def _checked(self, station: str, values: Mapping[str, float], now: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for suffix, value in values.items():
+            name = f"{station}.{suffix}"
+            tag = self.tags.get(name)
+            if tag is None:
+                raise WriteRefused(name, "no tag configuration (limits unknown)")
+            last = self._last.get(name)
+            checked = check_write(
+                tag,
+                value,
+                last_value=last[0] if last else None,
+                last_time=last[1] if last else None,
+                now=now,
+            )
+            assert not isinstance(checked, str | bool)
+            out[name] = float(checked)
+        return out
+
+    def _default_writes(
+        self, station: str, baseline: Mapping[str, float], now: float
+    ) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for suffix, value in baseline.items():
+            name = f"{station}.{suffix}"
+            tag = self.tags.get(name)
+            if tag is None:
+                self.counts["default_unconfigured"] += 1
+                continue
+            last = self._last.get(name)
+            target = float(value)
+            if last is not None and tag.max_rate is not None:
+                # Ramp: the largest step towards the default that max_rate allows.
+                step = tag.max_rate * max(now - last[1], 0.0)
+                if abs(target - last[0]) > step:
+                    target = last[0] + math.copysign(step, target - last[0])
+                    self.counts["default_ramped"] += 1
+            try:
+                checked = check_write(
+                    tag,
+                    target,
+                    last_value=last[0] if last else None,
+                    last_time=last[1] if last else None,
+                    now=now,
+                )
+            except WriteRefused:
+                self.counts["default_refused"] += 1
+                continue
+            assert not isinstance(checked, str | bool)
+            out[name] = float(checked)
+        return out
+
+    def _commit(self, writes: Mapping[str, float], now: float) -> None:
+        for name, value in writes.items():
+            self._last[name] = (value, now)
+
+    def observe_written(self, name: str, value: float, now: float) -> None:
+        """Tell the guard about a write made by someone else (an operator, a recipe change)."""
+        self._last[name] = (value, now)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def settle(self, station: str, elasticity: float) -> None:
+        """The tyre made under the station's last decision was measured."""
+        p = self._pending.pop(station, None)
+        if p is None or not math.isfinite(elasticity):
+            return
+        r = reward(elasticity, self.target)
+        self.realised += r
+        self.tyres += 1
+        if p.action == "learned":
+            self.default_estimate += p.default_upper
+            z = (elasticity - p.predicted) / max(p.sigma, 1e-9)
+            self._z2_sum += z * z
+            self._z_n += 1
+            if r < p.learned_lower:
+                self.counts["below_lower_bound"] += 1
+        else:
+            self.default_estimate += r
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "learning": self.learning_enabled,
+            "alpha": self.config.alpha,
+            "k_effective": round(self.k_effective, 4),
+            "tyres": self.tyres,
+            "realised_reward": round(self.realised, 4),
+            "default_estimate": round(self.default_estimate, 4),
+            "slack": round(self.slack, 4),
+            "counts": dict(self.counts),
+        }

@@ -1,0 +1,43 @@
+"""Over-the-air updates: TUF-verified bundles into A/B slots, health-gated commit, rollback.
+
+Parts (see ``docs/ota.md``):
+
+* :mod:`edgeos.ota.bundle`     – build and safely unpack release bundles (full/models/config)
+* :mod:`edgeos.ota.slots`      – A/B slots, boot check, trial monitor, commit and rollback
+* :mod:`edgeos.ota.client`     – the gateway's TUF client (python-tuf ngclient)
+* :mod:`edgeos.ota.repository` – the TUF repository (python-tuf) and its HTTP server
+* :mod:`edgeos.ota.campaign`   – staged roll-outs with failure-rate gates
+* :mod:`edgeos.ota.cli`        – ``gateway_main`` / ``repo_main`` for the console scripts
+
+Only the device-side essentials are re-exported here, so the boot check (which runs before
+every service start) does not import python-tuf.
+"""
+
+from edgeos.ota.bundle import BundleSources, Manifest, build_bundle, read_manifest
+from edgeos.ota.outcome import FetchError, InstallError, Reason, Rejected, Version
+from edgeos.ota.slots import (
+    BootDecision,
+    HealthFile,
+    HealthReport,
+    SlotManager,
+    TrialMonitor,
+    TrialOutcome,
+)
+
+__all__ = [
+    "BootDecision",
+    "BundleSources",
+    "FetchError",
+    "HealthFile",
+    "HealthReport",
+    "InstallError",
+    "Manifest",
+    "Reason",
+    "Rejected",
+    "SlotManager",
+    "TrialMonitor",
+    "TrialOutcome",
+    "Version",
+    "build_bundle",
+    "read_manifest",
+]

@@ -1,0 +1,502 @@
+"""Command-line entry points for OTA; the top-level CLIs delegate here.
+
+Gateway (``edgeos …``)::
+
+    edgeos bundle build --kind full --version 1.4.0 --target rpi4-aarch64 \\
+        --package edgeos --package drivers --wheelhouse wheels/ --config cfg/ --out dist/
+    edgeos ota status [--json]
+    edgeos ota check                 # refresh metadata, download + install what is newer
+    edgeos ota install BUNDLE        # local install (USB stick, factory), same checks
+    edgeos ota provision BUNDLE      # factory: first slot, committed without a trial
+    edgeos ota boot-check            # ExecStartPre: count a trial attempt or fall back
+    edgeos ota commit [--wait|--now] # commit the trial slot once healthy (or at once)
+    edgeos ota report                # send the last outcome to the repository
+
+Repository (``edgeos-receiver ota …``)::
+
+    init --repo R --root-keys K | publish BUNDLE --repo R --group G | serve --repo R
+    campaign create NAME --target PATH --stage canary:canary:0:1 --stage all:default:0.1:5
+    campaign start|advance|status NAME | rotate-key ROLE [--revoke KEYID] | refresh
+
+Device settings come from ``--config FILE`` (``[device]`` and ``[ota]``), and any of
+``--root``, ``--hardware``, ``--repository``, ``--trusted-root``, ``--group`` override it.
+Exit codes: 0 success, 1 refused or failed (reason printed), 2 usage, 3 trial failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeos.errors import ConfigError, UpdateError
+from edgeos.ota.bundle import BUNDLE_KINDS, BundleSources, ProgressCallback
+
+__all__ = ["gateway_main", "main", "repo_main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TRIAL_FAILED = 0, 1, 2, 3
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar fed by ``(step, done, total)`` callbacks; nothing when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), transient=True
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = bar.add_task(step, total=total)
+            bar.update(tasks[step], completed=done, total=total)
+
+        yield update
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+@dataclass(frozen=True)
+class _Device:
+    root: Path
+    hardware: str
+    device_id: str
+    repository: str
+    trusted_root: Path
+    group: str
+    health_window_s: float
+    max_attempts: int
+
+
+def _device(args: argparse.Namespace) -> _Device:
+    from edgeos.config import OtaConfig, load_config
+
+    ota, hardware, device_id, state_dir = OtaConfig(), "generic-aarch64", "device", None
+    if args.config is not None:
+        config = load_config(args.config, check_drivers=False)
+        ota, hardware = config.ota, config.device.hardware
+        device_id, state_dir = config.device.id, config.device.state_dir
+    base = Path(state_dir or "/var/lib/edgeos")
+    root = args.root or (ota.slots_dir if ota.slots_dir.is_absolute() else base / ota.slots_dir)
+    trusted = args.trusted_root or (
+        ota.trusted_root if ota.trusted_root.is_absolute() else base / ota.trusted_root
+    )
+    return _Device(
+        root=Path(root),
+        hardware=args.hardware or hardware,
+        device_id=args.device_id or device_id,
+        repository=args.repository or ota.repository_url,
+        trusted_root=Path(trusted),
+        group=args.group or ota.group,
+        health_window_s=args.health_window if args.health_window else ota.health_window_s,
+        max_attempts=ota.max_attempts,
+    )
+
+
+def _slots(dev: _Device) -> Any:
+    from edgeos.ota.slots import SlotManager
+
+    return SlotManager(dev.root, hardware=dev.hardware, max_attempts=dev.max_attempts)
+
+
+def _client(dev: _Device) -> Any:
+    from edgeos.ota.client import ClientSettings, OtaClient
+
+    if not dev.repository:
+        raise SystemExit("no repository URL: set [ota] repository_url or pass --repository")
+    return OtaClient(
+        ClientSettings(
+            repository_url=dev.repository,
+            trusted_root=dev.trusted_root,
+            cache_dir=dev.root / "tuf",
+            hardware=dev.hardware,
+            group=dev.group,
+        )
+    )
+
+
+def _gateway_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeos", description="edgeos bundles and OTA")
+    top = parser.add_subparsers(dest="area", required=True)
+
+    bundle = top.add_parser("bundle", help="release bundles").add_subparsers(
+        dest="cmd", required=True
+    )
+    build = bundle.add_parser("build", help="build a bundle")
+    build.add_argument("--kind", choices=BUNDLE_KINDS, required=True)
+    build.add_argument("--version", required=True)
+    build.add_argument("--target", required=True, help="hardware target, e.g. rpi4-aarch64")
+    build.add_argument("--package", type=Path, action="append", default=[])
+    build.add_argument("--wheelhouse", type=Path)
+    build.add_argument("--requirements", type=Path, help="requirements lock for the target")
+    build.add_argument("--models", type=Path)
+    build.add_argument("--config-dir", type=Path)
+    build.add_argument("--entry", help="module run with python -m from the slot")
+    build.add_argument("--no-compress", action="store_true")
+    build.add_argument("--out", type=Path, default=Path("dist"))
+    build.add_argument("--quiet", action="store_true")
+
+    ota = top.add_parser("ota", help="over-the-air updates").add_subparsers(
+        dest="cmd", required=True
+    )
+
+    def device_cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = ota.add_parser(name, help=help_text)
+        p.add_argument("--config", type=Path)
+        p.add_argument("--root", type=Path, help="OTA root (slots, state)")
+        p.add_argument("--hardware")
+        p.add_argument("--device-id")
+        p.add_argument("--repository", help="repository base URL")
+        p.add_argument("--trusted-root", type=Path)
+        p.add_argument("--group")
+        p.add_argument("--health-window", type=float)
+        p.add_argument("--json", action="store_true")
+        return p
+
+    device_cmd("status", "show slots, versions, last outcome")
+    check = device_cmd("check", "check the repository and install what is newer")
+    check.add_argument("--force", action="store_true", help="retry a version that failed")
+    check.add_argument("--report", action="store_true", help="report the outcome afterwards")
+    install = device_cmd("install", "install a local bundle file")
+    install.add_argument("bundle", type=Path)
+    install.add_argument("--force", action="store_true")
+    provision = device_cmd("provision", "factory install into slot a (committed)")
+    provision.add_argument("bundle", type=Path)
+    device_cmd("boot-check", "run before the service starts (ExecStartPre)")
+    commit = device_cmd("commit", "commit the trial slot")
+    mode = commit.add_mutually_exclusive_group()
+    mode.add_argument("--now", action="store_true", help="commit without waiting for health")
+    mode.add_argument("--wait", action="store_true", help="watch health.json, then commit")
+    commit.add_argument("--timeout", type=float, help="trial deadline (default 3 × window)")
+    commit.add_argument("--stale-after", type=float, default=15.0)
+    device_cmd("report", "send the last outcome to the repository")
+    return parser
+
+
+def gateway_main(argv: Sequence[str]) -> int:
+    """``edgeos bundle …`` and ``edgeos ota …``; returns the process exit code."""
+    parser = _gateway_parser()
+    args = parser.parse_args(list(argv))
+    try:
+        if args.area == "bundle":
+            return _bundle_build(args)
+        dev = _device(args)
+        handler = {
+            "status": _ota_status,
+            "check": _ota_check,
+            "install": _ota_install,
+            "provision": _ota_provision,
+            "boot-check": _ota_boot_check,
+            "commit": _ota_commit,
+            "report": _ota_report,
+        }[args.cmd]
+        return handler(args, dev)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except UpdateError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _bundle_build(args: argparse.Namespace) -> int:
+    from edgeos.ota.bundle import build_bundle
+
+    sources = BundleSources(
+        packages=tuple(args.package),
+        wheelhouse=args.wheelhouse,
+        requirements_lock=args.requirements,
+        models=args.models,
+        config=args.config_dir,
+    )
+    try:
+        with _progress(not args.quiet and sys.stderr.isatty()) as progress:
+            path = build_bundle(
+                args.kind,
+                args.version,
+                args.target,
+                sources,
+                args.out,
+                compress=not args.no_compress,
+                entry=args.entry,
+                progress=progress,
+            )
+    except ValueError as exc:
+        print(f"cannot build: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(path)
+    return EXIT_OK
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, indent=2, default=str) if args.json else text)
+
+
+def _ota_status(args: argparse.Namespace, dev: _Device) -> int:
+    status = _slots(dev).status()
+    lines = [
+        f"active slot {status['active']} ({status['committed_version']})",
+        f"trial: {status['trial'] or '-'}"
+        + (f" {status['trial_version']} attempts {status['attempts']}" if status["trial"] else ""),
+        f"version floors: {status['floors']}",
+        f"last failure: {status['last_failure'] or '-'}",
+    ]
+    _emit(args, status, "\n".join(lines))
+    return EXIT_OK
+
+
+def _ota_check(args: argparse.Namespace, dev: _Device) -> int:
+    slots = _slots(dev)
+    client = _client(dev)
+    with _progress(not args.json and sys.stderr.isatty()) as progress:
+        results = client.check_and_install(slots, force=args.force, progress=progress)
+    if args.report:
+        client.report_outcome(slots, dev.device_id)
+    text = "\n".join(
+        f"{r.kind}: {r.status}"
+        + (f" {r.version}" if r.version else "")
+        + (f" ({r.reason}: {r.detail})" if r.reason else "")
+        + (" – restart required" if r.restart_required else "")
+        for r in results
+    )
+    _emit(args, [asdict(r) for r in results], text)
+    return EXIT_FAILED if any(r.status in ("rejected", "failed") for r in results) else EXIT_OK
+
+
+def _ota_install(args: argparse.Namespace, dev: _Device) -> int:
+    slots = _slots(dev)
+    from edgeos.ota.bundle import read_manifest
+
+    try:
+        with _progress(not args.json and sys.stderr.isatty()) as progress:
+            result = slots.install(args.bundle, force=args.force, progress=progress)
+    except UpdateError as exc:
+        kind: str = "unknown"
+        version: str | None = None
+        try:
+            manifest = read_manifest(args.bundle)
+            kind, version = manifest.kind, manifest.version
+        except UpdateError:
+            pass
+        slots.record_rejection(kind, version, exc)
+        raise
+    _emit(
+        args,
+        asdict(result),
+        f"installed {result.kind} {result.version}"
+        + (f" into slot {result.slot}; restart to try it" if result.restart_required else ""),
+    )
+    return EXIT_OK
+
+
+def _ota_provision(args: argparse.Namespace, dev: _Device) -> int:
+    result = _slots(dev).provision(args.bundle)
+    _emit(args, asdict(result), f"provisioned {result.version} into slot {result.slot}")
+    return EXIT_OK
+
+
+def _ota_boot_check(args: argparse.Namespace, dev: _Device) -> int:
+    decision = _slots(dev).boot_check()
+    for event in decision.events:
+        print(event, file=sys.stderr)
+    _emit(
+        args,
+        asdict(decision),
+        f"slot={decision.slot} version={decision.version} trial={decision.trial} "
+        f"entry={decision.entry} path={decision.path}",
+    )
+    return EXIT_OK if decision.ok else EXIT_FAILED
+
+
+def _ota_commit(args: argparse.Namespace, dev: _Device) -> int:
+    from edgeos.ota.slots import HealthFile, TrialMonitor, TrialOutcome
+
+    slots = _slots(dev)
+    if args.now:
+        state = slots.commit()
+        print(f"committed slot {state.active} ({state.committed_version})")
+        return EXIT_OK
+    health = HealthFile(slots.health_path)
+    monitor = TrialMonitor(
+        slots,
+        health_window_s=dev.health_window_s,
+        trial_timeout_s=args.timeout,
+        stale_after_s=args.stale_after,
+        poll=lambda: health.read(max_age_s=args.stale_after),
+        poll_interval_s=1.0,
+    )
+    outcome = asyncio.run(monitor.run())
+    state = slots.read_state()
+    if outcome is TrialOutcome.FAILED:
+        print(f"trial failed: {state.last_failure}", file=sys.stderr)
+        return EXIT_TRIAL_FAILED
+    print(
+        f"committed slot {state.active} ({state.committed_version})"
+        if outcome is TrialOutcome.COMMITTED
+        else "no slot on trial"
+    )
+    return EXIT_OK
+
+
+def _ota_report(args: argparse.Namespace, dev: _Device) -> int:
+    sent = _client(dev).report_outcome(_slots(dev), dev.device_id)
+    print("reported" if sent else "nothing to report")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- repository
+
+
+def _repo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeos-receiver ota", description="OTA repository")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    def cmd(name: str, help_text: str, *, root_keys: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--repo", type=Path, required=True)
+        if root_keys:
+            p.add_argument("--root-keys", type=Path, help="directory of OFFLINE root keys")
+        return p
+
+    init = cmd("init", "create a repository and its keys", root_keys=True)
+    init.add_argument("--root-key-count", type=int, default=1)
+    init.add_argument("--root-threshold", type=int, default=1)
+    init.add_argument("--timestamp-expiry-hours", type=float, default=24)
+    init.add_argument("--snapshot-expiry-days", type=float, default=7)
+    init.add_argument("--targets-expiry-days", type=float, default=90)
+    init.add_argument("--root-expiry-days", type=float, default=365)
+    publish = cmd("publish", "publish a bundle")
+    publish.add_argument("bundle", type=Path)
+    publish.add_argument("--group", action="append", default=[])
+    serve = cmd("serve", "serve metadata, targets and /reports over HTTP")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8600)
+    cmd("refresh", "re-sign snapshot and timestamp (run well inside the timestamp expiry)")
+    rotate = cmd("rotate-key", "replace or revoke a role key", root_keys=True)
+    rotate.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    rotate.add_argument("--revoke", help="key id to take out (default: all current keys)")
+    trusted = cmd("trusted-root", "write root metadata for provisioning devices")
+    trusted.add_argument("--out", type=Path, required=True)
+
+    campaign = sub.add_parser("campaign", help="staged roll-outs").add_subparsers(
+        dest="campaign_cmd", required=True
+    )
+    create = campaign.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--repo", type=Path, required=True)
+    create.add_argument("--target", required=True, help="published target path")
+    create.add_argument(
+        "--stage", action="append", required=True, help="name:group[,group][:rate[:min]]"
+    )
+    for name in ("start", "advance", "status"):
+        p = campaign.add_parser(name)
+        p.add_argument("name")
+        p.add_argument("--repo", type=Path, required=True)
+    return parser
+
+
+def repo_main(argv: Sequence[str]) -> int:
+    """``edgeos-receiver ota …``; returns the process exit code."""
+    argv = list(argv)
+    if argv[:1] == ["ota"]:
+        argv = argv[1:]
+    args = _repo_parser().parse_args(argv)
+    from edgeos.ota.repository import Expiry, OtaRepository, RootKeysMissingError
+
+    try:
+        if args.cmd == "init":
+            if args.root_keys is None:
+                print("init needs --root-keys DIR (keep it offline afterwards)", file=sys.stderr)
+                return EXIT_USAGE
+            OtaRepository.init(
+                args.repo,
+                args.root_keys,
+                root_keys=args.root_key_count,
+                root_threshold=args.root_threshold,
+                expiry=Expiry(
+                    root=args.root_expiry_days * 86400,
+                    targets=args.targets_expiry_days * 86400,
+                    snapshot=args.snapshot_expiry_days * 86400,
+                    timestamp=args.timestamp_expiry_hours * 3600,
+                ),
+            )
+            print(f"repository created in {args.repo}; root keys in {args.root_keys}")
+        elif args.cmd == "publish":
+            published = OtaRepository(args.repo).publish(args.bundle, groups=args.group)
+            print(json.dumps(asdict(published), indent=2))
+        elif args.cmd == "refresh":
+            OtaRepository(args.repo).refresh_timestamp()
+        elif args.cmd == "rotate-key":
+            repo = OtaRepository(args.repo, root_keys_dir=args.root_keys)
+            print(repo.rotate_key(args.role, revoke=args.revoke))
+        elif args.cmd == "trusted-root":
+            args.out.write_bytes(OtaRepository(args.repo).trusted_root())
+        elif args.cmd == "serve":
+            return _serve_forever(args.repo, args.host, args.port)
+        elif args.cmd == "campaign":
+            return _campaign(args)
+    except (RootKeysMissingError, ValueError, KeyError, RuntimeError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except UpdateError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _campaign(args: argparse.Namespace) -> int:
+    from edgeos.ota.campaign import Campaign, Stage
+    from edgeos.ota.repository import OtaRepository
+
+    repo = OtaRepository(args.repo)
+    if args.campaign_cmd == "create":
+        Campaign.create(repo, args.name, args.target, [Stage.parse(s) for s in args.stage])
+    campaign = Campaign(repo, args.name)
+    if args.campaign_cmd == "start":
+        campaign.start()
+    elif args.campaign_cmd == "advance":
+        campaign.advance()
+    print(json.dumps(campaign.summary(), indent=2))
+    return EXIT_OK
+
+
+def _serve_forever(repo_dir: Path, host: str, port: int) -> int:
+    from edgeos.ota.campaign import record_report
+    from edgeos.ota.repository import serve
+
+    def on_report(report: dict[str, Any]) -> None:
+        record_report(repo_dir, report)
+
+    server = serve(repo_dir, host, port, on_report=on_report)
+    print(f"serving {repo_dir} on {server.url}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.close()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edgeos.ota.cli repo …`` or ``python -m edgeos.ota.cli <gateway args>``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["repo"]:
+        return repo_main(argv[1:])
+    return gateway_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""The publisher: spooled batches → MQTT, deleted only when the receiver acknowledges them.
+
+Topics (``<p>`` = ``topic_prefix``, default ``edgeos/v1``)::
+
+    <p>/<device>/batch       device → receiver   sealed batches, QoS 1
+    <p>/<device>/ack         receiver → device   sealed ACK {epoch, seq} (contiguous, stored)
+    <p>/<device>/cmd         receiver → device   sealed COMMAND
+    <p>/<device>/cmd/result  device → receiver   sealed COMMAND_RESULT
+    <p>/<device>/status      device → all        retained JSON birth ("online"); the MQTT
+                                                 last will is the death ("offline")
+
+A PUBACK means only that the broker has the batch; a batch leaves the spool when an ack
+covering it arrives. Sent-but-unacknowledged batches are re-sent after ``resend_after_s``
+and after every reconnect. Sending order each time the window has room: fresh batches (those
+the batcher stored while connected) first, then re-sends, then the backlog (everything else
+in the spool, oldest first) at most ``backlog_rate`` per second; re-sends and backlog never
+take the last slot of the ``inflight_window``, so fresh data keeps a bounded latency while an
+outage drains.
+
+Structure (as in aiomqtt): :meth:`Publisher.session` is one async context manager per
+connection and :meth:`Session.serve` runs it until the connection fails; :meth:`Publisher.run`
+is the caller's reconnect loop with exponential backoff and jitter. Cancellation cancels the
+inner tasks and propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from edgeos.clock import Clock, SystemClock
+from edgeos.config import TlsConfig, UplinkConfig
+from edgeos.errors import ConnectError, WireError
+from edgeos.histogram import Histogram
+from edgeos.uplink.batcher import SealedBatch
+from edgeos.uplink.crypto import Keyring, Suite
+from edgeos.uplink.spool import Spool
+from edgeos.uplink.wire import (
+    ControlKind,
+    ReplayGuard,
+    counter_from_time,
+    open_control,
+    seal_control,
+)
+
+__all__ = ["CommandHandler", "Publisher", "PublisherOptions", "PublisherStats", "Session"]
+
+log = logging.getLogger(__name__)
+
+#: Handles a command payload ``{"id", "version", "desired"}``; returns the result payload.
+CommandHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherOptions:
+    """Connection and flow options (see :class:`~edgeos.config.UplinkConfig`)."""
+
+    device: str
+    broker: str = "mqtts://localhost:8883"
+    tls: TlsConfig | None = None
+    username: str | None = None
+    topic_prefix: str = "edgeos/v1"
+    inflight_window: int = 16
+    backlog_rate: float = 20.0
+    #: Seconds without an ack before a sent batch is sent again.
+    resend_after_s: float = 20.0
+    keepalive_s: int = 30
+    #: Reconnect backoff: first delay, cap (seconds); each delay is jittered in [d/2, d].
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    suite: Suite = Suite.CHACHA20_POLY1305
+
+    @classmethod
+    def from_config(cls, device: str, config: UplinkConfig, **overrides: Any) -> PublisherOptions:
+        return cls(
+            device=device,
+            broker=config.broker,
+            tls=config.tls,
+            username=config.username,
+            topic_prefix=config.topic_prefix,
+            inflight_window=config.inflight_window,
+            backlog_rate=config.backlog_rate,
+            suite=Suite.from_name(config.cipher),
+            **overrides,
+        )
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    state: str = "idle"
+    connects: int = 0
+    connect_failures: int = 0
+    published: int = 0
+    resent: int = 0
+    acked: int = 0
+    acks: int = 0
+    bad_control: int = 0
+    commands: int = 0
+    last_ack_time: float | None = None
+    #: Spool append → ack, for batches appended by this process.
+    ack_latency: Histogram = field(default_factory=Histogram)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "connects": self.connects,
+            "connect_failures": self.connect_failures,
+            "published": self.published,
+            "resent": self.resent,
+            "acked": self.acked,
+            "acks": self.acks,
+            "bad_control": self.bad_control,
+            "commands": self.commands,
+            "last_ack_time": self.last_ack_time,
+            "ack_latency": self.ack_latency.summary_ms(),
+        }
+
+
+class Publisher:
+    """Moves spooled batches to the broker and applies the receiver's acks (module docs)."""
+
+    def __init__(
+        self,
+        options: PublisherOptions,
+        *,
+        spool: Spool,
+        keyring: Keyring,
+        clock: Clock | None = None,
+        on_ack: Callable[[int, int], None] | None = None,
+        on_command: CommandHandler | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.options = options
+        self.spool = spool
+        self.keyring = keyring
+        self.clock = clock or SystemClock()
+        self.on_ack = on_ack
+        self.on_command = on_command
+        self.status_extra = status
+        self.counters = PublisherStats()
+        self._fresh: deque[Key] = deque()
+        self._wake = asyncio.Event()
+        self._connected = False
+        self._commands = ReplayGuard()
+        self._counter = 0
+        prefix = f"{options.topic_prefix}/{options.device}"
+        self.topics = {
+            "batch": f"{prefix}/batch",
+            "ack": f"{prefix}/ack",
+            "cmd": f"{prefix}/cmd",
+            "result": f"{prefix}/cmd/result",
+            "status": f"{prefix}/status",
+        }
+
+    # ------------------------------------------------------------------ inputs
+
+    def notify(self, batch: SealedBatch) -> None:
+        """A batch is in the spool (the batcher's ``on_stored``): send it as fresh data."""
+        if self._connected:
+            self._fresh.append((batch.epoch, batch.seq))
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Batches in the spool that are not yet acknowledged."""
+        return len(self.spool)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters.as_dict(), "backlog": self.backlog}
+
+    # ------------------------------------------------------------------ connection
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Session]:
+        """One connection: connect (TLS, last will), birth, subscriptions; death on exit."""
+        o = self.options
+        url = urlsplit(o.broker)
+        secure = url.scheme in ("mqtts", "ssl", "tls")
+        if url.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls") or not url.hostname:
+            raise ConnectError(f"broker URL {o.broker!r} is not mqtt://host:port or mqtts://…")
+        tls_params = None
+        if secure:
+            if o.tls is None:
+                raise ConnectError(
+                    "an mqtts:// broker needs uplink.tls (ca_file, cert_file, key_file)"
+                )
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=str(o.tls.ca_file),
+                certfile=str(o.tls.cert_file),
+                keyfile=str(o.tls.key_file),
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        will = aiomqtt.Will(self.topics["status"], self._status("offline"), qos=1, retain=True)
+        client = aiomqtt.Client(
+            url.hostname,
+            url.port or (8883 if secure else 1883),
+            username=o.username,
+            identifier=o.device,
+            will=will,
+            keepalive=o.keepalive_s,
+            tls_params=tls_params,
+            clean_session=True,
+            timeout=10.0,
+            max_inflight_messages=max(20, o.inflight_window + 4),
+        )
+        self.counters.state = "connecting"
+        async with client:
+            self.counters.connects += 1
+            self.counters.state = "connected"
+            await client.subscribe(self.topics["ack"], qos=1)
+            await client.subscribe(self.topics["cmd"], qos=1)
+            await client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
+            session = Session(self, client)
+            self._connected = True
+            self._fresh.clear()  # everything already spooled is backlog now
+            broken = False
+            try:
+                yield session
+            except (aiomqtt.MqttError, OSError):
+                broken = True
+                raise
+            finally:
+                self._connected = False
+                self.counters.state = "disconnected"
+                if not broken:
+                    # Orderly end (also on cancellation): the last will fires only when the
+                    # connection breaks, so say goodbye ourselves.
+                    with contextlib.suppress(aiomqtt.MqttError):
+                        await client.publish(
+                            self.topics["status"],
+                            self._status("offline"),
+                            qos=1,
+                            retain=True,
+                            timeout=2.0,
+                        )
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with exponential backoff + jitter, until cancelled."""
+        failures = 0
+        lost = False
+        while True:
+            try:
+                async with self.session() as session:
+                    if lost:
+                        log.info("uplink connection recovered")
+                    lost = False
+                    failures = 0
+                    await session.serve()
+            except (aiomqtt.MqttError, ConnectError, OSError) as exc:
+                self.counters.connect_failures += 1
+                self.counters.state = "disconnected"
+                if not lost:
+                    # Log state changes only (flash wear), not every failed attempt.
+                    log.warning("uplink connection lost: %s", exc)
+                    lost = True
+            delay = min(self.options.backoff_max_s, self.options.backoff_initial_s * 2**failures)
+            failures = min(failures + 1, 30)
+            await self.clock.sleep_until(self.clock.monotonic() + random.uniform(delay / 2, delay))
+
+    def _status(self, state: str) -> bytes:
+        doc: dict[str, Any] = {
+            "state": state,
+            "device": self.options.device,
+            "ts": self.clock.time(),
+        }
+        if self.status_extra is not None:
+            doc.update(self.status_extra())
+        return json.dumps(doc).encode()
+
+    def _next_counter(self) -> int:
+        self._counter = counter_from_time(self._counter, self.clock.time())
+        return self._counter
+
+    def _apply_ack(self, epoch: int, seq: int) -> int:
+        now = self.clock.monotonic()
+        appended = [
+            t
+            for k in self.spool.pending_keys()
+            if k[0] == epoch and k[1] <= seq and (t := self.spool.appended_at(*k)) is not None
+        ]
+        dropped = self.spool.ack(epoch, seq)
+        for t in appended:
+            self.counters.ack_latency.record(now - t)
+        self.counters.acks += 1
+        self.counters.acked += dropped
+        self.counters.last_ack_time = self.clock.time()
+        if self.on_ack is not None:
+            self.on_ack(epoch, seq)
+        return dropped
+
+
+class Session:
+    """One live connection: a sender and a receiver task (see :meth:`serve`)."""
+
+    def __init__(self, publisher: Publisher, client: aiomqtt.Client) -> None:
+        self.p = publisher
+        self.client = client
+        #: Sent, not yet acknowledged: key → monotonic time sent.
+        self.inflight: dict[Key, float] = {}
+        self._resend: deque[Key] = deque()
+        self._backlog: deque[Key] = deque()
+        self._tokens = 1.0
+        self._last_refill = publisher.clock.monotonic()
+
+    async def serve(self) -> None:
+        """Send and receive until the connection fails (raises ``aiomqtt.MqttError``)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive())
+                tg.create_task(self._send(tg))
+        except BaseExceptionGroup as group:
+            # A lost connection fails several tasks at once; the caller wants one MqttError.
+            match, rest = group.split((aiomqtt.MqttError, OSError))
+            if rest is not None or match is None:
+                raise
+            first: BaseException = match
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from group
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive(self) -> None:
+        p = self.p
+        async for message in self.client.messages:
+            payload = message.payload
+            if not isinstance(payload, bytes | bytearray):
+                p.counters.bad_control += 1
+                continue
+            topic = message.topic.value
+            try:
+                if topic == p.topics["ack"]:
+                    control = open_control(
+                        bytes(payload),
+                        p.keyring.keys,
+                        device=p.options.device,
+                        kinds=frozenset({ControlKind.ACK}),
+                    )
+                    self._on_ack(control.payload)
+                elif topic == p.topics["cmd"]:
+                    control = open_control(
+                        bytes(payload),
+                        p.keyring.keys,
+                        device=p.options.device,
+                        kinds=frozenset({ControlKind.COMMAND}),
+                    )
+                    if p._commands.check(control):
+                        await self._on_command(control.payload, control.key_id)
+                    else:
+                        p.counters.bad_control += 1
+            except (WireError, KeyError, TypeError, ValueError) as exc:
+                p.counters.bad_control += 1
+                log.debug("control message refused: %s", exc)
+
+    def _on_ack(self, payload: dict[str, Any]) -> None:
+        epoch, seq = payload["epoch"], payload["seq"]
+        if not (isinstance(epoch, int) and isinstance(seq, int)):
+            raise TypeError("ack epoch/seq must be integers")
+        self.p._apply_ack(epoch, seq)
+        # Sequence numbers are per epoch; acks are contiguous, so drop what they cover.
+        for key in [k for k in self.inflight if k[0] == epoch and k[1] <= seq]:
+            del self.inflight[key]
+        self.p._wake.set()
+
+    async def _on_command(self, payload: dict[str, Any], key_id: int) -> None:
+        p = self.p
+        p.counters.commands += 1
+        if p.on_command is None:
+            result = {
+                "id": payload.get("id"),
+                "version": payload.get("version"),
+                "ok": False,
+                "results": {"error": "this device does not accept commands"},
+            }
+        else:
+            result = await p.on_command(payload)
+        sealed = seal_control(
+            ControlKind.COMMAND_RESULT,
+            result,
+            p.keyring.current,
+            p.options.device,
+            p._next_counter(),
+            key_id=p.keyring.current_id,
+            suite=p.options.suite,
+            created_us=int(p.clock.time() * 1e6),
+        )
+        await self.client.publish(p.topics["result"], sealed, qos=1)
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(self, tg: asyncio.TaskGroup) -> None:
+        p = self.p
+        window = p.options.inflight_window
+        # Re-sends and backlog leave the last slot to fresh data.
+        slow_window = max(1, window - 1)
+        while True:
+            p._wake.clear()
+            now = p.clock.monotonic()
+            self._expire(now)
+            self._refill(now)
+            sent = False
+            if len(self.inflight) < window and p._fresh:
+                sent = self._publish(tg, p._fresh.popleft(), now, resend=False)
+            elif len(self.inflight) < slow_window and self._resend:
+                sent = self._publish(tg, self._resend.popleft(), now, resend=True)
+            elif len(self.inflight) < slow_window and self._tokens >= 1.0:
+                key = self._next_backlog()
+                if key is not None:
+                    self._tokens -= 1.0
+                    sent = self._publish(tg, key, now, resend=False)
+            if sent:
+                await asyncio.sleep(0)  # let the publish task start; keeps order on the wire
+                continue
+            await self._sleep(now)
+
+    def _publish(self, tg: asyncio.TaskGroup, key: Key, now: float, *, resend: bool) -> bool:
+        record = self.p.spool.get(*key)
+        if record is None:
+            return False  # acknowledged or dropped meanwhile
+        self.inflight[key] = now
+        if resend:
+            self.p.counters.resent += 1
+        tg.create_task(self._publish_one(record.payload))
+        return True
+
+    async def _publish_one(self, payload: bytes) -> None:
+        await self.client.publish(self.p.topics["batch"], payload, qos=1)
+        self.p.counters.published += 1
+
+    def _expire(self, now: float) -> None:
+        limit = self.p.options.resend_after_s
+        for key, sent in list(self.inflight.items()):
+            if now - sent >= limit:
+                del self.inflight[key]
+                self._resend.append(key)
+
+    def _refill(self, now: float) -> None:
+        rate = self.p.options.backlog_rate
+        self._tokens = min(max(1.0, rate), self._tokens + (now - self._last_refill) * rate)
+        self._last_refill = now
+
+    def _next_backlog(self) -> Key | None:
+        p = self.p
+        fresh = set(p._fresh)
+        for _ in range(2):
+            while self._backlog:
+                key = self._backlog.popleft()
+                if (
+                    key not in self.inflight
+                    and key not in fresh
+                    and key not in self._resend
+                    and p.spool.get(*key) is not None
+                ):
+                    return key
+            # Refill from the spool, oldest first (new records arrive as fresh or later here).
+            self._backlog.extend(
+                k
+                for k in p.spool.pending_keys()
+                if k not in self.inflight and k not in fresh and k not in self._resend
+            )
+            if not self._backlog:
+                return None
+        return None
+
+    async def _sleep(self, now: float) -> None:
+        p = self.p
+        wake_at = now + 1.0
+        if self.inflight:
+            wake_at = min(wake_at, min(self.inflight.values()) + p.options.resend_after_s)
+        if self._tokens < 1.0:
+            wake_at = min(wake_at, now + (1.0 - self._tokens) / p.options.backlog_rate)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, wake_at - now)):
+                await p._wake.wait()
