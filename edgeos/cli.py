@@ -25,9 +25,21 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-# Subcommands implemented by a part: name -> (module, function, help).
-_DELEGATED: dict[str, tuple[str, str, str]] = {
-    "sim": ("edgeos.sim.cli", "main", "run the simulated tyre line (Modbus TCP + OPC UA)"),
+# Subcommands implemented by a part: name -> (module, function, help, keep the command word).
+_DELEGATED: dict[str, tuple[str, str, str, bool]] = {
+    "sim": ("edgeos.sim.cli", "main", "run the simulated tyre line (Modbus TCP + OPC UA)", False),
+    "bundle": (
+        "edgeos.ota.cli",
+        "gateway_main",
+        "build a release bundle (full/models/config)",
+        True,
+    ),
+    "ota": (
+        "edgeos.ota.cli",
+        "gateway_main",
+        "A/B slots: status, check, install, boot-check, commit, recover",
+        True,
+    ),
 }
 
 
@@ -163,6 +175,20 @@ def _cmd_twin(args: argparse.Namespace) -> int:
     return EXIT_OK if change["status"] == "applied" else EXIT_FAILURE
 
 
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from edgeos.errors import ProvisioningError
+    from edgeos.receiver.provisioning import install_bundle
+
+    try:
+        installed = install_bundle(args.file, args.target, overwrite=args.force)
+    except ProvisioningError as exc:
+        print(f"edgeos provision: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"installed credentials for device {installed.device} in {args.target}")
+    print("point [uplink] key_file and [uplink.tls] at these files (see docs/receiver.md)")
+    return EXIT_OK
+
+
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="/etc/edgeos/edgeos.toml", help="runtime configuration")
     p.add_argument("--socket", help="control socket (default: from the configuration)")
@@ -229,6 +255,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_target(tset)
     twin.set_defaults(func=_cmd_twin)
 
+    prov = sub.add_parser("provision", help="install a credential bundle from edgeos-receiver")
+    prov.add_argument("file", help="bundle written by `edgeos-receiver device add`")
+    prov.add_argument(
+        "--target", default="/etc/edgeos/credentials", help="where to install (mode 0700)"
+    )
+    prov.add_argument("--force", action="store_true", help="replace existing credentials")
+    prov.set_defaults(func=_cmd_provision)
+
     install = sub.add_parser(
         "install-service", help="install units, user, directories and the default config"
     )
@@ -240,7 +274,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     install.set_defaults(func=_cmd_install_service)
 
-    for name, (_, _, help_text) in _DELEGATED.items():
+    for name, (_, _, help_text, _) in _DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -248,9 +282,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in _DELEGATED:
-        module_name, func_name, _ = _DELEGATED[args_list[0]]
+        module_name, func_name, _, keep = _DELEGATED[args_list[0]]
         func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
-        return func(args_list[1:])
+        return func(args_list if keep else args_list[1:])
     parser = _build_parser()
     args = parser.parse_args(args_list)
     if not getattr(args, "func", None):

@@ -21,7 +21,12 @@ __all__ = ["InstallReport", "install_service"]
 
 log = logging.getLogger("edgeos.service")
 
-UNITS = ("edgeos.service", "edgeos-recovery.service", "edgeos-receiver.service")
+UNITS = (
+    "edgeos.service",
+    "edgeos-recovery.service",
+    "edgeos-commit.service",
+    "edgeos-receiver.service",
+)
 
 
 @dataclass

@@ -112,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edgeos-receiver`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ota"]:
+        # The update repository (TUF) has its own commands: init, publish, serve, campaign …
+        from edgeos.ota.cli import repo_main
+
+        return repo_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "init":

@@ -39,7 +39,7 @@ def test_install_service_into_a_root(tmp_path: Path) -> None:
     dialout = [g for g in (root / "etc/group").read_text().splitlines() if g.startswith("dialout:")]
     assert dialout and "edgeos" in dialout[0].split(":")[3].split(",")
     assert (root / "var/lib/edgeos/spool").is_dir()
-    assert (root / "opt/edgeos/slots").is_dir()
+    assert (root / "var/lib/edgeos/slots").is_dir()
 
 
 def test_existing_plant_config_is_never_overwritten(tmp_path: Path) -> None:

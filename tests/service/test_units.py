@@ -35,7 +35,13 @@ def test_runtime_unit_is_notify_with_watchdog_and_boot_check() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["edgeos.service", "edgeos-receiver.service", "edgeos-recovery.service"]
+    "name",
+    [
+        "edgeos.service",
+        "edgeos-receiver.service",
+        "edgeos-recovery.service",
+        "edgeos-commit.service",
+    ],
 )
 def test_exposure_is_at_most_two(name: str) -> None:
     tool = shutil.which("systemd-analyze")
