@@ -24,7 +24,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeos import __version__
 from edgeos.clock import Clock, SystemClock
@@ -45,6 +45,9 @@ from edgeos.supervisor import ConnectionSupervisor
 from edgeos.systemd import Notifier, watchdog_interval_s
 from edgeos.twin import Twin
 from edgeos.uplink_runtime import UplinkRuntime
+
+if TYPE_CHECKING:
+    from edgeos.inference_runtime import InferenceLoop
 
 __all__ = ["Runtime"]
 
@@ -92,10 +95,26 @@ class Runtime:
         self._last_progress_seen = -1
         self.ready = asyncio.Event()
 
-        tags = config.all_tags
-        self.bindings = [TagBinding(i, t) for i, t in enumerate(tags)]
+        tags = list(config.all_tags)
+        stations: list[str] = []
+        if config.inference.enabled:
+            from edgeos.inference_runtime import find_stations, gate_tags
+
+            stations = find_stations(config)
+            tags.extend(gate_tags(stations))  # derived: verdicts live in the twin too
+        self.bindings = [TagBinding(i, t) for i, t in enumerate(tags) if t.derived is None]
         self.twin = Twin(tags, config.twin, clock=self.clock, scan_groups=config.scan_groups)
         self._event_sources.append(self.twin.drain_events)
+
+        self.inference: InferenceLoop | None = None
+        if config.inference.enabled:
+            from edgeos.inference_runtime import InferenceLoop
+
+            self.inference = InferenceLoop(config, self.twin, stations, clock=self.clock)
+            self._event_sources.append(self.inference.drain_events)
+            self._status_providers["inference"] = self.inference.stats
+            self._status_providers["gates"] = self._gates_status
+            self._status_providers["guard"] = self._guard_status
 
         self.supervisors: dict[str, ConnectionSupervisor] = {}
         by_conn: dict[str, list[TagBinding]] = {}
@@ -132,6 +151,7 @@ class Runtime:
         if config.uplink.enabled:
             self.uplink = UplinkRuntime(
                 config,
+                tags=tags,
                 scan_source=self.twin.scan_log,
                 drain_events=self._drain_events,
                 on_command=self._on_command,
@@ -209,6 +229,35 @@ class Runtime:
     async def _op_twin_get(self, req: dict[str, Any]) -> list[dict[str, Any]]:
         return self.twin.query(str(req.get("pattern") or "*"))
 
+    async def _op_learning(self, req: dict[str, Any]) -> dict[str, Any]:
+        if self.inference is None:
+            raise ValueError("inference is not enabled in this configuration")
+        return self.inference.set_learning(
+            bool(req["enabled"]), who=str(req.get("who", "operator"))
+        )
+
+    async def _op_models_updated(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        """OTA models-only update: every manifest in ``path`` enters as a challenger."""
+        if self.inference is None:
+            raise ValueError("inference is not enabled in this configuration")
+        events: list[dict[str, Any]] = self.inference.engine.on_models_updated(Path(req["path"]))
+        for event in events:
+            self.inference._events.append(event)
+        return events
+
+    def _gates_status(self) -> dict[str, Any]:
+        assert self.inference is not None
+        gate = self.inference.engine.gate
+        return {"verdicts": gate.stats()["verdicts"]} if gate is not None else {}
+
+    def _guard_status(self) -> dict[str, Any]:
+        assert self.inference is not None
+        guard = self.inference.engine.guard
+        if guard is None:
+            return {}
+        st = guard.stats()
+        return {"learning": st["learning"], "slack": st["slack"], **st["counts"]}
+
     async def _op_twin_set(self, req: dict[str, Any]) -> dict[str, Any]:
         change = self.twin.set_desired(str(req["tag"]), req["value"], source="operator")
         await self._wait_done(change, float(req.get("wait_s", 15.0)))
@@ -280,6 +329,8 @@ class Runtime:
                 for sup in self.supervisors.values():
                     tg.create_task(sup.run(), name=f"supervisor:{sup.name}")
                 tg.create_task(self.scheduler.run(), name="scheduler")
+                if self.inference is not None:
+                    tg.create_task(self.inference.run(), name="inference")
                 tg.create_task(
                     self.twin.run_writes(_SupervisedWrites(self.supervisors)), name="writes"
                 )
@@ -290,6 +341,8 @@ class Runtime:
                     "status": self._op_status,
                     "twin.get": self._op_twin_get,
                     "twin.set": self._op_twin_set,
+                    "inference.learning": self._op_learning,
+                    "models.updated": self._op_models_updated,
                 }
                 tg.create_task(ControlServer(self._control_path(), handlers).run(), name="control")
                 if self.config.control.metrics_listen:

@@ -175,6 +175,12 @@ def _cmd_twin(args: argparse.Namespace) -> int:
     return EXIT_OK if change["status"] == "applied" else EXIT_FAILURE
 
 
+def _cmd_learning(args: argparse.Namespace) -> int:
+    event = _ask(args, "inference.learning", enabled=args.state == "on", who=args.who)
+    print(f"learned actions {'on' if event.get('enabled', args.state == 'on') else 'off'}: {event}")
+    return EXIT_OK
+
+
 def _cmd_provision(args: argparse.Namespace) -> int:
     from edgeos.errors import ProvisioningError
     from edgeos.receiver.provisioning import install_bundle
@@ -254,6 +260,14 @@ def _build_parser() -> argparse.ArgumentParser:
     tset.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the outcome")
     _add_target(tset)
     twin.set_defaults(func=_cmd_twin)
+
+    learning = sub.add_parser(
+        "learning", help="operator switch: learned set-point actions on/off (at once)"
+    )
+    learning.add_argument("state", choices=["on", "off"])
+    learning.add_argument("--who", default="operator", help="recorded with the switch event")
+    _add_target(learning)
+    learning.set_defaults(func=_cmd_learning)
 
     prov = sub.add_parser("provision", help="install a credential bundle from edgeos-receiver")
     prov.add_argument("file", help="bundle written by `edgeos-receiver device add`")

@@ -33,6 +33,7 @@ __all__ = [
     "Config",
     "ConnectionConfig",
     "DataType",
+    "DerivedAddress",
     "DeviceConfig",
     "EquipmentConfig",
     "InferenceConfig",
@@ -46,6 +47,7 @@ __all__ = [
     "TagTemplate",
     "TwinConfig",
     "UplinkConfig",
+    "derived_tag",
     "format_validation_error",
     "load_config",
     "parse_config",
@@ -162,6 +164,18 @@ class OpcUaAddress(_Model):
         return self
 
 
+class DerivedAddress(_Model):
+    """A tag the runtime computes itself (gate verdicts, model outputs), not read from a device.
+
+    Derived tags are added by the runtime, not written in configuration files; they live in
+    the twin and travel in batches like any other tag, so a PLC, MES or the cloud reads them
+    where it reads everything else.
+    """
+
+    source: Literal["inference"] = "inference"
+    type: DataType = "float64"
+
+
 class Limits(_Model):
     min: float
     max: float
@@ -209,8 +223,11 @@ class _TagBase(_Model):
     def data_type(self) -> str:
         if self.modbus is not None:
             return self.modbus.type
-        assert self.opcua is not None
-        return self.opcua.type
+        if self.opcua is not None:
+            return self.opcua.type
+        derived: DerivedAddress | None = getattr(self, "derived", None)
+        assert derived is not None, "a tag has a modbus, opcua or derived address"
+        return derived.type
 
     @property
     def effective_resolution(self) -> float:
@@ -225,6 +242,28 @@ class _TagBase(_Model):
 class TagConfig(_TagBase):
     name: Name
     connection: Name
+    #: Set only on tags the runtime derives (see :func:`derived_tag`); never in a file.
+    derived: DerivedAddress | None = Field(default=None, exclude=True, repr=False)
+
+
+def derived_tag(
+    name: str, *, resolution: float, unit: str = "", description: str = ""
+) -> TagConfig:
+    """A runtime-computed tag (connection ``@derived``), built without file validation."""
+    return TagConfig.model_construct(
+        {"name", "connection", "resolution", "unit", "description", "derived"},
+        name=name,
+        connection="@derived",
+        resolution=resolution,
+        unit=unit,
+        description=description,
+        derived=DerivedAddress(),
+        **{
+            f: TagConfig.model_fields[f].get_default(call_default_factory=True)
+            for f in TagConfig.model_fields
+            if f not in ("name", "connection", "resolution", "unit", "description", "derived")
+        },
+    )
 
 
 class TagTemplate(_TagBase):
@@ -645,7 +684,7 @@ def _expand_equipment(config: Config) -> Iterable[TagConfig]:
         template = config.templates[eq.template]
         prepared = []
         for tt in template.tags:
-            values = {name: getattr(tt, name) for name in _TAG_FIELDS if name != "connection"}
+            values = {n: getattr(tt, n) for n in _TAG_FIELDS if n not in ("connection", "derived")}
             fields_set = set(tt.model_fields_set) | {"name", "connection"}
             if eq.scan_group is not None and "scan_group" not in tt.model_fields_set:
                 values["scan_group"] = eq.scan_group

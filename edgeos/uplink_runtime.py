@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from edgeos.clock import Clock
-from edgeos.config import Config
+from edgeos.config import Config, TagConfig
 from edgeos.uplink.batcher import Batcher, ScanSource, tag_table_from_config
 from edgeos.uplink.crypto import Keyring, Suite
 from edgeos.uplink.publisher import Publisher, PublisherOptions
@@ -30,12 +30,14 @@ class UplinkRuntime:
         self,
         config: Config,
         *,
+        tags: Sequence[TagConfig],
         scan_source: ScanSource,
         drain_events: Callable[[], list[dict[str, Any]]],
         on_command: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
         clock: Clock,
     ) -> None:
         self.config = config
+        self.tags = tuple(tags)
         self.clock = clock
         # Refuses to start (ProvisioningError) when the key is missing or too widely readable.
         self.keyring = Keyring.load(config.uplink.key_file)
@@ -67,7 +69,7 @@ class UplinkRuntime:
             on_command=self._on_command,
         )
         self.batcher = Batcher(
-            table=tag_table_from_config(self.config.all_tags),
+            table=tag_table_from_config(self.tags),
             keyring=self.keyring,
             device=self.config.device.id,
             spool=spool,

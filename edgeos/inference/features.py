@@ -167,6 +167,11 @@ class StationTracker:
         self._sum_p = np.zeros(n)
         self._n_cure = np.zeros(n)
         self._cure_elapsed = np.zeros(n)
+        #: The tyre in the press was watched from its load with no bad sample since: only such
+        #: tyres are judged (a runtime restarted mid-cure must not scrap a tyre it half saw).
+        self.observed = np.zeros(n, dtype=np.bool_)
+        #: Cures that ended without being fully observed (not judged).
+        self.unjudged = 0
 
     @property
     def window_full(self) -> B:
@@ -179,24 +184,37 @@ class StationTracker:
             raise ValueError(
                 f"expected values of shape {(self.stations, len(KEY_SUFFIXES))}, got {v.shape}"
             )
+        # Bad inputs arrive as NaN: hold the last good state and counter for those stations and
+        # stop trusting the tyre in the press (its cure now has a gap).
+        valid = np.isfinite(v[:, [_STATE, _COUNT, _HPV, _PPV]]).all(axis=1)
+        if not valid.all():
+            v = v.copy()
+            v[~valid, _STATE] = self._state[~valid]
+            v[~valid, _COUNT] = self._count[~valid]
+            self.observed[~valid] = False
+
         # Slide the window in place: no allocation of a new (stations, W, F) array per sample.
         w = self.window
         w[:, :-1] = w[:, 1:]
-        w[:, -1] = anomaly_rows(v)
+        w[:, -1] = np.nan_to_num(anomaly_rows(v))
         self.samples += 1
 
         state = v[:, _STATE].astype(np.int64)
         count = v[:, _COUNT].astype(np.int64)
-        in_cure = state == CURE
+        in_cure = (state == CURE) & valid
         if not self._seen:
             self._seen = True
             self._state[:] = state
             self._count[:] = count
             prev_state, prev_count = state, count
+            # A press found loading is watched from its load.
+            self.observed[:] = valid & (state == LOAD)
         else:
             prev_state, prev_count = self._state, self._count
 
-        cure_ended = np.flatnonzero((prev_state == CURE) & ~in_cure & (self._n_cure > 0))
+        ended = (prev_state == CURE) & (state != CURE) & (self._n_cure > 0)
+        self.unjudged += int((ended & ~self.observed).sum())
+        cure_ended = np.flatnonzero(ended & self.observed)
         quality_x = np.empty((cure_ended.size, len(QUALITY_FEATURES)))
         if cure_ended.size:
             n = self._n_cure[cure_ended]
@@ -233,6 +251,7 @@ class StationTracker:
             self._sum_p[loaded] = 0.0
             self._n_cure[loaded] = 0.0
             self._cure_elapsed[loaded] = 0.0
+            self.observed[loaded] = valid[loaded]
         correction_x = np.empty((loaded.size, len(CORRECTION_FEATURES)))
         if loaded.size:
             last = self.last_elasticity[loaded]
