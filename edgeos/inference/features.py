@@ -186,7 +186,7 @@ class StationTracker:
             )
         # Bad inputs arrive as NaN: hold the last good state and counter for those stations and
         # stop trusting the tyre in the press (its cure now has a gap).
-        valid: B = np.isfinite(v[:, [_STATE, _COUNT, _HPV, _PPV]]).all(axis=1)
+        valid: B = np.asarray(np.isfinite(v[:, [_STATE, _COUNT, _HPV, _PPV]]).all(axis=1))
         if not valid.all():
             v = v.copy()
             v[~valid, _STATE] = self._state[~valid]
