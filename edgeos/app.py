@@ -93,6 +93,7 @@ class Runtime:
         self._status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
         self._progress = 0
         self._last_progress_seen = -1
+        self._health_progress = -1
         self.ready = asyncio.Event()
 
         tags = list(config.all_tags)
@@ -356,8 +357,51 @@ class Runtime:
                         self.notifier.watchdog_task(self._healthy, interval), name="watchdog"
                     )
                 tg.create_task(self._announce_ready(), name="ready")
+                if self.config.ota.enabled:
+                    tg.create_task(self._report_health(), name="ota-health")
         finally:
             await asyncio.shield(self._shutdown())
+
+    def ota_root(self) -> Path:
+        root = self.config.ota.slots_dir
+        return root if root.is_absolute() else self.state_dir / root
+
+    def health_report(self) -> Any:
+        """What the OTA trial monitor judges a new slot by (see docs/ota.md)."""
+        from edgeos.ota.slots import HealthReport
+
+        progressed = self._progress != self._health_progress
+        self._health_progress = self._progress
+        acks = True
+        if self.uplink is not None:
+            age = self.uplink.status().get("last_ack_age_s")
+            acks = age is not None and age < max(30.0, 5 * self.config.uplink.interval_s)
+        up = sum(1 for s in self.supervisors.values() if s.is_up)
+        return HealthReport(
+            service_ready=self.ready.is_set(),
+            watchdog_alive=progressed or not self.scheduler_has_jobs(),
+            drivers_connected=up,
+            drivers_total=len(self.supervisors),
+            acks_flowing=acks,
+            detail=self.status_line(),
+        )
+
+    def scheduler_has_jobs(self) -> bool:
+        return any(self.scheduler.jobs(g.name) for g in self.config.scan_groups)
+
+    async def _report_health(self, interval_s: float = 2.0) -> None:
+        """Write the OTA health file; the commit watcher reads it (a dead runtime stops writing)."""
+        from edgeos.ota.slots import HealthFile
+
+        root = self.ota_root()
+        await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+        health = HealthFile(root / "health.json")
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(health.report, self.health_report())
+            except OSError as exc:
+                log.warning("could not write the OTA health file: %s", exc)
 
     async def _announce_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s

@@ -99,8 +99,12 @@ class ControlServer:
         await writer.drain()
 
 
-def request(path: Path, op: str, timeout_s: float = 5.0, **params: Any) -> Any:
-    """Blocking client for the CLI: send one request, return its result or raise ControlError."""
+def request(path: Path, op: str, /, *, timeout_s: float = 5.0, **params: Any) -> Any:
+    """Blocking client for the CLI: send one request, return its result or raise ControlError.
+
+    ``path`` and ``op`` are positional-only so that any request parameter name (``path=`` for
+    ``models.updated``) can be passed as a keyword.
+    """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout_s)

@@ -25,6 +25,8 @@ UNITS = (
     "edgeos.service",
     "edgeos-recovery.service",
     "edgeos-commit.service",
+    "edgeos-update.service",
+    "edgeos-update.timer",
     "edgeos-receiver.service",
 )
 

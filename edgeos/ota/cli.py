@@ -79,6 +79,8 @@ class _Device:
     group: str
     health_window_s: float
     max_attempts: int
+    #: The runtime's control socket (for the models-only hook), when a config was given.
+    control_socket: Path | None = None
 
 
 def _device(args: argparse.Namespace) -> _Device:
@@ -90,6 +92,10 @@ def _device(args: argparse.Namespace) -> _Device:
         ota, hardware = config.ota, config.device.hardware
         device_id, state_dir = config.device.id, config.device.state_dir
     base = Path(state_dir or "/var/lib/edgeos")
+    control_socket: Path | None = None
+    if args.config is not None:
+        sock = config.control.socket
+        control_socket = sock if sock.is_absolute() else base / sock
     root = args.root or (ota.slots_dir if ota.slots_dir.is_absolute() else base / ota.slots_dir)
     trusted = args.trusted_root or (
         ota.trusted_root if ota.trusted_root.is_absolute() else base / ota.trusted_root
@@ -103,13 +109,37 @@ def _device(args: argparse.Namespace) -> _Device:
         group=args.group or ota.group,
         health_window_s=args.health_window if args.health_window else ota.health_window_s,
         max_attempts=ota.max_attempts,
+        control_socket=control_socket,
     )
 
 
 def _slots(dev: _Device) -> Any:
     from edgeos.ota.slots import SlotManager
 
-    return SlotManager(dev.root, hardware=dev.hardware, max_attempts=dev.max_attempts)
+    return SlotManager(
+        dev.root,
+        hardware=dev.hardware,
+        max_attempts=dev.max_attempts,
+        models_hook=_models_hook(dev),
+    )
+
+
+def _models_hook(dev: _Device) -> Any:
+    """Tell a running runtime that new models are in place (they enter as challengers)."""
+    if dev.control_socket is None:
+        return None
+    sock = dev.control_socket
+
+    def hook(path: Path) -> None:
+        from edgeos.control import ControlError, request
+
+        try:
+            request(sock, "models.updated", path=str(path))
+        except ControlError as exc:
+            # Not running (or inference off): the models are loaded at the next start.
+            print(f"runtime not told about the new models: {exc}", file=sys.stderr)
+
+    return hook
 
 
 def _client(dev: _Device) -> Any:
@@ -183,6 +213,7 @@ def _gateway_parser() -> argparse.ArgumentParser:
     commit.add_argument("--timeout", type=float, help="trial deadline (default 3 × window)")
     commit.add_argument("--stale-after", type=float, default=15.0)
     device_cmd("report", "send the last outcome to the repository")
+    device_cmd("recover", "after a crash loop: end a trial so the previous slot boots (OnFailure)")
     return parser
 
 
@@ -202,6 +233,7 @@ def gateway_main(argv: Sequence[str]) -> int:
             "boot-check": _ota_boot_check,
             "commit": _ota_commit,
             "report": _ota_report,
+            "recover": _ota_recover,
         }[args.cmd]
         return handler(args, dev)
     except ConfigError as exc:
@@ -348,6 +380,24 @@ def _ota_commit(args: argparse.Namespace, dev: _Device) -> int:
         if outcome is TrialOutcome.COMMITTED
         else "no slot on trial"
     )
+    return EXIT_OK
+
+
+def _ota_recover(args: argparse.Namespace, dev: _Device) -> int:
+    """Run by ``edgeos-recovery.service`` when the runtime hit its start limit."""
+    slots = _slots(dev)
+    state = slots.read_state()
+    if state.trial is None:
+        print(
+            "no slot on trial: the committed version itself keeps failing; nothing to fall back "
+            "to (see `journalctl -u edgeos` and the configuration)",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    from edgeos.ota.outcome import Reason
+
+    state = slots.fail_trial(Reason.CRASH_LOOP, "edgeos.service hit its start limit")
+    print(f"trial ended; slot {state.active} ({state.committed_version}) boots next")
     return EXIT_OK
 
 

@@ -120,3 +120,20 @@ async def test_refuses_to_start_with_a_world_readable_key(line: SimLine, tmp_pat
     config = _config(line, tmp_path, uplink={"enabled": True, "key_file": str(key)})
     with pytest.raises(ProvisioningError, match="chmod"):
         Runtime(config)
+
+
+async def test_runtime_reports_health_for_the_ota_trial(line: SimLine, tmp_path: Path) -> None:
+    from edgeos.ota.slots import HealthFile
+
+    config = _config(line, tmp_path, ota={"enabled": True, "repository_url": "http://127.0.0.1:9/"})
+    runtime = Runtime(config)
+    task = await _run(runtime)
+    try:
+        health = HealthFile(runtime.ota_root() / "health.json")
+        async with asyncio.timeout(15):
+            while (report := health.read(max_age_s=10)) is None or not report.service_ready:
+                await asyncio.sleep(0.2)
+        assert report.drivers_connected == report.drivers_total == 1
+        assert report.watchdog_alive and report.healthy, report.problems()
+    finally:
+        await _stop(task)

@@ -41,6 +41,7 @@ def test_runtime_unit_is_notify_with_watchdog_and_boot_check() -> None:
         "edgeos-receiver.service",
         "edgeos-recovery.service",
         "edgeos-commit.service",
+        "edgeos-update.service",
     ],
 )
 def test_exposure_is_at_most_two(name: str) -> None:
