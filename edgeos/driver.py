@@ -25,7 +25,7 @@ import numpy.typing as npt
 from pydantic import BaseModel
 
 from edgeos.clock import Clock
-from edgeos.config import ConnectionConfig, TagConfig
+from edgeos.config import AnyTag, ConnectionConfig
 from edgeos.errors import WriteRefused
 
 __all__ = [
@@ -72,7 +72,7 @@ class TagBinding:
     """A configured tag and its column in the twin."""
 
     index: int
-    tag: TagConfig
+    tag: AnyTag
 
 
 @dataclass(slots=True)
@@ -184,7 +184,7 @@ def load_driver_class(name: str) -> type[Driver]:
 
 
 def check_write(
-    tag: TagConfig,
+    tag: AnyTag,
     value: Value,
     *,
     last_value: float | None = None,

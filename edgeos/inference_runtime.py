@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgeos.clock import Clock
-from edgeos.config import Config, TagConfig, derived_tag
+from edgeos.config import Config, Tag, derived_tag
 from edgeos.driver import Quality, ReadResult
 from edgeos.twin import Twin
 
@@ -56,7 +56,7 @@ def find_stations(config: Config) -> list[str]:
     return stations
 
 
-def gate_tags(stations: Sequence[str]) -> list[TagConfig]:
+def gate_tags(stations: Sequence[str]) -> list[Tag]:
     return [
         derived_tag(f"{s}.{suffix}", resolution=res, unit=unit, description="check gate output")
         for s in stations

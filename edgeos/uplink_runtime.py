@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from edgeos.clock import Clock
-from edgeos.config import Config, TagConfig
+from edgeos.config import AnyTag, Config
 from edgeos.uplink.batcher import Batcher, ScanSource, tag_table_from_config
 from edgeos.uplink.crypto import Keyring, Suite
 from edgeos.uplink.publisher import Publisher, PublisherOptions
@@ -30,7 +30,7 @@ class UplinkRuntime:
         self,
         config: Config,
         *,
-        tags: Sequence[TagConfig],
+        tags: Sequence[AnyTag],
         scan_source: ScanSource,
         drain_events: Callable[[], list[dict[str, Any]]],
         on_command: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],

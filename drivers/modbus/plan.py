@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from edgeos.config import ModbusAddress
+from edgeos.config import AnyModbus
 from edgeos.driver import Quality, ReadResult, TagBinding, Value
 from edgeos.errors import WriteRefused
 
@@ -130,7 +130,7 @@ class ScanPlan:
 @dataclass(slots=True)
 class _Item:
     binding: TagBinding
-    address: ModbusAddress
+    address: AnyModbus
 
 
 def _coalesce(
@@ -357,7 +357,7 @@ def _decode_string(raw: bytes) -> str | None:
         return None
 
 
-def encode_value(tag_name: str, address: ModbusAddress, value: Value) -> list[int]:
+def encode_value(tag_name: str, address: AnyModbus, value: Value) -> list[int]:
     """Registers to write for ``value`` (the inverse of decoding: offset, scale, orders).
 
     Raises :class:`WriteRefused` when the raw value does not fit the register type or a string

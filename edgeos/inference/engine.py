@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeos.clock import Clock, SystemClock
-from edgeos.config import GuardConfig, InferenceConfig, PromotionConfig, TagConfig
+from edgeos.config import AnyTag, GuardConfig, InferenceConfig, PromotionConfig
 from edgeos.inference.champion import ChampionChallenger
 from edgeos.inference.errors import ModelRejected
 from edgeos.inference.features import CURE, KEY_SUFFIXES, StationTracker
@@ -70,7 +70,7 @@ class InferenceEngine:
         self,
         registry: ModelRegistry,
         stations: Sequence[str],
-        tags: Mapping[str, TagConfig],
+        tags: Mapping[str, AnyTag],
         *,
         guard: GuardConfig | None = None,
         promotion: PromotionConfig | None = None,
@@ -107,7 +107,7 @@ class InferenceEngine:
         cls,
         config: InferenceConfig,
         stations: Sequence[str],
-        tags: Mapping[str, TagConfig],
+        tags: Mapping[str, AnyTag],
         *,
         clock: Clock | None = None,
         backend: str | None = None,
@@ -135,7 +135,7 @@ class InferenceEngine:
         cls,
         champions: Sequence[str | Path],
         stations: Sequence[str],
-        tags: Mapping[str, TagConfig],
+        tags: Mapping[str, AnyTag],
         *,
         challengers: Sequence[str | Path] = (),
         backend: str | None = None,

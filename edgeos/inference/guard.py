@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from edgeos.config import GuardConfig, TagConfig
+from edgeos.config import AnyTag, GuardConfig
 from edgeos.driver import check_write
 from edgeos.errors import WriteRefused
 
@@ -108,7 +108,7 @@ class ActuationGuard:
     def __init__(
         self,
         config: GuardConfig,
-        tags: Mapping[str, TagConfig],
+        tags: Mapping[str, AnyTag],
         *,
         target: float,
         k: float = 2.0,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeos.config import TagConfig
+from edgeos.config import AnyTag
 from edgeos.errors import StorageError
 
 __all__ = ["MAGIC", "atomic_write", "decode", "encode", "tag_set_digest"]
@@ -39,7 +39,7 @@ FORMAT = 1
 _DIGEST = 32
 
 
-def tag_set_digest(tags: Sequence[TagConfig]) -> str:
+def tag_set_digest(tags: Sequence[AnyTag]) -> str:
     h = hashlib.sha256()
     for tag in tags:
         h.update(f"{tag.name}\x00{tag.data_type}\n".encode())

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeos.clock import Clock
-from edgeos.config import FLOAT_TYPES, INTEGER_TYPES, ScanGroupConfig, TagConfig, TwinConfig
+from edgeos.config import FLOAT_TYPES, INTEGER_TYPES, AnyTag, ScanGroupConfig, TwinConfig
 from edgeos.driver import Quality, ReadResult, TagBinding, Value, check_write
 from edgeos.errors import EdgeosError, StorageError, WriteRefused
 from edgeos.twin import snapshot
@@ -56,7 +56,7 @@ class Twin:
 
     def __init__(
         self,
-        tags: Sequence[TagConfig],
+        tags: Sequence[AnyTag],
         config: TwinConfig,
         *,
         clock: Clock,
@@ -136,7 +136,7 @@ class Twin:
         return len(self._tags)
 
     @property
-    def tags(self) -> tuple[TagConfig, ...]:
+    def tags(self) -> tuple[AnyTag, ...]:
         return self._tags
 
     @property
@@ -658,7 +658,7 @@ class Twin:
         }
 
 
-def _kind(tag: TagConfig) -> int:
+def _kind(tag: AnyTag) -> int:
     dtype = tag.data_type
     if dtype == "string":
         return _KIND_STRING

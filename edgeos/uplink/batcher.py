@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeos.clock import Clock, SystemClock
-from edgeos.config import TagConfig
+from edgeos.config import AnyTag
 from edgeos.errors import SpoolFull, StorageError
 from edgeos.histogram import Histogram
 from edgeos.uplink.crypto import Epoch, Keyring, Suite
@@ -115,7 +115,7 @@ class BatcherStats:
         }
 
 
-def tag_table_from_config(tags: Sequence[TagConfig]) -> TagTable:
+def tag_table_from_config(tags: Sequence[AnyTag]) -> TagTable:
     """The wire tag table of configured tags in twin index order (index = position)."""
     kinds = []
     for tag in tags:
