@@ -56,9 +56,14 @@ def bench_decode(opener: BatchOpener, sealed: list[bytes], device: str) -> dict[
 
 
 def bench_store(
-    url: str, opener: BatchOpener, registry: DeviceRegistry, sealed: list[bytes], device: str
+    url: str,
+    opener: BatchOpener,
+    registry: DeviceRegistry,
+    sealed: list[bytes],
+    device: str,
+    sqlite_synchronous: str = "full",
 ) -> dict[str, Any]:
-    storage = open_storage(url)
+    storage = open_storage(url, sqlite_synchronous=sqlite_synchronous)
     key = registry.get(device)
     assert key is not None
     try:
@@ -98,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches (< 1 minute)")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument(
+        "--sqlite-synchronous",
+        choices=["full", "normal"],
+        default="full",
+        help="storage.sqlite_synchronous (default full: an ack survives power loss)",
+    )
     args = parser.parse_args(argv)
     n_decode, n_store = (10, 8) if args.quick else (40, 30)
     result: dict[str, Any] = {"benchmark": "receiver", "tags": 16_000, "scans_per_batch": 3}
@@ -109,7 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         dec = bench_decode(opener, sealed[:n_decode], "bench")
         result["decode_samples_per_s"] = dec["samples_per_s"]
         result["decode"] = dec
-        sq = bench_store(f"sqlite:///{tmp}/bench.db", opener, registry, sealed[:n_store], "bench")
+        sq = bench_store(
+            f"sqlite:///{tmp}/bench.db",
+            opener,
+            registry,
+            sealed[:n_store],
+            "bench",
+            args.sqlite_synchronous,
+        )
+        sq["synchronous"] = args.sqlite_synchronous
         result["sqlite_samples_per_s"] = sq["samples_per_s"]
         result["sqlite"] = sq
         result["postgres_samples_per_s"] = None

@@ -7,7 +7,7 @@
     edgeos-receiver device add ID [--bundle FILE]    # key + client cert → credential bundle
     edgeos-receiver device revoke ID
     edgeos-receiver device list
-    edgeos-receiver devices                          # last seen, backlog, rejects per reason
+    edgeos-receiver devices                          # last seen, backlog, skips, rejects
     edgeos-receiver query --device D [--tag T] [--since ISO|EPOCH] [--until …] [--limit N]
     edgeos-receiver shadow get D
     edgeos-receiver shadow set D TAG VALUE           # queue a desired change (a command)
@@ -40,6 +40,9 @@ from edgeos.receiver.registry import DeviceRegistry
 from edgeos.receiver.storage import Storage, open_storage
 
 __all__ = ["main", "parse_time"]
+
+#: ``devices`` lists at most this many announced gaps per device (the last ones).
+_MAX_RANGES_SHOWN = 100
 
 
 def parse_time(text: str) -> int:
@@ -221,9 +224,16 @@ def _devices(config: ReceiverConfig) -> int:
                         "device": s.device,
                         "first_seen": iso(s.first_seen_us),
                         "last_seen": iso(s.last_seen_us),
+                        "state": s.state,
+                        "state_since": iso(s.state_since_us),
                         "batches": s.batches,
                         "samples": s.samples,
                         "backlog": s.backlog,
+                        "skipped": s.skipped,
+                        "skipped_ranges": [
+                            [f"{epoch:016x}", first, last]
+                            for epoch, first, last in s.skipped_ranges[-_MAX_RANGES_SHOWN:]
+                        ],
                         "rejects": s.rejects,
                     }
                 )

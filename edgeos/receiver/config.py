@@ -4,7 +4,8 @@ Example ``receiver.toml`` (relative paths are relative to the file's folder)::
 
     [broker]
     url = "mqtts://broker.example:8883"
-    group = "receivers"                 # shared subscription group ($share/<group>/…)
+    group = "receivers"                 # shared subscription group ($share/<group>/…);
+                                        # "" = plain subscription (brokers without $share)
     [broker.tls]
     ca_file = "pki/ca.crt"
     cert_file = "pki/receiver.crt"
@@ -25,8 +26,17 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+)
 
 from edgeos.config import format_validation_error
 from edgeos.errors import ConfigError, ConfigIssue
@@ -61,8 +71,17 @@ class BrokerConfig(_Model):
     tls: TlsConfig | None = None
     #: Plain-mode username (with TLS the certificate's CN is the identity).
     username: str | None = None
-    #: Shared subscription group: receivers in one group split the devices' batches.
-    group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")] = "receivers"
+    #: Shared subscription group: receivers in one group split the devices' batches. ``""``
+    #: subscribes plainly (``<prefix>/+/batch``) for brokers without shared subscriptions
+    #: (the demo's embedded amqtt); run only one receiver then, or every receiver stores
+    #: (and deduplicates) every batch. Also accepted as ``shared_group``.
+    group: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z0-9_\-]{0,64}$",
+            validation_alias=AliasChoices("group", "shared_group"),
+        ),
+    ] = "receivers"
     client_id: str = ""
     topic_prefix: str = "edgeos/v1"
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
@@ -74,23 +93,34 @@ class BrokerConfig(_Model):
     def _check_url(cls, url: str) -> str:
         if not url.startswith(("mqtt://", "mqtts://")):
             raise ValueError("broker url must start with mqtt:// or mqtts://")
-        hostport = url.split("://", 1)[1].rstrip("/")
-        host, _, port = hostport.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"broker url {url!r} needs host:port")
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if not parts.hostname or port in (-1, 0) or parts.path not in ("", "/"):
+            raise ValueError(f"broker url {url!r} must be mqtt[s]://host[:port]")
         return url
 
     @property
     def host(self) -> str:
-        return self.url.split("://", 1)[1].rstrip("/").rpartition(":")[0]
+        host = urlsplit(self.url).hostname
+        assert host is not None  # checked by the validator
+        return host
 
     @property
     def port(self) -> int:
-        return int(self.url.rstrip("/").rpartition(":")[2])
+        """The URL's port; 8883 for ``mqtts://`` and 1883 for ``mqtt://`` when it has none."""
+        return urlsplit(self.url).port or (8883 if self.uses_tls else 1883)
 
     @property
     def uses_tls(self) -> bool:
         return self.url.startswith("mqtts://")
+
+    def topic(self, suffix: str, *, shared: bool = True) -> str:
+        """The subscription filter ``<prefix>/+/<suffix>``, through the shared group if any."""
+        plain = f"{self.topic_prefix}/+/{suffix}"
+        return f"$share/{self.group}/{plain}" if shared and self.group else plain
 
 
 class StorageConfig(_Model):

@@ -7,11 +7,14 @@ in :class:`Rejected` with a reason from :data:`REJECT_REASONS`; nothing else esc
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import numpy as np
 
 from edgeos.errors import AuthenticationFailed, MalformedBatch, UnsupportedVersion, WireError
 from edgeos.receiver.registry import DeviceRegistry, KeyLookupError
-from edgeos.receiver.storage.base import IngestBatch
+from edgeos.receiver.storage.base import DeviceStatus, IngestBatch, merge_ranges
 from edgeos.uplink.crypto import EpochKeyCache
 from edgeos.uplink.wire import (
     MAX_SEALED_BYTES,
@@ -23,7 +26,22 @@ from edgeos.uplink.wire import (
     parse_header,
 )
 
-__all__ = ["REJECT_REASONS", "BatchOpener", "Rejected"]
+__all__ = [
+    "MAX_SKIP_RANGES",
+    "MAX_STATUS_BYTES",
+    "REJECT_REASONS",
+    "BatchOpener",
+    "Rejected",
+    "parse_skips",
+    "parse_status",
+]
+
+#: Most ranges one batch may announce in ``meta["skip"]`` (the batcher merges adjacent ones).
+MAX_SKIP_RANGES = 65_536
+#: A status message is a few dozen bytes of JSON; anything far larger is refused unparsed.
+MAX_STATUS_BYTES = 64 << 10
+_SQL_MAX = 1 << 63
+_U64 = 1 << 64
 
 #: Every reason a message is rejected for (label values of ``rejects_total``).
 REJECT_REASONS = (
@@ -47,6 +65,67 @@ class Rejected(Exception):
         self.reason = reason
         self.device = device
         super().__init__(message)
+
+
+def parse_skips(meta: dict[str, Any], epoch: int, seq: int) -> list[tuple[int, int, int]]:
+    """Validate ``meta["skip"]`` (``[[epoch, first, last], …]``), merged per epoch.
+
+    Raises ValueError when the list is not well formed, or names the batch's own sequence
+    number or a later one of its epoch: a gap is announced only after it happened, and an
+    ack past a number the device still holds would delete that data from its spool.
+    """
+    raw = meta.get("skip")
+    if raw is None:
+        return []
+    if not isinstance(raw, list | tuple) or len(raw) > MAX_SKIP_RANGES:
+        raise ValueError(f"not a list of at most {MAX_SKIP_RANGES} ranges")
+    by_epoch: dict[int, list[tuple[int, int]]] = {}
+    for item in raw:
+        if (
+            not isinstance(item, list | tuple)
+            or len(item) != 3
+            or not all(type(v) is int for v in item)
+        ):
+            raise ValueError(f"{item!r} is not [epoch, first, last]")
+        e, first, last = item
+        if not (0 <= e < _U64 and 1 <= first <= last < _SQL_MAX):
+            raise ValueError(f"{item!r} is out of range")
+        if e == epoch and last >= seq:
+            raise ValueError(f"{item!r} reaches this batch's own sequence number {seq}")
+        by_epoch.setdefault(e, []).append((first, last))
+    return [(e, f, last) for e in sorted(by_epoch) for f, last in merge_ranges(by_epoch[e])]
+
+
+def parse_status(payload: bytes, topic_device: str, received_us: int) -> DeviceStatus:
+    """A device's status message: ``{"state": "online"|"offline", "ts": seconds, …}``.
+
+    Plain JSON, not sealed: the broker's ACL (only the device's certificate may publish on
+    its status topic) is what makes it the device's. Raises :class:`Rejected` (``malformed``,
+    or ``forged`` when it names another device than its topic).
+    """
+    if len(payload) > MAX_STATUS_BYTES:
+        raise Rejected("oversized", topic_device, f"status of {len(payload)} bytes")
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise Rejected("malformed", topic_device, f"status is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("state") not in ("online", "offline"):
+        raise Rejected("malformed", topic_device, "status lacks state online/offline")
+    named = doc.get("device", topic_device)
+    if named != topic_device:
+        raise Rejected("forged", topic_device, f"status names device {named!r} on its topic")
+    ts = doc.get("ts")
+    device_ts_us = None
+    if isinstance(ts, int | float) and not isinstance(ts, bool) and abs(ts) < 1e11:
+        device_ts_us = round(ts * 1e6)
+    epoch = doc.get("epoch")
+    return DeviceStatus(
+        topic_device,
+        doc["state"] == "online",
+        received_us,
+        device_ts_us,
+        epoch[:32] if isinstance(epoch, str) else None,
+    )
 
 
 class BatchOpener:
@@ -81,6 +160,9 @@ class BatchOpener:
                 "forged", topic_device, f"header names device {header.device!r} on its topic"
             )
         device = header.device
+        if header.seq >= _SQL_MAX:
+            # Stored in signed 64-bit columns; epochs retire at 2^32 batches anyway.
+            raise Rejected("malformed", device, f"sequence number {header.seq} out of range")
         try:
             device_key = self.registry.key_for(device, header.key_id)
         except KeyLookupError as exc:
@@ -108,6 +190,10 @@ class BatchOpener:
             # decode_body translates its own errors; this is the last line for anything a
             # crafted (but authenticated) body still manages to trip over.
             raise Rejected("malformed", device, f"{type(exc).__name__}: {exc}") from None
+        try:
+            skips = parse_skips(batch.meta, header.epoch, header.seq)
+        except ValueError as exc:
+            raise Rejected("malformed", device, f"meta.skip: {exc}") from None
         tags = batch.tags
         return IngestBatch(
             device=device,
@@ -128,6 +214,7 @@ class BatchOpener:
             text=rows.text,
             events=batch.events,
             meta=batch.meta,
+            skips=skips,
         )
 
     def open_result(self, payload: bytes, topic_device: str) -> Control:

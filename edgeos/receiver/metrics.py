@@ -48,6 +48,12 @@ class ReceiverMetrics:
             ["device"],
             registry=r,
         )
+        self.online = Gauge(
+            "edgeos_receiver_device_online",
+            "1 when the device's last status was online, 0 offline (its MQTT last will)",
+            ["device"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "edgeos_receiver_queue_depth", "Messages waiting for the writer", registry=r
         )

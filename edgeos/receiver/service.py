@@ -2,9 +2,11 @@
 
 One asyncio loop, one root TaskGroup with three children:
 
-* ``mqtt``    — connects (TLS client certificate), subscribes with a shared subscription
-  ``$share/<group>/<prefix>/+/batch`` (and ``…/cmd/result``) so several receivers split the
-  load, and queues every message (bounded: a slow writer pauses reading, it never drops);
+* ``mqtt``    — connects (TLS client certificate, or plain TCP), subscribes with a shared
+  subscription ``$share/<group>/<prefix>/+/batch`` (and ``…/cmd/result``) so several
+  receivers split the load (``group = ""``: plain subscriptions, for brokers without shared
+  subscriptions), plainly to ``<prefix>/+/status`` (retained birth/death), and queues every
+  message (bounded: a slow writer pauses reading, it never drops);
 * ``writer``  — takes up to ``max_batches_per_transaction`` queued messages at a time and hands
   them to the single writer thread, which opens, decodes and stores them in one transaction;
   only after that transaction committed are the acks published (an ack never runs ahead of
@@ -29,11 +31,17 @@ from typing import Any, TypeVar
 import aiomqtt
 
 from edgeos.receiver.config import ReceiverConfig
-from edgeos.receiver.ingest import BatchOpener, Rejected
+from edgeos.receiver.ingest import BatchOpener, Rejected, parse_status
 from edgeos.receiver.metrics import MetricsServer, ReceiverMetrics
 from edgeos.receiver.ratelimit import OncePerMinute
 from edgeos.receiver.registry import DeviceRegistry, KeyLookupError
-from edgeos.receiver.storage import IngestBatch, Storage, StoreOutcome, open_storage
+from edgeos.receiver.storage import (
+    DeviceStatus,
+    IngestBatch,
+    Storage,
+    StoreOutcome,
+    open_storage,
+)
 from edgeos.uplink.wire import ControlKind, ReplayGuard, counter_from_time, seal_control
 
 __all__ = ["Receiver"]
@@ -44,7 +52,7 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class _Message:
-    kind: str  # "batch" | "result"
+    kind: str  # "batch" | "result" | "status"
     device: str
     payload: bytes
     received_us: int
@@ -145,15 +153,22 @@ class Receiver:
             kwargs["username"] = b.username
         return kwargs
 
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topic filters the receiver subscribes to (QoS 1)."""
+        b = self.config.broker
+        # Status is retained, and brokers send no retained messages to shared subscriptions:
+        # every receiver reads every status (recording it twice is harmless).
+        return [b.topic("batch"), b.topic("cmd/result"), b.topic("status", shared=False)]
+
     async def _mqtt_loop(self) -> None:
         b = self.config.broker
-        group, prefix = b.group, b.topic_prefix
         was_connected = True
         while True:
             try:
                 async with aiomqtt.Client(b.host, b.port, **self._client_kwargs()) as client:
-                    await client.subscribe(f"$share/{group}/{prefix}/+/batch", qos=1)
-                    await client.subscribe(f"$share/{group}/{prefix}/+/cmd/result", qos=1)
+                    for topic in self.subscriptions:
+                        await client.subscribe(topic, qos=1)
                     self._client = client
                     self.metrics.connected.set(1)
                     if not was_connected:
@@ -177,8 +192,10 @@ class Receiver:
         parts = topic.split("/")
         rest = parts[self._prefix_parts :]
         data = payload if isinstance(payload, bytes) else bytes(payload or b"")
-        if len(rest) == 2 and rest[1] == "batch":
-            kind = "batch"
+        if len(rest) == 2 and rest[1] in ("batch", "status"):
+            kind = rest[1]
+            if kind == "status" and not data:
+                return  # a retained status being cleared
         elif len(rest) == 3 and rest[1:] == ["cmd", "result"]:
             kind = "result"
         else:
@@ -233,9 +250,15 @@ class Receiver:
             raise RuntimeError("storage is not open")
         batches: list[IngestBatch] = []
         key_ids: list[int] = []
+        statuses: list[DeviceStatus] = []
         for item in items:
             if item.kind == "result":
                 self._handle_result(storage, item)
+                continue
+            if item.kind == "status":
+                status = self._open_status(item)
+                if status is not None:
+                    statuses.append(status)
                 continue
             try:
                 batch = self._opener.open(item.payload, item.received_us, item.device)
@@ -250,14 +273,34 @@ class Receiver:
             outcomes = storage.store(batches)
             self.metrics.store_seconds.observe(time.perf_counter() - started)
             now = time.time()
+            # Older epochs named by skip lists: one ack each per transaction is enough.
+            others: dict[tuple[str, int, int], int] = {}
             for batch, outcome, key_id in zip(batches, outcomes, key_ids, strict=True):
                 self._count(batch, outcome, now)
                 result.acks.append((outcome.device, key_id, outcome.epoch, outcome.ack_seq))
+                for epoch, seq in outcome.other_acks:
+                    others[(outcome.device, key_id, epoch)] = seq
+            result.acks.extend((d, k, e, seq) for (d, k, e), seq in others.items())
+        if statuses:
+            storage.record_statuses(statuses)
+            for status in statuses:
+                self.metrics.online.labels(status.device).set(1 if status.online else 0)
         with self._reject_lock:
             pending, self._pending_rejects = self._pending_rejects, {}
         if pending:
             storage.record_rejects(pending, int(time.time() * 1e6))
         return result
+
+    def _open_status(self, item: _Message) -> DeviceStatus | None:
+        try:
+            status = parse_status(item.payload, item.device, item.received_us)
+        except Rejected as exc:
+            self._reject(exc.reason, exc.device, str(exc))
+            return None
+        if self.registry.get(item.device) is None:
+            self._reject("unknown_device", item.device, "status of an unknown device")
+            return None
+        return status
 
     @staticmethod
     def _key_id_of(payload: bytes) -> int:

@@ -1,11 +1,11 @@
 """Helpers for receiver tests and benchmarks: a throw-away PostgreSQL database, a running
 receiver.
 
-``postgres_database()`` finds the local server (``$EDGEOS_TEST_PG`` or
-``postgresql://postgres@127.0.0.1:5432``), starts the Debian cluster when it is installed but
-stopped and we may (``pg_ctlcluster``), creates a uniquely named database and drops it at the
-end. When no server can be reached it raises :class:`PostgresUnavailable` with the reason, so
-tests can skip saying why.
+``postgres_database()`` finds the local server (``$EDGEOS_TEST_PG_DSN``, ``$EDGEOS_TEST_PG``
+or ``postgresql://edgeos_test:edgeos_test@127.0.0.1:5432/postgres``), starts the Debian
+cluster when it is installed but stopped and we may (``pg_ctlcluster``), creates a uniquely
+named database and drops it at the end. When no server can be reached it raises
+:class:`PostgresUnavailable` with the reason, so tests can skip saying why.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = [
 
 #: How long :func:`running_receiver` waits for the receiver to subscribe.
 START_TIMEOUT_S = 30.0
-DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_ADMIN_URL = "postgresql://edgeos_test:edgeos_test@127.0.0.1:5432/postgres"
 
 
 class PostgresUnavailable(Exception):
@@ -75,7 +75,12 @@ def _start_cluster() -> str:
 
 
 def admin_url() -> str:
-    return os.environ.get("EDGEOS_TEST_PG", DEFAULT_ADMIN_URL)
+    """``$EDGEOS_TEST_PG_DSN`` (the team's name), ``$EDGEOS_TEST_PG``, or the default role."""
+    return (
+        os.environ.get("EDGEOS_TEST_PG_DSN")
+        or os.environ.get("EDGEOS_TEST_PG")
+        or DEFAULT_ADMIN_URL
+    )
 
 
 @contextlib.contextmanager

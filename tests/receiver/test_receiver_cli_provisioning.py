@@ -170,5 +170,9 @@ def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     tls.write_text('[broker]\nurl = "mqtts://h:8883"\n')
     assert main(["devices", "--config", str(tls)]) == 2
     assert "broker.tls" in capsys.readouterr().err
+    both = tmp_path / "both.toml"
+    both.write_text('[broker]\nurl = "mqtt://h"\ngroup = "a"\nshared_group = ""\n')
+    assert main(["devices", "--config", str(both)]) == 2
+    assert "broker.shared_group" in capsys.readouterr().err
     assert parse_time("1.5") == 1_500_000
     assert parse_time("1970-01-01T00:00:02Z") == 2_000_000

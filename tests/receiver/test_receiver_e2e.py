@@ -12,8 +12,8 @@ from edgeos.receiver.service import Receiver
 from edgeos.receiver.storage import open_storage
 from edgeos.receiver.testing import receiver_config_for, running_receiver, wait_for
 from edgeos.testing.mosquitto import MosquittoBroker
-from edgeos.uplink.crypto import key_id_for
-from edgeos.uplink.wire import ControlKind, seal_control
+from edgeos.uplink.crypto import Epoch, key_id_for
+from edgeos.uplink.wire import Batch, ControlKind, seal_control
 
 T0 = 1_700_000_000_000_000
 
@@ -23,7 +23,7 @@ def _fetch(url: str) -> str:
         return str(response.read().decode())
 
 
-def _batch(i: int) -> object:
+def _batch(i: int) -> Batch:
     return simple_batch({"temp": [float(i), i + 0.5]}, [T0 + 2 * i * 1000, T0 + (2 * i + 1) * 1000])
 
 
@@ -34,7 +34,7 @@ async def test_exactly_once_in_order_with_reacks(tmp_path: Path, storage_url: st
         key = registry.add("gw1").current_key
         receiver = Receiver(config, registry=registry)
         async with running_receiver(receiver), SimDevice.connect(broker, "gw1", key) as dev:
-            sealed = [dev.seal(_batch(i)) for i in range(6)]  # type: ignore[arg-type]
+            sealed = [dev.seal(_batch(i)) for i in range(6)]
             for payload in sealed[:5]:
                 await dev.publish(payload)
             assert await dev.wait_acked(dev.epoch.epoch, 5) == 5
@@ -90,7 +90,7 @@ async def test_two_receivers_split_one_shared_subscription(
             SimDevice.connect(broker, "gw1", keys["gw1"]) as d1,
             SimDevice.connect(broker, "gw2", keys["gw2"]) as d2,
         ):
-            sealed = {d: [d.seal(_batch(i)) for i in range(20)] for d in (d1, d2)}  # type: ignore[arg-type]
+            sealed = {d: [d.seal(_batch(i)) for i in range(20)] for d in (d1, d2)}
             for i in range(20):
                 for d in (d1, d2):
                     await d.publish(sealed[d][i])
@@ -119,5 +119,38 @@ async def test_two_receivers_split_one_shared_subscription(
         for dev in ("gw1", "gw2"):
             values = [r.value for r in storage.query_samples(dev, "temp")]
             assert values == [v for i in range(20) for v in (float(i), i + 0.5)]
+    finally:
+        storage.close()
+
+
+async def test_announced_skips_let_acks_pass_gaps(tmp_path: Path) -> None:
+    """Skipped numbers count as present, also for an older epoch named by a newer batch."""
+    async with MosquittoBroker(tmp_path / "mq") as broker:
+        config = receiver_config_for(broker, tmp_path, f"sqlite:///{tmp_path / 'r.db'}")
+        registry = DeviceRegistry(config.registry.dir)
+        key = registry.add("gw1").current_key
+        receiver = Receiver(config, registry=registry)
+        async with running_receiver(receiver), SimDevice.connect(broker, "gw1", key) as dev:
+            old = dev.epoch.epoch
+            for i in range(2):
+                await dev.publish(dev.seal(_batch(i)))
+            assert await dev.wait_acked(old, 2) == 2
+            for i in range(2, 5):  # 3–5: refused by the spool
+                dev.seal(_batch(i))
+            batch = _batch(5)
+            batch.meta["skip"] = [[old, 3, 5]]
+            await dev.publish(dev.seal(batch))
+            assert await dev.wait_acked(old, 6) == 6
+            dev.seal(_batch(6))  # 7: dropped with the old epoch's spool
+            dev.epoch = Epoch.new(dev.keyring, "gw1")
+            batch = _batch(7)
+            batch.meta["skip"] = [[old, 7, 7]]
+            await dev.publish(dev.seal(batch))
+            assert await dev.wait_acked(dev.epoch.epoch, 1) == 1
+            assert await dev.wait_acked(old, 7) == 7  # the old epoch's gap is acked too
+    storage = open_storage(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        (summary,) = storage.device_summaries()
+        assert (summary.batches, summary.backlog, summary.skipped) == (4, 0, 4)
     finally:
         storage.close()

@@ -64,6 +64,41 @@ def test_authenticated_garbage_body_is_malformed(registry: DeviceRegistry) -> No
         assert _reason(opener, sealed) == "malformed"
 
 
+def test_skip_lists_are_validated_and_merged(registry: DeviceRegistry) -> None:
+    record = registry.add("gw1")
+    opener = BatchOpener(registry)
+    epoch = Epoch.new(Keyring.of(record.current_key), "gw1")
+    old = epoch.epoch ^ 1
+
+    def sealed(skip: object) -> bytes:
+        batch = simple_batch({"a": [1.0]}, [T0])
+        batch.meta["skip"] = skip
+        return seal_batch(epoch, encode_body(batch), T0)[1]
+
+    for _ in range(9):  # the batch under test is seq 10
+        epoch.next_seq()
+    got = opener.open(
+        sealed([[old, 7, 9], [epoch.epoch, 4, 5], [old, 1, 6], [epoch.epoch, 2, 2]]), T0, "gw1"
+    )
+    assert got.seq == 10
+    assert got.skips == sorted([(old, 1, 9), (epoch.epoch, 2, 2), (epoch.epoch, 4, 5)])
+    for bad in (
+        "nope",
+        [[1, 2]],
+        [[old, 0, 1]],  # sequence numbers start at 1
+        [[old, 5, 4]],
+        [[old, 1, True]],
+        [[-1, 1, 1]],
+        [[old, 1, 1 << 63]],
+        [[1, 1, 1]] * 70_000,
+    ):
+        assert _reason(opener, sealed(bad)) == "malformed", bad
+    # A batch cannot announce its own number (or a later one) as skipped.
+    own = epoch.last_seq + 1
+    assert _reason(opener, sealed([[epoch.epoch, 3, own]])) == "malformed"
+    assert opener.open(sealed([[epoch.epoch, 3, own]]), T0, "gw1").skips == [(epoch.epoch, 3, own)]
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 _KEY = bytes(range(32))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
 from edgeos.receiver.cli import main
-from edgeos.receiver.config import LimitsConfig
+from edgeos.receiver.config import BrokerConfig, LimitsConfig
 from edgeos.receiver.devsim import SimDevice, simple_batch
 from edgeos.receiver.registry import DeviceRegistry
 from edgeos.receiver.service import Receiver
@@ -149,3 +150,71 @@ async def test_receiver_survives_broker_restart(tmp_path: Path) -> None:
                 await dev.publish(dev.seal(simple_batch({"a": [2.0]}, [T0 + 1])))
                 await dev.wait_acked(dev.epoch.epoch, 1)
         assert receiver.metrics.value("edgeos_receiver_batches_total") == 2
+
+
+def _status(device: str, state: str, ts: float = 1.7e9) -> bytes:
+    # As edgeos.uplink.publisher.Publisher._status: birth at connect, death as the last will.
+    return json.dumps({"state": state, "device": device, "ts": ts}).encode()
+
+
+async def test_plain_broker_plain_subscription_and_device_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's broker: no TLS, no shared subscriptions (``group = ""``)."""
+    async with MosquittoBroker(tmp_path / "mq", tls=False) as broker:
+        db = tmp_path / "r.db"
+        plain = BrokerConfig.model_validate(
+            {
+                "url": broker.url,
+                "username": broker.receiver_identity,
+                "shared_group": "",
+                "reconnect_s": 0.2,
+            }
+        )
+        config = receiver_config_for(broker, tmp_path, f"sqlite:///{db}")
+        config = config.model_copy(update={"broker": plain})
+        registry = DeviceRegistry(config.registry.dir)
+        key = registry.add("gw1").current_key
+        receiver = Receiver(config, registry=registry)
+        assert receiver.subscriptions == [
+            "edgeos/v1/+/batch",
+            "edgeos/v1/+/cmd/result",
+            "edgeos/v1/+/status",
+        ]
+        async with broker.client("gw1") as client:  # retained before the receiver starts
+            await client.publish("edgeos/v1/gw1/status", _status("gw1", "online"), retain=True)
+
+        def online() -> float:
+            return receiver.metrics.value("edgeos_receiver_device_online", device="gw1")
+
+        async with running_receiver(receiver), SimDevice.connect(broker, "gw1", key) as dev:
+            await wait_for(lambda: online() == 1)
+            await dev.publish(dev.seal(simple_batch({"a": [1.0]}, [T0])))
+            assert await dev.wait_acked(dev.epoch.epoch, 1) == 1
+            status_topic = "edgeos/v1/gw1/status"
+            await dev.client.publish(status_topic, b"{not json", qos=1)
+            await dev.client.publish(status_topic, _status("gw2", "online"), qos=1)
+            await dev.client.publish(status_topic, _status("gw1", "offline"), qos=1, retain=True)
+            await wait_for(lambda: online() == 0)
+            for reason in ("malformed", "forged"):
+                assert receiver.metrics.value("edgeos_receiver_rejects_total", reason=reason) == 1
+            url = f"http://127.0.0.1:{receiver.metrics_port}/metrics"
+            body = await asyncio.to_thread(_fetch, url)
+            assert 'edgeos_receiver_device_online{device="gw1"} 0.0' in body
+        toml = tmp_path / "receiver.toml"
+        toml.write_text(
+            f'[broker]\nurl = "{broker.url}"\nshared_group = ""\n'
+            f'[storage]\nurl = "sqlite:///{db}"\n[metrics]\nlisten = ""\n'
+        )
+        capsys.readouterr()
+        assert main(["devices", "--config", str(toml)]) == 0
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert (row["device"], row["batches"], row["state"]) == ("gw1", 1, "offline")
+        assert row["state_since"] is not None
+
+
+def _fetch(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from edgeos.receiver.storage.base import (
     Command,
+    DeviceStatus,
     DeviceSummary,
     IngestBatch,
     ReportedValue,
@@ -19,6 +20,7 @@ from edgeos.receiver.storage.base import (
 
 __all__ = [
     "Command",
+    "DeviceStatus",
     "DeviceSummary",
     "IngestBatch",
     "ReportedValue",

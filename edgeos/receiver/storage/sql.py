@@ -8,10 +8,11 @@ same code runs on both.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy.typing as npt
 from edgeos.receiver.storage.base import (
     SCHEMA_VERSION,
     Command,
+    DeviceStatus,
     DeviceSummary,
     IngestBatch,
     ReportedValue,
@@ -28,14 +30,24 @@ from edgeos.receiver.storage.base import (
     StoreOutcome,
     from_db_epoch,
     latest_per_tag,
+    merge_ranges,
     new_command_id,
     safe_dumps,
     schema_statements,
     split_text,
     to_db_epoch,
 )
+from edgeos.receiver.storage.blocks import (
+    MAX_SPAN_US,
+    Block,
+    BlockMerger,
+    decode_block,
+    encode_blocks,
+)
 
 __all__ = ["SqlStorage"]
+
+log = logging.getLogger("edgeos.receiver")
 
 _TagSig = tuple[list[str], bytes, list[str], bytes, bytes]
 
@@ -71,16 +83,11 @@ class SqlStorage:
     def _rollback(self) -> None:
         raise NotImplementedError
 
-    def _insert_samples(
-        self,
-        device_id: int,
-        ts: npt.NDArray[np.int64],
-        tag_id: npt.NDArray[np.int64],
-        value: npt.NDArray[np.float64],
-        quality: npt.NDArray[np.uint8],
-    ) -> None:
-        """Bulk insert numeric samples (sorted by ts, tag)."""
-        raise NotImplementedError
+    def _iter_rows(
+        self, sql: str, params: Sequence[Any], batch_rows: int = 10_000
+    ) -> Iterator[Sequence[Any]]:
+        """Rows of a long result, fetched ``batch_rows`` at a time where the driver can."""
+        yield from self._execute(sql, params)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -88,18 +95,59 @@ class SqlStorage:
     # ------------------------------------------------------------------ schema
 
     def _create_schema(self) -> None:
+        self._execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        row = self._execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = None if row is None else int(row[0])
+        if version not in (None, 1, SCHEMA_VERSION):
+            raise RuntimeError(
+                f"database schema version {version} is newer than {SCHEMA_VERSION}; upgrade edgeos"
+            )
         for stmt in schema_statements(self.dialect):
             self._execute(stmt)
-        row = self._execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
+        if version == 1:
+            self._migrate_v1()
+        if version != SCHEMA_VERSION:
             self._execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION),),
             )
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database schema version {row[0]} is not {SCHEMA_VERSION}; migrate it first"
-            )
+
+    def _migrate_v1(self) -> None:
+        """Version 1 kept one row per sample: pack them into blocks (one transaction)."""
+        log.warning("migrating the receiver database to schema %d (sample blocks)", SCHEMA_VERSION)
+        for table in ("samples", "text_samples"):
+            devices = [int(d) for (d,) in self._execute(f"SELECT DISTINCT device_id FROM {table}")]
+            for device_id in devices:
+                last = (-(1 << 62), -1)
+                while True:
+                    rows = self._execute(
+                        f"SELECT ts, tag_id, value, quality FROM {table} WHERE device_id = ?"
+                        " AND (ts > ? OR (ts = ? AND tag_id > ?)) ORDER BY ts, tag_id LIMIT 100000",
+                        (device_id, last[0], last[0], last[1]),
+                    ).fetchall()
+                    if not rows:
+                        break
+                    ts, tag, value, quality = zip(*rows, strict=True)
+                    text: dict[int, str | None] = {}
+                    if table == "text_samples":
+                        text = {i: None if v is None else str(v) for i, v in enumerate(value)}
+                        value = (math.nan,) * len(rows)
+                    blocks = encode_blocks(
+                        np.array(ts, np.int64),
+                        np.array(tag, np.int64),
+                        np.array([math.nan if v is None else v for v in value], np.float64),
+                        np.array(quality, np.uint8),
+                        text,
+                    )
+                    self._insert_blocks(device_id, 0, 0, blocks)
+                    last = (int(ts[-1]), int(tag[-1]))
+            self._execute(f"DROP TABLE {table}")
+        for row in self._execute(
+            "SELECT device_id, tag_ids, ts, value, quality, text FROM shadows"
+        ).fetchall():
+            shadow = Shadow.from_row(row[1:], packed=False)
+            self._save_shadow(int(row[0]), shadow, int(time.time() * 1e6))
 
     # ------------------------------------------------------------------ ingest
 
@@ -125,10 +173,14 @@ class SqlStorage:
     def _store_locked(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
         now_us = int(time.time() * 1e6)
         dev_ids = {b.device: self._device_id(b.device) for b in batches}
-        # Lock (device, epoch) rows in one global order so concurrent receivers never deadlock.
+        # Lock (device, epoch) rows in one global order so concurrent receivers never deadlock;
+        # epochs named by skip lists too (their contiguous mark may move).
+        named = {(b.device, b.epoch) for b in batches}
+        named.update((b.device, e) for b in batches for e, _, _ in b.skips)
         acked: dict[tuple[str, int], int] = {}
-        for device, epoch in sorted({(b.device, b.epoch) for b in batches}):
+        for device, epoch in sorted(named):
             acked[(device, epoch)] = self._lock_epoch(dev_ids[device], epoch, now_us)
+        new_skips: dict[tuple[str, int], list[tuple[int, int]]] = {}
         stored_flags: list[bool] = []
         shadows: dict[int, Shadow] = {}
         dev_stats: dict[int, list[int]] = {}  # batches, samples, last received, last created
@@ -179,6 +231,14 @@ class SqlStorage:
             es = epoch_stats.setdefault((b.device, b.epoch), [0, 0])
             es[0] += 1
             es[1] = max(es[1], b.seq)
+            # Only a newly stored batch's skip list counts: a replay changes nothing.
+            for e, first, last in b.skips:
+                new_skips.setdefault((b.device, e), []).append((first, last))
+        for key in sorted(new_skips):
+            ranges = merge_ranges(new_skips[key])
+            self._record_skips(dev_ids[key[0]], key[1], ranges, now_us)
+            es = epoch_stats.setdefault(key, [0, 0])
+            es[1] = max(es[1], ranges[-1][1])
         final: dict[tuple[str, int], int] = {}
         for key, start in acked.items():
             stored, max_seq = epoch_stats.get(key, (0, 0))
@@ -194,10 +254,26 @@ class SqlStorage:
                 " first_seen_us = COALESCE(first_seen_us, ?) WHERE id = ?",
                 (n_batches, n_samples, last_rx, last_created, last_rx, dev_id),
             )
-        return [
-            StoreOutcome(b.device, b.epoch, b.seq, new, final[(b.device, b.epoch)], b.sample_count)
-            for b, new in zip(batches, stored_flags, strict=True)
-        ]
+        outcomes = []
+        for b, new in zip(batches, stored_flags, strict=True):
+            others: tuple[tuple[int, int], ...] = ()
+            if new and b.skips:
+                epochs = sorted({e for e, _, _ in b.skips} - {b.epoch})
+                others = tuple(
+                    (e, final[(b.device, e)]) for e in epochs if final[(b.device, e)] > 0
+                )
+            outcomes.append(
+                StoreOutcome(
+                    b.device,
+                    b.epoch,
+                    b.seq,
+                    new,
+                    final[(b.device, b.epoch)],
+                    b.sample_count,
+                    others,
+                )
+            )
+        return outcomes
 
     def _device_id(self, device: str) -> int:
         found = self._device_ids.get(device) or self._staged_devices.get(device)
@@ -220,11 +296,37 @@ class SqlStorage:
         ).fetchone()
         return int(row[0])
 
+    def _record_skips(
+        self, device_id: int, epoch: int, ranges: list[tuple[int, int]], now_us: int
+    ) -> None:
+        # Every later batch repeats the announcement until an ack passes it: the upsert keeps
+        # one row per (epoch, first) and writes only when a range grew.
+        self._executemany(
+            "INSERT INTO skips (device_id, epoch, first_seq, last_seq, announced_us)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, epoch, first_seq) DO UPDATE SET"
+            " last_seq = excluded.last_seq, announced_us = excluded.announced_us"
+            " WHERE excluded.last_seq > skips.last_seq",
+            [(device_id, to_db_epoch(epoch), f, last, now_us) for f, last in ranges],
+        )
+
+    def _skip_ranges(self, device_id: int, db_epoch: int, above: int) -> list[tuple[int, int]]:
+        rows = self._execute(
+            "SELECT first_seq, last_seq FROM skips WHERE device_id = ? AND epoch = ?"
+            " AND last_seq > ?",
+            (device_id, db_epoch, above),
+        ).fetchall()
+        return merge_ranges((int(f), int(last)) for f, last in rows)
+
     def _advance(self, device_id: int, epoch: int, acked: int, stored: int, max_seq: int) -> int:
-        """Move the epoch's contiguous mark over every stored sequence number after it."""
+        """Move the epoch's contiguous mark over every stored or skipped number after it."""
         db_epoch = to_db_epoch(epoch)
         start = acked
+        skips = self._skip_ranges(device_id, db_epoch, acked)
+        i = 0
         while True:
+            while i < len(skips) and skips[i][0] <= acked + 1:
+                acked = max(acked, skips[i][1])
+                i += 1
             rows = self._execute(
                 "SELECT seq FROM batches WHERE device_id = ? AND epoch = ? AND seq > ?"
                 " ORDER BY seq LIMIT 512",
@@ -236,9 +338,11 @@ class SqlStorage:
                     break
                 acked = seq
                 moved += 1
-            if moved < 512:
+            if moved == 512:
+                continue
+            if not (i < len(skips) and skips[i][0] <= acked + 1):
                 break
-        if acked != start or stored:
+        if acked != start or stored or max_seq:
             self._execute(
                 f"UPDATE epochs SET acked_seq = ?, max_seq = {self.greatest}(max_seq, ?),"
                 " stored = stored + ? WHERE device_id = ? AND epoch = ?",
@@ -294,34 +398,36 @@ class SqlStorage:
             return
         tid = tag_ids[b.tag]
         is_text = split_text(b)
-        num = ~is_text
+        text: dict[int, str | None] = {}
+        text_latest: dict[int, tuple[int, str | None, int]] = {}
         if is_text.any():
-            positions = np.flatnonzero(is_text)
-            text_rows = [
-                (device_id, int(b.ts_us[p]), int(tid[p]), b.text.get(int(p)), int(b.quality[p]))
-                for p in positions.tolist()
-            ]
-            self._executemany(
-                "INSERT INTO text_samples (device_id, ts, tag_id, value, quality)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                text_rows,
-            )
-            text_latest = {r[2]: (r[1], r[3], r[4]) for r in sorted(text_rows, key=lambda r: r[1])}
-            ts_n, tid_n = b.ts_us[num], tid[num]
-            val_n, q_n = b.value[num], b.quality[num]
+            positions = np.flatnonzero(is_text).tolist()
+            text = {p: b.text.get(p) for p in positions}
+            for p in sorted(positions, key=lambda p: int(b.ts_us[p])):
+                text_latest[int(tid[p])] = (int(b.ts_us[p]), text[p], int(b.quality[p]))
+            num = ~is_text
+            ts_n, tid_n, val_n, q_n = b.ts_us[num], tid[num], b.value[num], b.quality[num]
         else:
-            text_latest = {}
             ts_n, tid_n, val_n, q_n = b.ts_us, tid, b.value, b.quality
-        if ts_n.shape[0]:
-            order = np.lexsort((tid_n, ts_n))
-            ts_n, tid_n, val_n, q_n = ts_n[order], tid_n[order], val_n[order], q_n[order]
-            self._insert_samples(device_id, ts_n, tid_n, val_n, q_n)
+        self._insert_blocks(
+            device_id, b.epoch, b.seq, encode_blocks(b.ts_us, tid, b.value, b.quality, text)
+        )
         shadow = shadows.get(device_id)
         if shadow is None:
             shadow = self._load_shadow(device_id)
             shadows[device_id] = shadow
         last = latest_per_tag(tid_n, ts_n)
         shadow.merge(tid_n[last], ts_n[last], val_n[last], q_n[last], text_latest)
+
+    def _insert_blocks(self, device_id: int, epoch: int, seq: int, blocks: list[Block]) -> None:
+        self._executemany(
+            "INSERT INTO sample_blocks (device_id, t_first, t_last, epoch, seq, count, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (device_id, bl.t_first, bl.t_last, to_db_epoch(epoch), seq, bl.count, bl.data)
+                for bl in blocks
+            ],
+        )
 
     def _load_shadow(self, device_id: int) -> Shadow:
         row = self._execute(
@@ -356,6 +462,38 @@ class SqlStorage:
             self._rollback()
             raise
 
+    def record_statuses(self, statuses: Sequence[DeviceStatus]) -> None:
+        if not statuses:
+            return
+        self._staged_devices.clear()
+        self._begin()
+        try:
+            for st in statuses:
+                # A repeated state (the retained message again after a reconnect) keeps the
+                # time it was first seen.
+                self._execute(
+                    "INSERT INTO device_status (device_id, state, since_us, device_ts_us, epoch,"
+                    " updated_us) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+                    " since_us = CASE WHEN device_status.state = excluded.state"
+                    " THEN device_status.since_us ELSE excluded.since_us END,"
+                    " state = excluded.state, device_ts_us = excluded.device_ts_us,"
+                    " epoch = excluded.epoch, updated_us = excluded.updated_us",
+                    (
+                        self._device_id(st.device),
+                        "online" if st.online else "offline",
+                        st.received_us,
+                        st.device_ts_us,
+                        st.epoch,
+                        st.received_us,
+                    ),
+                )
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._staged_devices.clear()
+            raise
+        self._device_ids.update(self._staged_devices)
+
     # ------------------------------------------------------------------ reading
 
     def _lookup_device(self, device: str) -> int | None:
@@ -379,41 +517,38 @@ class SqlStorage:
         limit: int | None = None,
     ) -> Iterator[SampleRow]:
         device_id = self._lookup_device(device)
-        if device_id is None:
+        if device_id is None or (limit is not None and limit <= 0):
             return
         names = self._tag_names(device_id)
-        where = "device_id = ? AND ts >= ? AND ts < ?"
-        params: list[Any] = [device_id, since_us or -(1 << 62), until_us or (1 << 62)]
+        tag_id = None
         if tag is not None:
             ids = [i for i, n in names.items() if n == tag]
             if not ids:
                 return
-            where += " AND tag_id = ?"
-            params.append(ids[0])
-        sql = (
-            "SELECT ts, tag_id, value, quality, CAST(NULL AS TEXT) FROM samples WHERE "
-            + where
-            + " UNION ALL SELECT ts, tag_id, CAST(NULL AS DOUBLE PRECISION), quality, value"
-            " FROM text_samples WHERE " + where + " ORDER BY 1, 2"
+            tag_id = ids[0]
+        since = -(1 << 62) if since_us is None else since_us
+        until = 1 << 62 if until_us is None else until_us
+        merger = BlockMerger(since, until, tag_id)
+        # No block spans more than MAX_SPAN_US: the (device_id, t_first) index bounds the scan.
+        blocks = self._iter_rows(
+            "SELECT id, t_first, data FROM sample_blocks WHERE device_id = ? AND t_first >= ?"
+            " AND t_first < ? AND t_last >= ? ORDER BY t_first, id",
+            (device_id, since - MAX_SPAN_US, until, since),
+            batch_rows=16,
         )
-        all_params = params + params
-        if limit is not None:
-            sql += " LIMIT ?"
-            all_params.append(limit)
-        for ts, tag_id, value, quality, text in self._iter_rows(sql, all_params):
-            val: float | str | None
-            if text is not None:
-                val = str(text)
-            elif value is None or math.isnan(value):  # NULL (SQLite) or NaN (PostgreSQL)
-                val = None
-            else:
-                val = float(value)
-            yield SampleRow(
-                device, names.get(int(tag_id), f"#{tag_id}"), int(ts), val, int(quality)
-            )
-
-    def _iter_rows(self, sql: str, params: Sequence[Any]) -> Iterator[Sequence[Any]]:
-        yield from self._execute(sql, params)
+        count = 0
+        for rows in chain(
+            (
+                merger.add(decode_block(data, int(t_first)), int(bid), int(t_first))
+                for bid, t_first, data in blocks
+            ),
+            (merger.finish(),),
+        ):
+            for ts, tid, value, quality in rows:
+                yield SampleRow(device, names.get(tid, f"#{tid}"), ts, value, quality)
+                count += 1
+                if limit is not None and count >= limit:
+                    return
 
     def events(self, device: str, since_us: int | None = None) -> list[dict[str, Any]]:
         device_id = self._lookup_device(device)
@@ -434,21 +569,45 @@ class SqlStorage:
             "SELECT device, reason, count FROM rejects"
         ).fetchall():
             rejects.setdefault(str(dev), {})[str(reason)] = int(count)
+        skips: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for dev_id, epoch, first, last in self._execute(
+            "SELECT device_id, epoch, first_seq, last_seq FROM skips"
+        ).fetchall():
+            skips.setdefault((int(dev_id), int(epoch)), []).append((int(first), int(last)))
+        merged = {key: merge_ranges(ranges) for key, ranges in skips.items()}
+        skipped: dict[int, int] = {}
+        skipped_ranges: dict[int, list[tuple[int, int, int]]] = {}
+        for (dev_id, epoch), ranges in sorted(merged.items()):
+            for first, last in ranges:
+                # A number both announced and stored (sent, then dropped from the device's
+                # spool before the ack came) is not a gap.
+                skipped[dev_id] = skipped.get(dev_id, 0) + (last - first + 1)
+                skipped[dev_id] -= self._count_stored(dev_id, epoch, first, last)
+                skipped_ranges.setdefault(dev_id, []).append((from_db_epoch(epoch), first, last))
         backlog: dict[int, int] = {}
-        for dev_id, epoch, acked, max_seq in self._execute(
+        for row in self._execute(
             "SELECT device_id, epoch, acked_seq, max_seq FROM epochs WHERE max_seq > acked_seq"
         ).fetchall():
-            (beyond,) = self._execute(
-                "SELECT COUNT(*) FROM batches WHERE device_id = ? AND epoch = ? AND seq > ?",
-                (dev_id, epoch, acked),
-            ).fetchone()
-            backlog[int(dev_id)] = backlog.get(int(dev_id), 0) + int(max_seq - acked - beyond)
+            dev_id, epoch, acked, max_seq = (int(v) for v in row)
+            missing = max_seq - acked - self._count_stored(dev_id, epoch, acked + 1, max_seq)
+            for first, last in merged.get((dev_id, epoch), []):
+                lo, hi = max(first, acked + 1), min(last, max_seq)
+                if lo <= hi:
+                    missing -= (hi - lo + 1) - self._count_stored(dev_id, epoch, lo, hi)
+            backlog[dev_id] = backlog.get(dev_id, 0) + missing
+        states = {
+            int(dev_id): (str(state), int(since))
+            for dev_id, state, since in self._execute(
+                "SELECT device_id, state, since_us FROM device_status"
+            ).fetchall()
+        }
         out = []
         seen = set()
         for dev_id, name, first, last, batches, samples in self._execute(
             "SELECT id, name, first_seen_us, last_seen_us, batches, samples FROM devices"
             " ORDER BY name"
         ).fetchall():
+            state, since = states.get(int(dev_id), (None, None))
             seen.add(name)
             out.append(
                 DeviceSummary(
@@ -459,11 +618,23 @@ class SqlStorage:
                     int(samples),
                     backlog.get(int(dev_id), 0),
                     rejects.get(str(name), {}),
+                    skipped.get(int(dev_id), 0),
+                    tuple(skipped_ranges.get(int(dev_id), ())),
+                    state,
+                    since,
                 )
             )
         for name in sorted(set(rejects) - seen):
             out.append(DeviceSummary(name, None, None, 0, 0, 0, rejects[name]))
         return out
+
+    def _count_stored(self, device_id: int, db_epoch: int, first: int, last: int) -> int:
+        (count,) = self._execute(
+            "SELECT COUNT(*) FROM batches WHERE device_id = ? AND epoch = ? AND seq >= ?"
+            " AND seq <= ?",
+            (device_id, db_epoch, first, last),
+        ).fetchone()
+        return int(count)
 
     def reported(self, device: str) -> dict[str, ReportedValue]:
         device_id = self._lookup_device(device)

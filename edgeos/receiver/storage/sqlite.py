@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from itertools import repeat
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 from edgeos.receiver.storage.sql import SqlStorage
 
@@ -67,29 +63,6 @@ class SqliteStorage(SqlStorage):
     def _rollback(self) -> None:
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
-
-    def _insert_samples(
-        self,
-        device_id: int,
-        ts: npt.NDArray[np.int64],
-        tag_id: npt.NDArray[np.int64],
-        value: npt.NDArray[np.float64],
-        quality: npt.NDArray[np.uint8],
-    ) -> None:
-        # NaN (value not usable) is stored as NULL by SQLite itself. OR IGNORE: a device that
-        # re-sends a sample under a new epoch (restored state) must not poison the batch.
-        self._conn.executemany(
-            "INSERT OR IGNORE INTO samples (device_id, ts, tag_id, value, quality)"
-            " VALUES (?, ?, ?, ?, ?)",
-            zip(
-                repeat(device_id),
-                ts.tolist(),
-                tag_id.tolist(),
-                value.tolist(),
-                quality.tolist(),
-                strict=False,
-            ),
-        )
 
     def close(self) -> None:
         self._conn.close()
