@@ -437,6 +437,9 @@ class UplinkConfig(_Model):
     max_batch_samples: Annotated[int, Field(ge=1000)] = 500_000
     cipher: Literal["chacha20-poly1305", "aes-256-gcm"] = "chacha20-poly1305"
     key_file: Path = Path("device.key")
+    #: Earlier device keys during a rotation: acks and commands sealed under them are still
+    #: accepted. Remove a file once the receiver has acknowledged everything sealed with it.
+    retired_key_files: list[Path] = Field(default_factory=list)
     inflight_window: Annotated[int, Field(ge=1, le=1000)] = 16
     #: Backlog batches per second drained after an outage (fresh batches always go first).
     backlog_rate: PositiveFloat = 20
@@ -597,7 +600,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return p if p.is_absolute() else (base / p)
 
     device = config.device.model_copy(update={"state_dir": fix(config.device.state_dir)})
-    uplink_update: dict[str, Any] = {"key_file": fix(config.uplink.key_file)}
+    uplink_update: dict[str, Any] = {
+        "key_file": fix(config.uplink.key_file),
+        "retired_key_files": [fix(p) for p in config.uplink.retired_key_files],
+    }
     if config.uplink.tls is not None:
         tls = config.uplink.tls
         uplink_update["tls"] = tls.model_copy(

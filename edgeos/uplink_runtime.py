@@ -40,7 +40,7 @@ class UplinkRuntime:
         self.tags = tuple(tags)
         self.clock = clock
         # Refuses to start (ProvisioningError) when the key is missing or too widely readable.
-        self.keyring = Keyring.load(config.uplink.key_file)
+        self.keyring = Keyring.load(config.uplink.key_file, config.uplink.retired_key_files)
         self._scan_source = scan_source
         self._drain_events = drain_events
         self._on_command = on_command

@@ -137,3 +137,27 @@ async def test_runtime_reports_health_for_the_ota_trial(line: SimLine, tmp_path:
         assert report.watchdog_alive and report.healthy, report.problems()
     finally:
         await _stop(task)
+
+
+async def test_key_rotation_keeps_retired_keys_for_control_messages(
+    line: SimLine, tmp_path: Path
+) -> None:
+    from edgeos.uplink.crypto import key_id_for, write_device_key
+
+    old = write_device_key(tmp_path / "old.key")
+    new = write_device_key(tmp_path / "device.key")
+    config = _config(
+        line,
+        tmp_path,
+        uplink={
+            "enabled": True,
+            "key_file": str(tmp_path / "device.key"),
+            "retired_key_files": [str(tmp_path / "old.key")],
+            "broker": "mqtt://127.0.0.1:9",
+        },
+    )
+    runtime = Runtime(config)
+    assert runtime.uplink is not None
+    ring = runtime.uplink.keyring
+    assert ring.current_id == key_id_for(new)
+    assert ring.get(key_id_for(old)) == old
