@@ -40,6 +40,7 @@ _DELEGATED: dict[str, tuple[str, str, str, bool]] = {
         "A/B slots: status, check, install, boot-check, commit, recover",
         True,
     ),
+    "demo": ("edgeos.demo", "main", "run the whole system locally with a live dashboard", False),
 }
 
 
