@@ -8,6 +8,7 @@ the smallest peer that lets the uplink be tested end to end against a real broke
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,10 +65,17 @@ class Acker:
         self.rejected = 0
         self._keys = EpochKeyCache()
         self._counter = 0
+        self._subscribed = asyncio.Event()
+
+    async def subscribed(self) -> None:
+        """Wait until :meth:`run` holds its subscription (the broker has confirmed it)."""
+        await self._subscribed.wait()
 
     async def run(self) -> None:
         """Subscribe and serve until the connection ends or the task is cancelled."""
+        self._subscribed.clear()
         await self.client.subscribe(f"{self.prefix}/+/batch", qos=1)
+        self._subscribed.set()
         async for message in self.client.messages:
             if isinstance(message.payload, bytes | bytearray):
                 await self.handle(bytes(message.payload))

@@ -138,7 +138,7 @@ async def test_unacked_batches_are_resent_after_the_timeout(tmp_path: Path) -> N
 
 async def test_broker_restart_mid_stream_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
-        r.start_publisher()
+        device = r.start_publisher()
         await _until(lambda: r.publisher.counters.state == "connected", "connected")
         for _ in range(5):
             await r.batch()
@@ -147,11 +147,19 @@ async def test_broker_restart_mid_stream_loses_nothing_and_keeps_order(tmp_path:
         await _until(lambda: r.publisher.counters.state != "connected", "noticed the outage")
         outage = [await r.batch() for _ in range(8)]  # produced while the broker is down
         assert len(r.spool) == 8
+        # Hold the device back until the receiver is subscribed again: a broker without
+        # persistence drops what arrives before any subscriber (the device would re-send it
+        # after resend_after_s — still no loss, but then it arrives after newer batches).
+        device.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await device
         await asyncio.to_thread(r.broker.start)
         # The receiver's connection died with the broker; a new one takes over.
         r.acker.client = r.broker.client(r.broker.receiver_identity)
         await r.acker.client.__aenter__()
         r.start_acker()
+        await r.acker.subscribed()
+        r.start_publisher()
         await _until(lambda: len(r.spool) == 0, "backlog drained and acked", 60)
         tail = [await r.batch() for _ in range(2)]
         await _until(lambda: len(r.spool) == 0, "fresh batches acked")
