@@ -88,6 +88,7 @@ class InferenceLoop:
         self.events_dropped = 0
         self.steps = 0
         self.writes_requested = 0
+        self.writes_refused = 0
         self.step_errors = 0
 
     def drain_events(self) -> list[dict[str, Any]]:
@@ -117,8 +118,14 @@ class InferenceLoop:
         if gate is not None:
             self.twin.apply(gate, self.clock.time())
         for tag, value in out.writes.items():
-            self.twin.set_desired(tag, value, source="guard")
+            change = self.twin.set_desired(tag, value, source="guard")
             self.writes_requested += 1
+            if change.status == "refused":
+                # The guard accounts the tyre by the set-points read back when its cure starts,
+                # so a refusal costs budget, never honesty. Rare (the guard checks the same
+                # limits first), hence logged each time.
+                self.writes_refused += 1
+                log.warning("guard write %s = %g refused: %s", tag, value, change.reason)
         if len(self._events) + len(out.events) > (self._events.maxlen or 0):
             self.events_dropped += len(out.events)
         self._events.extend(out.events)
@@ -150,5 +157,6 @@ class InferenceLoop:
         doc["steps"] = self.steps
         doc["step_errors"] = self.step_errors
         doc["writes_requested"] = self.writes_requested
+        doc["writes_refused"] = self.writes_refused
         doc["events_dropped"] = self.events_dropped
         return doc

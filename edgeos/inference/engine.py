@@ -38,7 +38,7 @@ from edgeos.clock import Clock, SystemClock
 from edgeos.config import AnyTag, GuardConfig, InferenceConfig, PromotionConfig
 from edgeos.inference.champion import ChampionChallenger
 from edgeos.inference.errors import ModelRejected
-from edgeos.inference.features import CURE, KEY_SUFFIXES, StationTracker
+from edgeos.inference.features import CURE, KEY_SUFFIXES, Observation, StationTracker
 from edgeos.inference.gates import GateVerdict, QualityGate
 from edgeos.inference.guard import ActuationGuard, GuardDecision
 from edgeos.inference.registry import LoadedModel, ModelRegistry
@@ -47,6 +47,11 @@ __all__ = ["EngineOutput", "InferenceEngine"]
 
 F64 = npt.NDArray[np.float64]
 _STATE_COL = KEY_SUFFIXES.index("cycle.state")
+#: Set-points the guard writes, and their columns in the engine's input (read back at a cure).
+_SETPOINT_COLS = {k: KEY_SUFFIXES.index(k) for k in ("heater.sp", "press.sp")}
+#: Correction inputs further than this many training standard deviations from the training mean
+#: are out of distribution: the model's bounds do not hold there, so the guard takes the default.
+OOD_Z = 4.0
 
 #: Default recipe per station: ``baseline(stations) → {suffix: values}``.
 BaselineFn = Callable[[npt.NDArray[np.int64]], Mapping[str, F64]]
@@ -243,14 +248,24 @@ class InferenceEngine:
                 continue
             self.cc.realised(i, e)
             if self.guard is not None:
-                self.guard.settle(names[i], e)
+                settled = self.guard.settle(names[i], e, int(obs.count[k]))
+                if settled is not None:
+                    out.events.append(settled | {"ts": ts})
 
         # 3. Tyres loaded: propose a recipe, let the guard decide.
         if obs.loaded.size:
             self._cure_max[obs.loaded] = 0.0
             self._cure_z[obs.loaded] = 0.0
             if self.registry.champion("correction") is not None and self.guard is not None:
-                self._correct(obs.loaded, obs.correction_x, now, out)
+                self._correct(obs, now, out)
+
+        # 4. Cures that started: the recipe in force is the one the tyre is accounted by.
+        if obs.cure_started.size and self.guard is not None:
+            for i in obs.cure_started.tolist():
+                s = names[i]
+                self.guard.confirm(
+                    s, {f"{s}.{k}": float(v[i, c]) for k, c in _SETPOINT_COLS.items()}
+                )
 
         if anomaly is not None:
             for i, s in enumerate(names):
@@ -268,10 +283,38 @@ class InferenceEngine:
         flag_z = float(self._cure_z[i] >= chall.manifest.threshold("score"))
         self.cc.expect("anomaly", i, flag_c, flag_z)
 
-    def _correct(self, idx: npt.NDArray[np.int64], x: F64, now: float, out: EngineOutput) -> None:
+    def _doubts(self, obs: Observation, m: Any) -> list[str | None]:
+        """Why each loaded station's correction inputs cannot be trusted (None: they can)."""
+        x = obs.correction_x
+        mean = np.asarray(m.mean, dtype=np.float64)
+        std = np.maximum(np.asarray(m.std, dtype=np.float64), 1e-12)
+        zs = np.abs((x - mean) / std)
+        known = self.tracker.batch_known
+        out: list[str | None] = []
+        for k, i in enumerate(obs.loaded.tolist()):
+            if not bool(obs.load_ok[k]):
+                out.append(
+                    "batch history unknown (cold start)"
+                    if not bool(known[i])
+                    else "load not seen with a consistent sample (previous tyre unmeasured)"
+                )
+                continue
+            far = np.flatnonzero(~(zs[k] <= OOD_Z))
+            if far.size:
+                j = int(far[0])
+                out.append(
+                    f"{m.features[j]} = {x[k, j]:.4g} outside the training range (|z| > {OOD_Z:g})"
+                )
+                continue
+            out.append(None)
+        return out
+
+    def _correct(self, obs: Observation, now: float, out: EngineOutput) -> None:
         champ = self.registry.champion("correction")
         assert champ is not None and self.guard is not None
         m = champ.manifest
+        idx, x = obs.loaded, obs.correction_x
+        doubts = self._doubts(obs, m)
         y, z = self.cc.run("correction", x)
         base = self._baseline(idx, m)
         i_h, i_p = m.output_index("heater.sp.delta"), m.output_index("press.sp.delta")
@@ -293,6 +336,8 @@ class InferenceEngine:
                 predicted_learned=float(y[k, i_ep]),
                 sigma_learned=sig_p,
                 now=now,
+                doubt=doubts[k],
+                tyre=int(obs.load_count[k]),
             )
             if decision.action == "default":
                 self.cc.expect(

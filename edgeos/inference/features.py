@@ -16,7 +16,7 @@ only, so the training venv can use it without the runtime's dependencies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -89,6 +89,10 @@ WINDOW = 16
 FRESH_CYCLES = 1.5
 #: Cycles-in-batch assumed for a station first seen mid-batch (a guess, so it is moderate).
 UNKNOWN_CYCLES_IN_BATCH = 3
+#: A station first seen mid-batch counts as fully observed once this many loads of that batch
+#: were watched: the fresh-batch effect left is then at most ``exp(-4 / 1.5)`` ≈ 7 % (≈ 0.4 °C).
+KNOWN_AFTER_CYCLES = 4
+_TYRE_STATES = (CURE, 3, 4)  # CURE, COOL, UNLOAD: a tyre is in the press
 
 ANOMALY_FEATURES: tuple[str, ...] = (
     "heater.pv-sp",
@@ -137,8 +141,12 @@ class Observation:
     """What one sample changed, as station indices (0-based) and feature rows.
 
     ``cure_ended``: stations whose cure just ended; ``quality_x`` their quality features.
-    ``completed``: stations that just finished a tyre; ``realised`` its measured elasticity.
-    ``loaded``: stations that just loaded a tyre; ``correction_x`` their correction features.
+    ``completed``: stations that just finished a tyre; ``realised`` its measured elasticity,
+    ``count`` the station's cycle counter with it (identifies the tyre).
+    ``loaded``: stations that loaded a tyre; ``correction_x`` their correction features,
+    ``load_ok`` whether those features are fully observed (see :meth:`StationTracker.observe`),
+    ``load_count`` the cycle counter the tyre will complete with.
+    ``cure_started``: stations whose cure just started (the set-points in force are latched).
     """
 
     cure_ended: I64
@@ -147,10 +155,32 @@ class Observation:
     realised: F64
     loaded: I64
     correction_x: F64
+    count: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    load_ok: B = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    load_count: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    cure_started: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class StationTracker:
-    """Follows ``stations`` stations sample by sample (see the module docstring)."""
+    """Follows ``stations`` stations sample by sample (see the module docstring).
+
+    **Consistent loads.** A gateway reads the key tags in several scan groups (``cycle.state``
+    at 10 Hz, ``cycle.count``, ``quality.elasticity`` and the ``batch.*``/``alarm.bits`` tags at
+    1 Hz in the shipped configurations), so one sample can show a press already loading while
+    its counter, last modulus and batch tags are still those of the previous cycle. The press
+    sets all of them when the previous tyre leaves, so a load that follows a tyre is reported
+    (in ``loaded``) only once the counter step has been seen too: then the features come from
+    one consistent cycle, and the previous tyre is always reported (``completed``) before the
+    next one is loaded. A load that cannot be checked this way (a press starting from idle, a
+    counter step that never came before the cure) is still reported, with ``load_ok`` false,
+    and its batch bookkeeping is redone from the sample where the cure starts (by then every
+    scan group has refreshed), so the quality features of that tyre are right.
+
+    **Cold start.** A station first seen mid-batch has an unknown ``cycles_in_batch``; it gets
+    a moderate guess (:data:`UNKNOWN_CYCLES_IN_BATCH`) for the features, and ``load_ok`` stays
+    false until the batch history is known (a batch change or the ``NEW_BATCH`` bit was seen)
+    or :data:`KNOWN_AFTER_CYCLES` loads of that batch were watched.
+    """
 
     def __init__(self, stations: int, *, window: int = WINDOW) -> None:
         n = self.stations = stations
@@ -162,6 +192,10 @@ class StationTracker:
         self._count = np.zeros(n, dtype=np.int64)
         self._batch = np.full(n, -1, dtype=np.int64)
         self.cycles_in_batch = np.full(n, UNKNOWN_CYCLES_IN_BATCH, dtype=np.int64)
+        #: ``cycles_in_batch`` is exact (the batch's start was seen), not a guess.
+        self.batch_exact = np.zeros(n, dtype=np.bool_)
+        # Loads of the current batch watched while its start is unknown.
+        self._loads_seen = np.zeros(n, dtype=np.int64)
         self.last_elasticity = np.full(n, math.nan)
         self._sum_t = np.zeros(n)
         self._sum_p = np.zeros(n)
@@ -172,10 +206,61 @@ class StationTracker:
         self.observed = np.zeros(n, dtype=np.bool_)
         #: Cures that ended without being fully observed (not judged).
         self.unjudged = 0
+        # Consistent loads (see the class docstring).
+        self._awaiting = np.zeros(n, dtype=np.bool_)
+        self._expects_count = np.zeros(n, dtype=np.bool_)
+        self._finished = np.zeros(n, dtype=np.bool_)
+        self._pv_load = np.zeros(n)
+        # Batch bookkeeping latched from a sample that may be stale: redone at the cure start.
+        self._provisional = np.zeros(n, dtype=np.bool_)
+        self._undo_batch = self._batch.copy()
+        self._undo_cib = self.cycles_in_batch.copy()
+        self._undo_exact = self.batch_exact.copy()
+        self._undo_loads = self._loads_seen.copy()
+        #: Loads reported before the counter step was seen (``load_ok`` false).
+        self.unchecked_loads = 0
 
     @property
     def window_full(self) -> B:
         return self.samples >= self.window.shape[1]
+
+    @property
+    def batch_known(self) -> B:
+        """``cycles_in_batch`` is exact, or large enough that the guess no longer matters."""
+        known: B = self.batch_exact | (self._loads_seen >= KNOWN_AFTER_CYCLES)
+        return known
+
+    def _latch_batch(self, idx: I64, v: F64, *, provisional: B) -> None:
+        """Batch bookkeeping of the tyre just loaded at stations ``idx`` from sample ``v``."""
+        self._undo_batch[idx] = self._batch[idx]
+        self._undo_cib[idx] = self.cycles_in_batch[idx]
+        self._undo_exact[idx] = self.batch_exact[idx]
+        self._undo_loads[idx] = self._loads_seen[idx]
+        self._provisional[idx] = provisional
+        batch = v[idx, _BATCH].astype(np.int64)
+        fresh_flag = (v[idx, _ALARM].astype(np.int64) & NEW_BATCH_BIT) != 0
+        known = self._batch[idx] >= 0
+        same = known & (batch == self._batch[idx])
+        self.cycles_in_batch[idx] = np.where(
+            fresh_flag,
+            0,
+            np.where(
+                same,
+                self.cycles_in_batch[idx] + 1,
+                np.where(known, 0, UNKNOWN_CYCLES_IN_BATCH),
+            ),
+        )
+        self.batch_exact[idx] = fresh_flag | (known & ~same) | (same & self.batch_exact[idx])
+        self._loads_seen[idx] = np.where(same, self._loads_seen[idx] + 1, 1)
+        self._batch[idx] = batch
+
+    def _relatch(self, idx: I64, v: F64) -> None:
+        """Undo a provisional latch and redo it from ``v`` (a sample taken in the cure)."""
+        self._batch[idx] = self._undo_batch[idx]
+        self.cycles_in_batch[idx] = self._undo_cib[idx]
+        self.batch_exact[idx] = self._undo_exact[idx]
+        self._loads_seen[idx] = self._undo_loads[idx]
+        self._latch_batch(idx, v, provisional=np.zeros(idx.size, dtype=np.bool_))
 
     def observe(self, values: F64) -> Observation:
         """Take one sample ``(stations, len(KEY_SUFFIXES))`` and report what it changed."""
@@ -207,8 +292,9 @@ class StationTracker:
             self._state[:] = state
             self._count[:] = count
             prev_state, prev_count = state, count
-            # A press found loading is watched from its load.
+            # A press found loading is watched from its load; its batch tags may be stale.
             self.observed[:] = valid & (state == LOAD)
+            self._provisional[:] = state == LOAD
         else:
             prev_state, prev_count = self._state, self._count
 
@@ -223,43 +309,55 @@ class StationTracker:
             quality_x[:, 2] = np.maximum(v[cure_ended, _CURE_EL], self._cure_elapsed[cure_ended])
             quality_x[:, 3] = v[cure_ended, _MOONEY]
             quality_x[:, 4] = freshness(self.cycles_in_batch[cure_ended])
+        # A counter step seen before the cure ended belongs to an earlier tyre.
+        self._finished[prev_state == CURE] = False
 
         # A counter step (16-bit, may wrap) means a tyre left the press and was measured.
         completed = np.flatnonzero(count != prev_count)
         realised = v[completed, _ELAST].copy()
         self.last_elasticity[completed] = realised
+        self._finished[completed] = True
 
-        loaded = np.flatnonzero((state == LOAD) & (prev_state != LOAD))
-        if loaded.size:
-            batch = v[loaded, _BATCH].astype(np.int64)
-            fresh_flag = (v[loaded, _ALARM].astype(np.int64) & NEW_BATCH_BIT) != 0
-            known = self._batch[loaded] >= 0
-            same = known & (batch == self._batch[loaded])
-            cib = np.where(
-                fresh_flag,
-                0,
-                np.where(
-                    same,
-                    self.cycles_in_batch[loaded] + 1,
-                    np.where(known, 0, UNKNOWN_CYCLES_IN_BATCH),
-                ),
-            )
-            self.cycles_in_batch[loaded] = cib
-            self._batch[loaded] = batch
+        detected = np.flatnonzero((state == LOAD) & (prev_state != LOAD))
+        if detected.size:
+            self._awaiting[detected] = True
+            self._expects_count[detected] = np.isin(prev_state[detected], _TYRE_STATES)
+            self._pv_load[detected] = v[detected, _HPV]
             # A new tyre: reset its cure accumulators.
-            self._sum_t[loaded] = 0.0
-            self._sum_p[loaded] = 0.0
-            self._n_cure[loaded] = 0.0
-            self._cure_elapsed[loaded] = 0.0
-            self.observed[loaded] = valid[loaded]
+            self._sum_t[detected] = 0.0
+            self._sum_p[detected] = 0.0
+            self._n_cure[detected] = 0.0
+            self._cure_elapsed[detected] = 0.0
+            self.observed[detected] = valid[detected]
+        # Report a load once its features are consistent, or when it can no longer become so.
+        consistent = self._awaiting & (state == LOAD) & self._expects_count & self._finished
+        unchecked = self._awaiting & ((state != LOAD) | ~self._expects_count)
+        report = consistent | unchecked
+        loaded = np.flatnonzero(report)
+        load_ok: B = np.zeros(loaded.size, dtype=np.bool_)
         correction_x = np.empty((loaded.size, len(CORRECTION_FEATURES)))
         if loaded.size:
+            self._awaiting[loaded] = False
+            self._finished[loaded] = False
+            self.unchecked_loads += int(unchecked.sum())
+            good = consistent[loaded] & valid[loaded]
+            self._latch_batch(loaded, v, provisional=~good)
+            load_ok = good & self.batch_known[loaded]
             last = self.last_elasticity[loaded]
             correction_x[:, 0] = v[loaded, _MOONEY]
             correction_x[:, 1] = freshness(self.cycles_in_batch[loaded])
-            correction_x[:, 2] = v[loaded, _HPV]
+            correction_x[:, 2] = self._pv_load[loaded]
             # No measured tyre yet: assume an on-target one rather than feed a NaN to a model.
             correction_x[:, 3] = np.where(np.isnan(last), 6.6, last)
+        # The counter the loaded tyre will complete with; one more when the step of the tyre
+        # before it is still to come.
+        late = self._expects_count[loaded] & ~consistent[loaded]
+        load_count = (count[loaded] + np.where(late, 2, 1)) % 65536
+
+        cure_started = np.flatnonzero((state == CURE) & (prev_state != CURE))
+        redo = cure_started[self._provisional[cure_started] & valid[cure_started]]
+        if redo.size:
+            self._relatch(redo, v)
 
         self._sum_t += np.where(in_cure, v[:, _HPV], 0.0)
         self._sum_p += np.where(in_cure, v[:, _PPV], 0.0)
@@ -267,4 +365,15 @@ class StationTracker:
         self._cure_elapsed = np.where(in_cure, v[:, _CURE_EL], self._cure_elapsed)
         self._state[:] = state
         self._count[:] = count
-        return Observation(cure_ended, quality_x, completed, realised, loaded, correction_x)
+        return Observation(
+            cure_ended,
+            quality_x,
+            completed,
+            realised,
+            loaded,
+            correction_x,
+            count=count[completed],
+            load_count=load_count,
+            load_ok=load_ok,
+            cure_started=cure_started,
+        )

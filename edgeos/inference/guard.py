@@ -27,6 +27,15 @@ every tyre still in the press counted the same way. When measured tyres show the
 residuals are larger than its manifest says, ``k`` is widened by the observed ratio, so the
 bounds stay honest after the raw material drifts away from the training data.
 
+**When in doubt, the default.** A decision taken on inputs that are not fully observed (the
+caller passes ``doubt``: a cold start with unknown batch history, a load whose tags were not
+yet consistent, inputs outside the model's training range) takes the default recipe: the model's
+bounds say nothing about such inputs. A tyre is accounted by the set-points actually in force
+during its cure: the caller reads them back when the cure starts (:meth:`ActuationGuard.confirm`)
+and a tyre whose recipe is not the decided one (a write refused, failed or late) is counted
+like an unobserved counterfactual, ``d`` at its upper bound, and while it is in the press at the
+worst reward (0). Tyres are matched to their decision by the cycle counter they complete with.
+
 **Operator switch.** :meth:`ActuationGuard.set_learning` turns learned actions off (or on) at
 once; from the next decision every station gets the default recipe.
 
@@ -100,6 +109,11 @@ class _Pending:
     learned_lower: float
     predicted: float
     sigma: float
+    #: Cycle counter the tyre completes with (``None``: match the next tyre of the station).
+    tyre: int | None = None
+    writes: Mapping[str, float] | None = None
+    #: The set-points read back at the cure start were the decided ones (None: not checked).
+    in_force: bool | None = None
 
 
 class ActuationGuard:
@@ -160,7 +174,10 @@ class ActuationGuard:
         a = 1.0 - self.config.alpha
         total = 0.0
         for p in self._pending.values():
-            if p.action == "learned":
+            if p.in_force is False:
+                # Recipe unknown: worst reward (r ≥ 0 for any modulus up to 2·E*).
+                total -= a * p.default_upper
+            elif p.action == "learned":
                 total += p.learned_lower - a * p.default_upper
             # A default tyre adds r − (1 − α)·r = α·r ≥ 0 whatever r is: counted as 0.
         return total
@@ -178,12 +195,15 @@ class ActuationGuard:
         predicted_learned: float,
         sigma_learned: float,
         now: float,
+        doubt: str | None = None,
+        tyre: int | None = None,
     ) -> GuardDecision:
         """Choose the recipe for ``station``'s next tyre.
 
         ``baseline`` and ``proposal`` map tag *suffixes* (``heater.sp``) to values; ``proposal``
         is ``None`` when there is no correction model. ``now`` is the monotonic time used for
-        rate limits.
+        rate limits. ``doubt`` (why the inputs are not trustworthy) forces the default recipe.
+        ``tyre`` is the cycle counter the tyre will complete with (see :meth:`settle`).
         """
         k = self.k_effective
         _, d_upper = reward_bounds(predicted_default, k * sigma_default, self.target)
@@ -199,7 +219,12 @@ class ActuationGuard:
             reason = "guarded actuation disabled in the configuration"
         elif not self.learning_enabled:
             reason = "learned actions switched off by the operator"
-        elif not all(math.isfinite(v) for v in proposal.values()):
+        elif doubt is not None:
+            reason = f"inputs not fully observed: {doubt}"
+            self.counts["doubt"] += 1
+        elif not all(math.isfinite(v) for v in proposal.values()) or not (
+            math.isfinite(l_lower) and math.isfinite(d_upper)
+        ):
             reason = "proposal is not finite"
         elif slack_after < 0.0:
             reason = (
@@ -215,15 +240,15 @@ class ActuationGuard:
         if writes is not None:
             action = "learned"
             reason = f"learned recipe within limits and budget (slack after {slack_after:.3f})"
-            self._pending[station] = _Pending(
-                "learned", d_upper, l_lower, predicted_learned, sigma_learned
-            )
         else:
             action = "default"
             writes = self._default_writes(station, baseline, now)
-            self._pending[station] = _Pending(
-                "default", d_upper, l_lower, predicted_learned, sigma_learned
-            )
+        if station in self._pending:
+            # The tyre decided before was never measured (its counter step was not seen).
+            self.counts["unsettled"] += 1
+        self._pending[station] = _Pending(
+            action, d_upper, l_lower, predicted_learned, sigma_learned, tyre, dict(writes)
+        )
         self._commit(writes, now)
         self.counts[action] += 1
         self.counts["decisions"] += 1
@@ -285,21 +310,73 @@ class ActuationGuard:
         for name, value in writes.items():
             self._last[name] = (value, now)
 
+    def confirm(self, station: str, in_force: Mapping[str, float]) -> bool | None:
+        """The cure of ``station``'s tyre started with these set-points (full tag names).
+
+        Returns whether they are the decided ones (``None``: no decision to check). A mismatch
+        beyond half the tag's resolution makes the tyre count as an unobserved recipe.
+        """
+        p = self._pending.get(station)
+        if p is None or p.writes is None or p.in_force is not None:
+            return None
+        ok = True
+        for name, value in p.writes.items():
+            seen = in_force.get(name)
+            tag = self.tags.get(name)
+            tol = 0.51 * (tag.effective_resolution if tag is not None else 0.0) + 1e-6
+            if seen is None or not math.isfinite(seen) or abs(seen - value) > tol:
+                ok = False
+        p.in_force = ok
+        if not ok:
+            self.counts["not_in_force"] += 1
+        return ok
+
     def observe_written(self, name: str, value: float, now: float) -> None:
         """Tell the guard about a write made by someone else (an operator, a recipe change)."""
         self._last[name] = (value, now)
 
     # ------------------------------------------------------------------ outcomes
 
-    def settle(self, station: str, elasticity: float) -> None:
-        """The tyre made under the station's last decision was measured."""
-        p = self._pending.pop(station, None)
-        if p is None or not math.isfinite(elasticity):
-            return
+    def settle(
+        self, station: str, elasticity: float, tyre: int | None = None
+    ) -> dict[str, Any] | None:
+        """A tyre of ``station`` was measured; ``tyre`` is the cycle counter it completed with.
+
+        It settles the station's pending decision when the counters match (or either is
+        unknown). An older tyre (one that was in the press before the decision) leaves the
+        decision pending; a newer one means the decided tyre was never measured, which is
+        counted (``unsettled``) and dropped from the budget. Returns the ``guard_settled``
+        event of an accounted tyre, else ``None``.
+        """
+        p = self._pending.get(station)
+        if p is None:
+            return None
+        if p.tyre is not None and tyre is not None:
+            ahead = (tyre - p.tyre) % 65536
+            if ahead >= 32768:
+                self.counts["older_tyre"] += 1
+                return None
+            if ahead:
+                del self._pending[station]
+                self.counts["unsettled"] += 1
+                return None
+        del self._pending[station]
+        if not math.isfinite(elasticity):
+            return None
+        event: dict[str, Any] = {
+            "type": "guard_settled",
+            "station": station,
+            "tyre": tyre,
+            "action": p.action,
+            "in_force": p.in_force,
+            "elasticity": round(elasticity, 4),
+        }
         r = reward(elasticity, self.target)
         self.realised += r
         self.tyres += 1
-        if p.action == "learned":
+        if p.in_force is False:
+            self.default_estimate += p.default_upper
+        elif p.action == "learned":
             self.default_estimate += p.default_upper
             z = (elasticity - p.predicted) / max(p.sigma, 1e-9)
             self._z2_sum += z * z
@@ -308,6 +385,8 @@ class ActuationGuard:
                 self.counts["below_lower_bound"] += 1
         else:
             self.default_estimate += r
+        event["slack"] = round(self.slack, 4)
+        return event
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from edgeos.config import GuardConfig, PromotionConfig
 from edgeos.inference.engine import InferenceEngine
@@ -104,7 +105,7 @@ def test_verdicts_reach_twin_and_uplink_shapes() -> None:
     line = SimLine(10, seed=5)
     engine = _engine(line, NEW, None)
     out_twin: dict[str, float] = {}
-    events = []
+    events: list[dict[str, Any]] = []
     for _ in range(120):
         line.step()
         out = engine.step(line.sample())

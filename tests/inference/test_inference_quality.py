@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from edgeos.config import GuardConfig
@@ -34,7 +35,10 @@ def _improvement(seed: int, nests: int, seconds: int) -> dict[str, float]:
     keys = sorted(set(a) & set(b))
     ea = np.array([a[k] for k in keys])
     eb = np.array([b[k] for k in keys])
-    reject = lambda e: float(((e < ELASTICITY_MIN) | (e > ELASTICITY_MAX)).mean())  # noqa: E731
+
+    def reject(e: npt.NDArray[np.float64]) -> float:
+        return float(((e < ELASTICITY_MIN) | (e > ELASTICITY_MAX)).mean())
+
     return {
         "tyres": len(keys),
         "mean_learned": float(ea.mean()),
