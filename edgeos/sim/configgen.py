@@ -11,8 +11,23 @@ from edgeos.sim.layout import Layout, TagSpec, build_layout
 
 __all__ = ["FAST_TAGS", "OPCUA_TAGS", "render_small_line", "render_tyre_line"]
 
-#: Process tags scanned at 10 Hz (``fast`` group); everything else once a second.
-FAST_TAGS = ("heater.sp", "heater.pv", "press.sp", "press.pv", "cure.elapsed", "cycle.state")
+#: Process tags scanned at 10 Hz (``fast`` group); everything else once a second. The tags that
+#: define a cycle (state, counter, measured quality, batch) are read together, so one scan
+#: never shows a press loading before it shows the tyre that just left (registers 0–15 of a
+#: press: still one request per press).
+FAST_TAGS = (
+    "heater.sp",
+    "heater.pv",
+    "press.sp",
+    "press.pv",
+    "cure.elapsed",
+    "cycle.state",
+    "cycle.count",
+    "quality.elasticity",
+    "batch.id",
+    "batch.mooney",
+    "alarm.bits",
+)
 #: Key tags of the small example also read over OPC UA, and how.
 OPCUA_TAGS: tuple[tuple[str, str], ...] = (
     ("heater.pv", "subscribe"),
