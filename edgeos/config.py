@@ -413,10 +413,27 @@ class TwinConfig(_Model):
 
 
 class SpoolConfig(_Model):
-    max_bytes: Annotated[int, Field(ge=1 << 20)] = 512 << 20
-    segment_bytes: Annotated[int, Field(ge=64 << 10)] = 8 << 20
+    max_bytes: Annotated[int, Field(ge=128 << 10)] = 512 << 20
+    #: Size of one segment file; unset: an eighth of ``max_bytes`` (64 KiB … 8 MiB).
+    #: ``drop_oldest`` drops whole segments, so a segment is at most a quarter of the bound.
+    segment_bytes: Annotated[int, Field(ge=16 << 10)] | None = None
     full_policy: Literal["drop_oldest", "refuse_new"] = "drop_oldest"
     fsync: bool = True
+
+    @model_validator(mode="after")
+    def _segments_fit(self) -> Self:
+        if self.segment_bytes is not None and self.segment_bytes > self.max_bytes // 4:
+            raise ValueError(
+                f"segment_bytes ({self.segment_bytes}) must be at most a quarter of max_bytes "
+                f"({self.max_bytes}): drop_oldest drops whole segments"
+            )
+        return self
+
+    @property
+    def effective_segment_bytes(self) -> int:
+        if self.segment_bytes is not None:
+            return self.segment_bytes
+        return max(64 << 10, min(8 << 20, self.max_bytes // 8))
 
 
 class TlsConfig(_Model):

@@ -55,7 +55,7 @@ class UplinkRuntime:
             Spool,
             self.config.device.state_dir / "spool",
             max_bytes=up.spool.max_bytes,
-            segment_bytes=up.spool.segment_bytes,
+            segment_bytes=up.spool.effective_segment_bytes,
             full_policy=up.spool.full_policy,
             fsync=up.spool.fsync,
         )

@@ -151,7 +151,7 @@ class Spool:
         return cls(
             directory,
             max_bytes=config.max_bytes,
-            segment_bytes=config.segment_bytes,
+            segment_bytes=config.effective_segment_bytes,
             full_policy=config.full_policy,
             fsync=config.fsync,
         )

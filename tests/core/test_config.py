@@ -303,3 +303,12 @@ def test_cli_check_config_exit_codes(tmp_path: Path) -> None:
     missing = _cli("check-config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2
     assert "cannot read file" in missing.stderr
+
+
+def test_spool_segments_are_a_fraction_of_the_bound() -> None:
+    small = parse_config(BASE + "[uplink.spool]\nmax_bytes = 262144\n", check_drivers=False)
+    assert small.uplink.spool.effective_segment_bytes == 64 << 10
+    big = parse_config(BASE, check_drivers=False)
+    assert big.uplink.spool.effective_segment_bytes == 8 << 20
+    issues = _issues(BASE + "[uplink.spool]\nmax_bytes = 1048576\nsegment_bytes = 524288\n")
+    assert any(i.startswith("uplink.spool:") and "quarter of max_bytes" in i for i in issues)

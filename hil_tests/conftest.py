@@ -1,0 +1,153 @@
+"""HIL rig fixtures: ``--rig FILE`` (default: loopback simulated line), ``--soak DURATION``,
+``--report-dir DIR``; a report (JSON + Markdown) is written at the end of every run."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeos.testing.mosquitto import mosquitto_path
+from edgeos.testing.rig import (
+    Credentials,
+    Outcome,
+    Rig,
+    RigSpec,
+    load_rig,
+    parse_duration,
+    write_report,
+)
+
+HERE = Path(__file__).parent
+_ALLOWED_THREAD_PREFIXES = ("asyncio_", "ThreadPoolExecutor", "pydevd", "Dummy-", "pytest_timeout")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hil", "hardware-in-the-loop rig")
+    group.addoption("--rig", default=str(HERE / "rigs" / "loopback.toml"), help="rig file (TOML)")
+    group.addoption(
+        "--soak", default=None, help="soak duration (e.g. 1h, 30m); default: short mode only"
+    )
+    group.addoption("--report-dir", default=str(HERE / "reports"), help="where reports go")
+
+
+class Report:
+    """Outcomes of the run's scenarios, written as JSON + Markdown at the end."""
+
+    def __init__(self, spec: RigSpec, mode: str) -> None:
+        self.doc: dict[str, Any] = {
+            "rig": dataclasses.asdict(spec),
+            "mode": mode,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "scenarios": {},
+        }
+
+    def add(self, outcome: Outcome) -> None:
+        self.doc["scenarios"][outcome.name] = outcome.as_dict()
+
+
+@pytest.fixture(scope="session")
+def rig_spec(request: pytest.FixtureRequest) -> RigSpec:
+    return load_rig(request.config.getoption("--rig"))
+
+
+@pytest.fixture(scope="session")
+def soak_s(request: pytest.FixtureRequest) -> float | None:
+    text = request.config.getoption("--soak")
+    return None if text is None else parse_duration(text)
+
+
+@pytest.fixture(scope="session")
+def hil_report(
+    request: pytest.FixtureRequest, rig_spec: RigSpec, soak_s: float | None
+) -> Iterator[Report]:
+    report = Report(rig_spec, "short" if soak_s is None else f"soak {soak_s:.0f} s")
+    yield report
+    report.doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    json_path, md_path = write_report(Path(request.config.getoption("--report-dir")), report.doc)
+    print(f"\nHIL report: {json_path}\n{md_path.read_text(encoding='utf-8')}")
+
+
+@pytest.fixture(scope="session")
+def credentials(rig_spec: RigSpec, tmp_path_factory: pytest.TempPathFactory) -> Credentials:
+    """One receiver CA and one provisioned device for the whole run (real CLIs)."""
+    if mosquitto_path() is None:
+        pytest.skip("mosquitto is not installed")
+    return Credentials.provision(tmp_path_factory.mktemp("pki"), rig_spec.dut.device_id)
+
+
+RigFactory = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(
+    rig_spec: RigSpec, credentials: Credentials, request: pytest.FixtureRequest
+) -> AsyncIterator[RigFactory]:
+    """``await make_rig(**options)``: a started rig, always torn down (processes killed)."""
+    rigs: list[Rig] = []
+
+    async def factory(**kwargs: Any) -> Rig:
+        spec = kwargs.pop("spec", rig_spec)
+        rig = Rig(spec, credentials=credentials, **kwargs)
+        rigs.append(rig)
+        await rig.__aenter__()
+        return rig
+
+    yield factory
+    failed = getattr(request.node, "rep_call", None)
+    for rig in rigs:
+        await rig.close()
+        if failed is not None and failed.failed:
+            print(f"rig work directory kept for post-mortem: {rig.workdir}")
+        else:
+            rig.remove_workdir()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+# Leak checks, as in tests/conftest.py (this suite runs on its own as well).
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    before = {t for t in threading.enumerate() if t.is_alive()}
+    yield
+    deadline = time.monotonic() + 2.0
+    while True:
+        leaked = [
+            t
+            for t in {t for t in threading.enumerate() if t.is_alive()} - before
+            if not t.name.startswith(_ALLOWED_THREAD_PREFIXES) and not t.daemon
+        ]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    before = set(asyncio.all_tasks(loop))
+    yield
+    current = asyncio.current_task()
+    deadline = loop.time() + 2.0
+    while True:
+        leaked = [t for t in asyncio.all_tasks(loop) - before if t is not current and not t.done()]
+        if not leaked or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    for task in leaked:
+        task.cancel()
+    assert not leaked, f"test leaked tasks: {[t.get_coro() for t in leaked]}"

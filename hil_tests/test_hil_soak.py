@@ -1,0 +1,102 @@
+"""Soak (``--soak 1h``): the loopback rig runs for the given time with a fault every few
+minutes; RSS, open files, spool size and scan jitter are sampled from ``edgeos status`` and
+/proc, and the oracle must still find zero loss and zero duplicates at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeos.testing.rig import LocalDut, finish
+
+
+def _proc_figures(pid: int) -> dict[str, float]:
+    rss_kb = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss_kb = float(line.split()[1])
+    return {"rss_mb": round(rss_kb / 1024, 1), "open_files": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+@pytest.mark.timeout(0)
+async def test_soak(make_rig: Any, hil_report: Any, soak_s: float | None) -> None:
+    if soak_s is None:
+        pytest.skip("soak mode only (--soak DURATION)")
+    rig = await make_rig()
+    dut = rig.dut
+    assert isinstance(dut, LocalDut)
+    samples: list[dict[str, Any]] = []
+    faults = ["broker", "receiver", "kill", "partition"]
+    start = time.monotonic()
+    next_fault = start + 120
+    k = 0
+    while time.monotonic() - start < soak_s:
+        await asyncio.sleep(10)
+        try:
+            status = await dut.status()
+            assert dut.pid is not None
+            row = _proc_figures(dut.pid)
+        except (RuntimeError, OSError, AssertionError):
+            continue
+        jitter = [g.get("jitter", {}).get("p99_ms") for g in status["scan_groups"].values()]
+        row.update(
+            {
+                "t_s": round(time.monotonic() - start),
+                "spool_bytes": status["uplink"].get("spool_bytes"),
+                "backlog": status["uplink"].get("backlog_batches"),
+                "jitter_p99_ms": max(j for j in jitter if j is not None) if jitter else None,
+            }
+        )
+        samples.append(row)
+        if time.monotonic() >= next_fault:
+            fault = faults[k % len(faults)]
+            k += 1
+            next_fault = time.monotonic() + 120
+            if fault == "broker":
+                await asyncio.to_thread(rig.broker.kill)
+                await asyncio.sleep(5)
+                await asyncio.to_thread(rig.broker.start)
+            elif fault == "receiver":
+                rig.receivers[0].kill()
+                await asyncio.sleep(5)
+                rig.receivers[0].start()
+            elif fault == "kill":
+                await dut.kill()
+                await dut.start()
+            else:
+                rig.broker_proxy.partition()
+                await asyncio.sleep(10)
+                rig.broker_proxy.heal()
+    outcome = await finish(rig, f"soak {soak_s:.0f} s ({k} faults)", drain_s=180)
+    steady = [s for s in samples if s["t_s"] >= 60] or samples
+    summary = {
+        "samples": len(samples),
+        "faults": k,
+        "rss_mb_first_last_max": [
+            steady[0]["rss_mb"],
+            steady[-1]["rss_mb"],
+            max(s["rss_mb"] for s in steady),
+        ]
+        if steady
+        else None,
+        "open_files_first_last_max": [
+            steady[0]["open_files"],
+            steady[-1]["open_files"],
+            max(s["open_files"] for s in steady),
+        ]
+        if steady
+        else None,
+        "spool_bytes_max": max((s["spool_bytes"] or 0) for s in samples) if samples else None,
+        "jitter_p99_ms_first_last": [steady[0]["jitter_p99_ms"], steady[-1]["jitter_p99_ms"]]
+        if steady
+        else None,
+    }
+    hil_report.doc["soak"] = {"series": samples, "summary": summary}
+    outcome.notes["soak"] = summary
+    hil_report.add(outcome)
+    assert outcome.passed, (outcome.problems, outcome.figures.examples)

@@ -1,0 +1,46 @@
+"""Runs the HIL suite (hil_tests/, short mode, default loopback rig) in a subprocess and checks
+its report: every scenario passed with zero loss and zero duplicates of accepted samples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(600)
+def test_hil_short_suite(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "hil_tests",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=580,
+        check=False,
+    )
+    print(proc.stdout[-6000:])
+    report = json.loads((tmp_path / "latest.json").read_text())
+    print((tmp_path / "latest.md").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    scenarios = report["scenarios"]
+    assert len(scenarios) >= 8
+    for name, doc in scenarios.items():
+        f = doc["figures"]
+        assert doc["passed"], name
+        assert f["lost_batches"] == 0 and f["window_lost"] == 0, name
+        assert f["duplicates"] == 0 and f["order_violations"] == 0, name
