@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -172,13 +173,14 @@ async def _bench_modbus(endpoint: str, scans: int, connections: int) -> dict[str
 
 
 async def _opcua(quick: bool) -> dict[str, Any]:
-    path = _HERE / "opcua_bench.py"
-    if not path.exists():
+    if not (_HERE / "opcua_bench.py").exists():
         return {}
-    spec = importlib.util.spec_from_file_location("opcua_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Import it by a real module name (bench.opcua_bench, repo root on sys.path): its server
+    # runs in a spawned process that must import the same module to find its entry point.
+    root = str(_HERE.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module = importlib.import_module("bench.opcua_bench")
     result: dict[str, Any] = await module.run(quick)
     return result
 

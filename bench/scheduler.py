@@ -253,7 +253,14 @@ def main_sim(args: argparse.Namespace) -> None:
         assert sim.stdout is not None
         port = int(json.loads(sim.stdout.readline())["modbus"]["port"])
         with tempfile.TemporaryDirectory() as tmp:
-            config_path = sim_config(port, Path(tmp))
+            # Rendered in a child process: the renderer imports the simulator (asyncua,
+            # pymodbus servers), which a gateway never loads and would inflate the RSS figure.
+            config_path = Path(tmp) / "bench.toml"
+            subprocess.run(
+                [sys.executable, __file__, "--write-config", str(port), tmp],
+                check=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
             load = None if args.no_load else busy_loop()
             realtime = try_realtime_priority() if args.realtime else False
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -317,12 +324,16 @@ def main_sim(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", choices=["sim", "synthetic"], default="sim")
+    parser.add_argument("--write-config", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="short window (under a minute)")
     parser.add_argument("--no-load", action="store_true", help="do not start the busy loop")
     parser.add_argument(
         "--realtime", action="store_true", help="run the measured window under SCHED_FIFO"
     )
     args = parser.parse_args()
+    if args.write_config:
+        sim_config(int(args.write_config[0]), Path(args.write_config[1]))
+        return
     if args.source == "sim":
         main_sim(args)
         return

@@ -104,7 +104,13 @@ class Runtime:
             stations = find_stations(config)
             tags.extend(gate_tags(stations))  # derived: verdicts live in the twin too
         self.bindings = [TagBinding(i, t) for i, t in enumerate(tags) if t.derived is None]
-        self.twin = Twin(tags, config.twin, clock=self.clock, scan_groups=config.scan_groups)
+        self.twin = Twin(
+            tags,
+            config.twin,
+            clock=self.clock,
+            scan_groups=config.scan_groups,
+            keep_scan_log=config.uplink.enabled,  # the batcher is its only consumer
+        )
         self._event_sources.append(self.twin.drain_events)
 
         self.inference: InferenceLoop | None = None

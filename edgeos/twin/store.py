@@ -64,6 +64,7 @@ class Twin:
         max_history_samples: int = 6_000,
         confirm_timeout_s: float = 10.0,
         scan_log_samples: int = 1_000_000,
+        keep_scan_log: bool = True,
         max_events: int = 10_000,
     ) -> None:
         self._tags = tuple(tags)
@@ -100,6 +101,8 @@ class Twin:
         ]
         self.history = History(self._resolution, lengths)
         self.scan_log = ScanLog(scan_log_samples)
+        #: Without a consumer (no uplink) the scan log would only fill to its bound: skip it.
+        self.keep_scan_log = keep_scan_log
         self._listeners: list[Listener] = []
 
         # Desired state.
@@ -193,6 +196,10 @@ class Twin:
             self._changes[cidx] += 1
         self.history.append(idx, vals)
         self.applied_samples += idx.shape[0]
+        if not (self.keep_scan_log or self._listeners):
+            if self._awaiting:
+                self._confirm(idx, vals, qual)
+            return cidx
         record = ScanRecord(
             recv_ts,
             idx.copy(),
@@ -202,7 +209,8 @@ class Twin:
             changed,
             dict(text) if text else {},
         )
-        self.scan_log.append(record)
+        if self.keep_scan_log:
+            self.scan_log.append(record)
         if self._awaiting:
             self._confirm(idx, vals, qual)
         for listener in self._listeners:

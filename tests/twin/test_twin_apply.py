@@ -189,3 +189,18 @@ def test_history_length_follows_the_scan_period_with_a_cap() -> None:
     assert [twin.history.length(i) for i in range(3)] == [6000, 600, 600]
     none = Twin(tags, TwinConfig(history_s=0), clock=VirtualClock(), scan_groups=groups)
     assert none.history.nbytes < 1000
+
+
+def test_without_a_consumer_the_scan_log_stays_empty() -> None:
+    from edgeos.clock import VirtualClock
+    from edgeos.config import TwinConfig
+    from edgeos.twin import Twin
+    from edgeos.twin.synthetic import SyntheticLine, line_tags
+
+    tags = line_tags(1, 20)
+    twin = Twin(tags, TwinConfig(), clock=VirtualClock(), keep_scan_log=False)
+    line = SyntheticLine([0], 20)
+    for k in range(50):
+        twin.apply(line.read(0, float(k)), float(k))
+    assert len(twin.scan_log) == 0 and twin.applied_samples == 1000
+    assert twin.window([0], 10).shape[-1] == 10  # history is still kept for the models
