@@ -56,6 +56,7 @@ from edgeos.ota.bundle import (
     Manifest,
     ProgressCallback,
     extract_bundle,
+    install_wheelhouse,
     read_manifest,
     verify_tree,
 )
@@ -302,6 +303,7 @@ class SlotManager:
             rmtree_quiet(self.slot_path("a"))
             try:
                 extract_bundle(bundle, staging)
+                install_wheelhouse(staging)
             except BaseException:
                 rmtree_quiet(staging)
                 raise
@@ -397,6 +399,11 @@ class SlotManager:
                     on_file=lambda _n: crash_point("install.file"),
                 )
             crash_point("install.extracted")
+            if manifest.kind == "full":
+                # Dependencies for the target: unpacked from the verified wheelhouse into the
+                # staging slot, so a wheel that does not install leaves the slot untouched.
+                install_wheelhouse(staging)
+                crash_point("install.wheels")
             final = self.slot_path(target)
             trash = self.slots_dir / f".trash-{target}"
             if final.exists():
