@@ -19,8 +19,11 @@
     │   └── MalformedBatch               structure is wrong after authentication succeeded
     ├── StorageError                 QUARANTINE: a spool segment / snapshot is corrupt
     │   └── SpoolFull                    the configured full-disk policy refused a batch
-    └── UpdateError                  ROLL BACK: an OTA step failed; the slot is left untouched
-        └── UpdateRejected               metadata or bundle failed verification
+    ├── UpdateError                  ROLL BACK: an OTA step failed; the slot is left untouched
+    │   └── UpdateRejected               metadata or bundle failed verification
+    └── ModelError                   REFUSE + REPORT: the model is not used; the previous one
+        ├── ModelRejected                stays (defined in edgeos.inference.errors, which the
+        └── BackendUnavailable           inference part imports lazily)
 
 Library errors (pymodbus, asyncua, OSError, …) are translated into this tree in one place per
 part (``raise ConnectError(...) from exc``) so the supervisor never sees foreign exceptions.
