@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from edgeos.testing.rig import (
 )
 
 HERE = Path(__file__).parent
-_ALLOWED_THREAD_PREFIXES = ("asyncio_", "ThreadPoolExecutor", "pydevd", "Dummy-", "pytest_timeout")
+pytest_plugins = ["edgeos.testing.leaks"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -116,38 +114,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, "rep_" + rep.when, rep)
 
 
-# Leak checks, as in tests/conftest.py (this suite runs on its own as well).
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    before = {t for t in threading.enumerate() if t.is_alive()}
-    yield
-    deadline = time.monotonic() + 2.0
-    while True:
-        leaked = [
-            t
-            for t in {t for t in threading.enumerate() if t.is_alive()} - before
-            if not t.name.startswith(_ALLOWED_THREAD_PREFIXES) and not t.daemon
-        ]
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
-
-
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    loop = asyncio.get_running_loop()
-    before = set(asyncio.all_tasks(loop))
-    yield
-    current = asyncio.current_task()
-    deadline = loop.time() + 2.0
-    while True:
-        leaked = [t for t in asyncio.all_tasks(loop) - before if t is not current and not t.done()]
-        if not leaked or loop.time() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    for task in leaked:
-        task.cancel()
-    assert not leaked, f"test leaked tasks: {[t.get_coro() for t in leaked]}"
+# Leak checks come from the edgeos.testing.leaks plugin (pytest_plugins above).
