@@ -450,8 +450,18 @@ def run_forever(config: Config) -> int:
     asyncio.set_event_loop(loop)
     try:
         runtime = Runtime(config)
+        # Fail start here, with the path, rather than deep inside the first snapshot or spool.
+        runtime.state_dir.mkdir(parents=True, exist_ok=True)
     except (ConfigError, ProvisioningError, StorageError, TransportError) as exc:
         log.error("cannot start: %s", exc)
+        return 2
+    except OSError as exc:
+        log.error(
+            "cannot start: state directory %s is not usable (%s); set [device] state_dir to a "
+            "writable folder, or run as the service user",
+            config.device.state_dir,
+            exc.strerror or exc,
+        )
         return 2
     main = loop.create_task(runtime.run(), name="runtime")
     for sig in (signal.SIGTERM, signal.SIGINT):

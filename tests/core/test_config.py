@@ -312,3 +312,16 @@ def test_spool_segments_are_a_fraction_of_the_bound() -> None:
     assert big.uplink.spool.effective_segment_bytes == 8 << 20
     issues = _issues(BASE + "[uplink.spool]\nmax_bytes = 1048576\nsegment_bytes = 524288\n")
     assert any(i.startswith("uplink.spool:") and "quarter of max_bytes" in i for i in issues)
+
+
+def test_run_refuses_an_unusable_state_dir_with_a_message(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    config = tmp_path / "edgeos.toml"
+    config.write_text(
+        f'[device]\nid = "gw"\nstate_dir = "{blocker}/state"\n'
+        '[uplink]\nenabled = false\n[control]\nmetrics_listen = ""\n'
+    )
+    res = _cli("run", "--config", str(config))
+    assert res.returncode == 2
+    assert "state directory" in res.stderr and "Traceback" not in res.stderr

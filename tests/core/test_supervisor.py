@@ -91,7 +91,8 @@ async def test_refused_port_then_device_appears(caplog: pytest.LogCaptureFixture
             server = ModbusTestServer([UnitSpec(holding=100)])
             server.port = port
             async with server:
-                await asyncio.wait_for(sup.wait_up(), 10)
+                async with asyncio.timeout(10):
+                    await sup.wait_up()
                 good = await sup.read("default")
                 assert (good.quality == Quality.GOOD).all()
     # Many failed connects, but the state was logged only when it changed.
@@ -104,7 +105,8 @@ async def test_server_restart_reconnects_and_counts() -> None:
     async with ModbusTestServer([UnitSpec(holding=100)]) as server:
         sup = _supervisor(server.port)
         async with running(sup):
-            await asyncio.wait_for(sup.wait_up(), 10)
+            async with asyncio.timeout(10):
+                await sup.wait_up()
             assert (await sup.read("default")).quality.max() == Quality.GOOD
             await server.stop()
             bad = await sup.read("default")
@@ -123,9 +125,11 @@ async def test_stalled_peer_times_out_inside_the_scope_and_recovers() -> None:
     ):
         sup = _supervisor(proxy.port, request_timeout_s=0.2)
         async with running(sup):
-            await asyncio.wait_for(sup.wait_up(), 10)
+            async with asyncio.timeout(10):
+                await sup.wait_up()
             proxy.stall()
-            result = await asyncio.wait_for(sup.read("default"), 2.0)
+            async with asyncio.timeout(2.0):
+                result = await sup.read("default")
             assert (result.quality == Quality.BAD_COMM).all()
             assert sup.errors["timeout"] == 1
             proxy.resume()
@@ -139,7 +143,8 @@ async def test_exception_response_degrades_only_affected_tags() -> None:
     async with ModbusTestServer([spec]) as server:
         sup = _supervisor(server.port)
         async with running(sup):
-            await asyncio.wait_for(sup.wait_up(), 10)
+            async with asyncio.timeout(10):
+                await sup.wait_up()
             result = await sup.read("default")
             by_index = dict(zip(result.indices.tolist(), result.quality.tolist(), strict=True))
             assert by_index[20] == Quality.BAD_DEVICE
@@ -151,7 +156,8 @@ async def test_write_beyond_limits_never_reaches_the_wire() -> None:
     async with ModbusTestServer([UnitSpec(holding=100)]) as server:
         sup = _supervisor(server.port)
         async with running(sup):
-            await asyncio.wait_for(sup.wait_up(), 10)
+            async with asyncio.timeout(10):
+                await sup.wait_up()
             with pytest.raises(WriteRefused, match="outside hard limits"):
                 await sup.write("sp", 150)
             assert server.writes() == []
