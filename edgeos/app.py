@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeos import __version__
 from edgeos.clock import Clock, SystemClock
+from edgeos.clockwatch import ClockWatch
 from edgeos.config import Config
 from edgeos.control import ControlServer
 from edgeos.driver import ReadResult, TagBinding, Value, load_driver_class
@@ -39,6 +40,7 @@ from edgeos.errors import (
     WriteRefused,
 )
 from edgeos.gcpolicy import GcPolicy
+from edgeos.memory import process_figures
 from edgeos.metrics import MetricsServer, make_registry
 from edgeos.scheduler import Scheduler
 from edgeos.supervisor import ConnectionSupervisor
@@ -112,6 +114,8 @@ class Runtime:
             keep_scan_log=config.uplink.enabled,  # the batcher is its only consumer
         )
         self._event_sources.append(self.twin.drain_events)
+        self.clockwatch = ClockWatch(self.clock)
+        self._event_sources.append(self.clockwatch.drain_events)
 
         self.inference: InferenceLoop | None = None
         if config.inference.enabled:
@@ -233,6 +237,15 @@ class Runtime:
     async def _op_status(self, _: dict[str, Any]) -> dict[str, Any]:
         return self.status()
 
+    async def _op_debug_memory(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Heap walk and tracemalloc view (diagnosis only: it stalls the loop for ~100 ms)."""
+        from edgeos.memory import memory_report
+
+        dump = req.get("dump")
+        return memory_report(
+            top=int(req.get("top", 20)), dump=Path(str(dump)) if dump is not None else None
+        )
+
     async def _op_twin_get(self, req: dict[str, Any]) -> list[dict[str, Any]]:
         return self.twin.query(str(req.get("pattern") or "*"))
 
@@ -299,6 +312,8 @@ class Runtime:
             "scan_groups": self.scheduler.stats().get("groups", {}),
             "twin": self.twin.stats(),
             "gc": self.gc.stats(),
+            "process": process_figures(),
+            "clock": self.clockwatch.stats(),
         }
         if self.uplink is not None:
             doc["uplink"] = self.uplink.status()
@@ -336,6 +351,7 @@ class Runtime:
                 for sup in self.supervisors.values():
                     tg.create_task(sup.run(), name=f"supervisor:{sup.name}")
                 tg.create_task(self.scheduler.run(), name="scheduler")
+                tg.create_task(self.clockwatch.run(), name="clockwatch")
                 if self.inference is not None:
                     tg.create_task(self.inference.run(), name="inference")
                 tg.create_task(
@@ -350,6 +366,7 @@ class Runtime:
                     "twin.set": self._op_twin_set,
                     "inference.learning": self._op_learning,
                     "models.updated": self._op_models_updated,
+                    "debug.memory": self._op_debug_memory,
                 }
                 tg.create_task(ControlServer(self._control_path(), handlers).run(), name="control")
                 if self.config.control.metrics_listen:

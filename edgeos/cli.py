@@ -182,6 +182,35 @@ def _cmd_learning(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_debug_memory(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"top": args.top}
+    if args.dump:
+        params["dump"] = str(Path(args.dump).resolve())
+    doc = _ask(args, "debug.memory", timeout_s=120.0, **params)
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    p = doc["process"]
+    print(
+        f"RSS {p['rss_mb']} MB (peak {p['rss_peak_mb']}, anonymous {p['anon_mb']}), "
+        f"{p['py_blocks']} Python blocks, {p['threads']} threads, {p['open_files']} open files"
+    )
+    if "tracked_objects" in doc["gc"]:
+        print(f"{doc['gc']['tracked_objects']} objects tracked by gc; most numerous types:")
+        for name, count in doc.get("types", []):
+            print(f"  {count:>9}  {name}")
+    tm = doc["tracemalloc"]
+    if tm["tracing"]:
+        print(f"tracemalloc: {tm['current_mb']} MB traced (peak {tm['peak_mb']})")
+        for row in tm.get("top", []):
+            print(f"  {row['kb']:>9} KiB {row['count']:>8}  {row['where']}")
+        if "dumped" in tm:
+            print(f"snapshot written to {tm['dumped']} (compare: python -m edgeos.memory A B)")
+    else:
+        print("tracemalloc: off (start the runtime with PYTHONTRACEMALLOC=1 to see sites)")
+    return EXIT_OK
+
+
 def _cmd_provision(args: argparse.Namespace) -> int:
     from edgeos.errors import ProvisioningError
     from edgeos.receiver.provisioning import install_bundle
@@ -269,6 +298,17 @@ def _build_parser() -> argparse.ArgumentParser:
     learning.add_argument("--who", default="operator", help="recorded with the switch event")
     _add_target(learning)
     learning.set_defaults(func=_cmd_learning)
+
+    debug = sub.add_parser("debug", help="diagnostics of the running runtime")
+    debug_sub = debug.add_subparsers(dest="debug_command", required=True)
+    mem = debug_sub.add_parser(
+        "memory", help="RSS, heap objects by type, tracemalloc sites (stalls the loop briefly)"
+    )
+    mem.add_argument("--top", type=int, default=20, help="how many types/sites to list")
+    mem.add_argument("--dump", help="write a tracemalloc snapshot here (needs PYTHONTRACEMALLOC)")
+    mem.add_argument("--json", action="store_true")
+    _add_target(mem)
+    debug.set_defaults(func=_cmd_debug_memory)
 
     prov = sub.add_parser("provision", help="install a credential bundle from edgeos-receiver")
     prov.add_argument("file", help="bundle written by `edgeos-receiver device add`")

@@ -9,7 +9,12 @@ tens of milliseconds, which is several periods of a 100 Hz scan group. The polic
   time (between ticks) so the automatic trigger seldom fires inside a scan;
 * keep automatic full collections only as a safety net (a very high gen-2 threshold) and run
   full collections in idle time, when the gap to the next deadline is larger than the last
-  measured full pause;
+  measured full pause — after ``full_after`` young passes *or* ``full_every_s`` seconds,
+  whichever comes first. The time bound matters on a gateway that runs for months: a lost
+  broker connection leaves a cycle of client, socket and TLS context behind, and with the
+  counter alone a quiet loop reached a full pass only every ~45 minutes, so that garbage (and
+  the OpenSSL memory it holds) piled up between passes and showed as RSS creep in the soak.
+  With the start-up heap frozen a full pass costs well under a millisecond;
 * count every collection and its pause through ``gc.callbacks`` so the effect is visible in
   ``edgeos status`` and the benchmark.
 
@@ -22,6 +27,7 @@ import asyncio
 import gc
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +53,8 @@ class GcSettings:
     gen2_ceiling: int = 1_000
     #: Gen-1 collections after which a full collection is run in idle time.
     full_after: int = 50
+    #: ... or this many seconds after the last full collection, whichever comes first.
+    full_every_s: float = 60.0
     #: Young collections are run in idle time once gen-0 reaches this fraction of its threshold.
     young_fraction: float = 0.5
     #: Idle gaps shorter than this are left alone (the loop needs them for I/O).
@@ -63,8 +71,14 @@ class GcPolicy:
     ``stop()`` at shutdown.
     """
 
-    def __init__(self, settings: GcSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: GcSettings | None = None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings or GcSettings()
+        self._monotonic = monotonic
         self._saved_thresholds: tuple[int, int, int] | None = None
         self._gc_started = 0.0
         self._in_idle = False
@@ -75,6 +89,7 @@ class GcPolicy:
         # Start with a pessimistic guess; the first measured pause replaces it.
         self._estimate_s = [0.0005, 0.002, 0.005]
         self.frozen_objects = 0
+        self._last_full = monotonic()
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -125,7 +140,8 @@ class GcPolicy:
         s = self.settings
         count0, count1, count2 = gc.get_count()
         margin = s.margin
-        if count2 >= s.full_after and budget_s > margin * self._estimate_s[2]:
+        full_due = count2 >= s.full_after or (self._monotonic() - self._last_full >= s.full_every_s)
+        if full_due and budget_s > margin * self._estimate_s[2]:
             return self._run(2)
         if count1 + 1 >= s.gen1_threshold and budget_s > margin * self._estimate_s[1]:
             return self._run(1)
@@ -150,6 +166,8 @@ class GcPolicy:
             return
         pause = time.perf_counter() - self._gc_started
         gen = info["generation"]
+        if gen == 2:
+            self._last_full = self._monotonic()
         self.collections[gen] += 1
         self.total_pause_s += pause
         self.max_pause_s[gen] = max(self.max_pause_s[gen], pause)

@@ -53,6 +53,24 @@ class RuntimeCollector(Collector):
             for verdict, count in gates.get("verdicts", {}).items():
                 c.add_metric([device, verdict], count)
             yield c
+        proc = doc.get("process", {})
+        if proc:
+            rss = GaugeMetricFamily(
+                "edgeos_process_resident_bytes", "Resident memory of the runtime", labels=["device"]
+            )
+            rss.add_metric([device], float(proc.get("rss_mb", 0.0)) * 2**20)
+            fds = GaugeMetricFamily(
+                "edgeos_process_open_files", "Open file descriptors", labels=["device"]
+            )
+            fds.add_metric([device], float(proc.get("open_files", 0)))
+            yield from (rss, fds)
+        clock = doc.get("clock", {})
+        if clock:
+            steps = CounterMetricFamily(
+                "edgeos_clock_steps", "Wall-clock steps seen by the runtime", labels=["device"]
+            )
+            steps.add_metric([device], float(clock.get("steps", 0)))
+            yield steps
         up = GaugeMetricFamily(
             "edgeos_uptime_seconds", "Seconds since the runtime started", labels=["device"]
         )

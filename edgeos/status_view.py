@@ -144,6 +144,24 @@ def render_status(doc: Mapping[str, Any]) -> RenderableType:
                 f"trial {ota.get('trial_slot') or '-'}",
             )
         )
+    proc = doc.get("process") or {}
+    if proc:
+        side.append(
+            (
+                "process",
+                f"RSS {float(proc.get('rss_mb', 0)):.1f} MB (peak "
+                f"{float(proc.get('rss_peak_mb', 0)):.1f}), {proc.get('threads', '?')} threads, "
+                f"{proc.get('open_files', '?')} open files",
+            )
+        )
+    clock = doc.get("clock") or {}
+    if clock.get("steps"):
+        side.append(
+            (
+                "wall clock",
+                f"stepped {clock['steps']}× (last {float(clock.get('last_step_s') or 0):+.1f} s)",
+            )
+        )
     if side:
         parts.append(_kv("gateway", side))
     return Panel(Group(*parts), title="edgeos status", border_style="blue")

@@ -9,7 +9,6 @@ parts are connected, and what the status surface shows.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -101,7 +100,6 @@ class UplinkRuntime:
         b = self.batcher.stats()
         p = self.publisher.stats()
         s = self.spool.stats()
-        last_ack = p.get("last_ack_time")
         return {
             "state": p.get("state"),
             "batches_sealed": b["batches"],
@@ -112,7 +110,7 @@ class UplinkRuntime:
             "acked": p.get("acked"),
             "backlog_batches": len(self.spool),
             "spool_bytes": s.get("disk_bytes", 0),
-            "last_ack_age_s": None if last_ack is None else round(time.time() - last_ack, 1),
+            "last_ack_age_s": p.get("last_ack_age_s"),
             "dropped": s.get("dropped_records", 0) + b["refused_batches"],
             "batcher": b,
             "publisher": p,

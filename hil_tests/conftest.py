@@ -32,6 +32,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--soak", default=None, help="soak duration (e.g. 1h, 30m); default: short mode only"
     )
+    group.addoption(
+        "--soak-fault-every",
+        type=float,
+        default=120.0,
+        help="seconds between faults in soak mode (default 120)",
+    )
+    group.addoption(
+        "--soak-tracemalloc",
+        type=int,
+        default=0,
+        help="soak: run the runtime with PYTHONTRACEMALLOC=N and dump heap snapshots",
+    )
     group.addoption("--report-dir", default=str(HERE / "reports"), help="where reports go")
 
 

@@ -5,7 +5,6 @@ accepted samples; the figures go to the run's report (no timed assertions)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from pathlib import Path
@@ -13,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from edgeos.receiver.devsim import SimDevice, simple_batch
-from edgeos.testing.oracle import read_receiver
+from edgeos.receiver.storage import open_storage
+from edgeos.testing.clockjump import WallClock
 from edgeos.testing.rig import (
     LocalDut,
     Outcome,
@@ -22,7 +21,6 @@ from edgeos.testing.rig import (
     Rig,
     RigSpec,
     finish,
-    run_cli,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -230,54 +228,57 @@ def _quota_checks(outcome: Outcome, full: dict[str, Any], rig: Rig) -> None:
     ]
 
 
-async def test_wall_clock_jumps(
-    make_rig: Any, hil_report: Any, credentials: Any, tmp_path: Path
-) -> None:
-    """Wall-clock jumps. The runtime's wall clock cannot be moved from outside without
-    faketime or CAP_SYS_TIME on the whole machine, so this proves the design where it can:
-    (1) the DUT's ordering and dedup are (epoch, seq), never time: the oracle's order check is
-    on serve order; (2) the receiver stores and acks, in sequence order, a device whose
-    ``created`` times and sample times jump by hours and days, back and forth."""
-    rig = await make_rig()
+async def test_wall_clock_jumps(make_rig: Any, hil_report: Any, tmp_path: Path) -> None:
+    """The DUT's own wall clock steps (libfaketime; its monotonic clock and every other process
+    keep real time): +1 h (NTP catching up after a boot without RTC), back 70 min, past everything
+    already sent, and −2 days (a dead RTC) while the broker link drops, so the reconnect meets
+    a broker certificate that is "not yet valid": the uplink must wait, spool, and deliver
+    everything once the clock is right again. Samples keep the time they were stamped with;
+    the oracle maps them back to real time to match them to the simulator's serves."""
+    wall = WallClock(tmp_path)
+    rig = await make_rig(dut_env=wall.env())
     await _warm(rig)
-    device = f"clock-{int(time.time() * 1000) % 10**9}"
-    bundle = tmp_path / "clock.json"
-    await asyncio.to_thread(
-        run_cli,
-        [
-            str(Path(__import__("sys").executable).parent / "edgeos-receiver"),
-            "device",
-            "add",
-            device,
-            "--bundle",
-            str(bundle),
-            "--config",
-            str(rig.workdir / "receiver.toml"),
-        ],
+    assert isinstance(rig.dut, LocalDut)
+    wall.step(+3600)
+    await asyncio.sleep(6)
+    wall.set_offset(-600)  # back 4,200 s: before the first sample this runtime sent
+    await asyncio.sleep(6)
+    before = (await rig.dut.status())["uplink"]["publisher"]
+    wall.set_offset(-2 * 86400)
+    rig.broker_proxy.partition()
+    await asyncio.sleep(2)
+    rig.broker_proxy.heal()
+    await asyncio.sleep(8)  # reconnects: the broker's certificate is not valid yet for the DUT
+    during = (await rig.dut.status())["uplink"]
+    wall.set_offset(0)  # NTP puts it right
+    await asyncio.sleep(3)  # the runtime looks at its clock every second
+    status = await rig.dut.status()
+    outcome = await finish(
+        rig,
+        "wall-clock jumps on the DUT: +1 h, back 4,200 s, −2 days with a reconnect, back",
+        device_time=wall.to_real_us,
     )
-    key = base64.b64decode(json.loads(bundle.read_text())["device_key"])
-    now = int(time.time() * 1e6)
-    hour, day = 3_600_000_000, 86_400_000_000
-    # created (µs) of each batch: forward an hour, back a day, back to now, 1 s later, …
-    jumps = [now, now + hour, now - day, now - day + 1_000_000, now + 10_000_000, now - hour]
-    async with SimDevice.connect(rig.broker, device, key) as dev:
-        for i, created in enumerate(jumps):
-            batch = simple_batch({"temp": [float(i)]}, [created])
-            await dev.publish(dev.seal(batch, created_us=created))
-        async with asyncio.timeout(30):
-            acked = await dev.wait_acked(dev.epoch.epoch, len(jumps))
-    data = await asyncio.to_thread(read_receiver, rig.storage_url, device)
-    outcome = await finish(rig, "wall-clock jumps (receiver side; DUT order by seq)")
-    stored = sorted(b.seq for b in data.batches)
-    values = sorted(s.value for s in data.samples if s.value is not None)
-    outcome.notes["clock_device"] = {
-        "acked": acked,
-        "stored_seqs": stored,
-        "samples": len(data.samples),
-        "jumps_s": [round((c - now) / 1e6) for c in jumps],
+    storage = open_storage(rig.storage_url)
+    try:
+        events = [e for e in storage.events(rig.device_id) if e.get("type") == "clock_step"]
+        events.sort(key=lambda e: (e["epoch"], e["seq"]))  # stored by device time: it jumped
+    finally:
+        storage.close()
+    steps = [round(e["step_s"]) for e in events]
+    refused = during["publisher"]["connect_failures"] - before["connect_failures"]
+    outcome.notes["clock"] = {
+        "status": status.get("clock"),
+        "steps_in_receiver": steps,
+        "uplink_while_2_days_behind": during["state"],
+        "connects_refused_while_behind": refused,
+        "backlog_while_behind": during["backlog_batches"],
     }
-    if stored != list(range(1, len(jumps) + 1)) or acked != len(jumps):
-        outcome.problems.append(f"clock-jump device: stored {stored}, acked {acked}")
-    if values != [float(i) for i in range(len(jumps))]:
-        outcome.problems.append(f"clock-jump device: values {values}")
+    expected = [3600, -4200, -172200, 172800]
+    if status["clock"]["steps"] != len(expected) or steps != expected:
+        outcome.problems.append(f"clock steps: status {status['clock']}, receiver {steps}")
+    if during["state"] == "connected" or refused < 1 or during["backlog_batches"] < 1:
+        outcome.problems.append(
+            f"with the clock 2 days behind the uplink was {during['state']} "
+            f"({refused} refused connects, backlog {during['backlog_batches']})"
+        )
     _judge(hil_report, outcome)

@@ -5,13 +5,18 @@ minutes; RSS, open files, spool size and scan jitter are sampled from ``edgeos s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edgeos.control import ControlError
+from edgeos.control import request as control_request
+from edgeos.memory import compare_snapshots
 from edgeos.testing.rig import LocalDut, finish
 
 
@@ -24,18 +29,42 @@ def _proc_figures(pid: int) -> dict[str, float]:
 
 
 @pytest.mark.timeout(0)
-async def test_soak(make_rig: Any, hil_report: Any, soak_s: float | None) -> None:
+async def test_soak(
+    make_rig: Any, hil_report: Any, soak_s: float | None, request: pytest.FixtureRequest
+) -> None:
     if soak_s is None:
         pytest.skip("soak mode only (--soak DURATION)")
-    rig = await make_rig()
+    fault_every = float(request.config.getoption("--soak-fault-every"))
+    frames = int(request.config.getoption("--soak-tracemalloc"))
+    report_dir = Path(request.config.getoption("--report-dir"))
+    env = {"PYTHONTRACEMALLOC": str(frames)} if frames > 0 else None
+    rig = await make_rig(dut_env=env)
     dut = rig.dut
     assert isinstance(dut, LocalDut)
     samples: list[dict[str, Any]] = []
+    snapshots: list[Path] = []
+
+    async def dump(tag: str) -> None:
+        path = report_dir / f"soak-heap-{time.strftime('%H%M%S')}-{tag}.snapshot"
+        with contextlib.suppress(ControlError):
+            await asyncio.to_thread(
+                partial(
+                    control_request,
+                    dut.control_socket,
+                    "debug.memory",
+                    timeout_s=30.0,
+                    top=0,
+                    dump=str(path.resolve()),
+                )
+            )
+            snapshots.append(path)
+
     # No runtime kill here (short mode covers it): one runtime lifetime spans the soak, so RSS
     # and open-file growth are measured on one process.
     faults = ["broker", "receiver", "partition"]
     start = time.monotonic()
-    next_fault = start + 120
+    next_fault = start + fault_every
+    next_dump = start + 60
     k = 0
     while time.monotonic() - start < soak_s:
         await asyncio.sleep(10)
@@ -46,19 +75,26 @@ async def test_soak(make_rig: Any, hil_report: Any, soak_s: float | None) -> Non
         except (RuntimeError, OSError, AssertionError):
             continue
         jitter = [g.get("jitter", {}).get("p99_ms") for g in status["scan_groups"].values()]
+        proc = status.get("process", {})
         row.update(
             {
                 "t_s": round(time.monotonic() - start),
+                "anon_mb": proc.get("anon_mb"),
+                "py_blocks": proc.get("py_blocks"),
+                "threads": proc.get("threads"),
                 "spool_bytes": status["uplink"].get("spool_bytes"),
                 "backlog": status["uplink"].get("backlog_batches"),
                 "jitter_p99_ms": max(j for j in jitter if j is not None) if jitter else None,
             }
         )
         samples.append(row)
+        if frames > 0 and time.monotonic() >= next_dump:
+            await dump(f"{row['t_s']}s")
+            next_dump = time.monotonic() + max(soak_s / 4, 60)
         if time.monotonic() >= next_fault:
             fault = faults[k % len(faults)]
             k += 1
-            next_fault = time.monotonic() + 120
+            next_fault = time.monotonic() + fault_every
             if fault == "broker":
                 await asyncio.to_thread(rig.broker.kill)
                 await asyncio.sleep(5)
@@ -74,6 +110,8 @@ async def test_soak(make_rig: Any, hil_report: Any, soak_s: float | None) -> Non
                 rig.broker_proxy.partition()
                 await asyncio.sleep(10)
                 rig.broker_proxy.heal()
+    if frames > 0:
+        await dump("end")
     outcome = await finish(rig, f"soak {soak_s:.0f} s ({k} faults)", drain_s=180)
     steady = [s for s in samples if s["t_s"] >= 60] or samples
     slope = None
@@ -107,6 +145,11 @@ async def test_soak(make_rig: Any, hil_report: Any, soak_s: float | None) -> Non
         if steady
         else None,
     }
+    blocks = [s["py_blocks"] for s in steady if s.get("py_blocks") is not None]
+    if blocks:
+        summary["py_blocks_first_last_max"] = [blocks[0], blocks[-1], max(blocks)]
+    if len(snapshots) >= 2:
+        summary["heap_growth_top"] = compare_snapshots(snapshots[0], snapshots[-1], top=15)
     hil_report.doc["soak"] = {"series": samples, "summary": summary}
     outcome.notes["soak"] = summary
     hil_report.add(outcome)

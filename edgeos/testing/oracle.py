@@ -38,7 +38,7 @@ import re
 import sqlite3
 import struct
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -183,6 +183,28 @@ class ReceiverData:
     resolutions: dict[str, float]
     #: ``epochs`` rows: epoch → (acked_seq, max_seq).
     epochs: dict[int, tuple[int, int]]
+
+
+#: Maps device wall times (µs) to the rig's real times (µs): see ``edgeos.testing.clockjump``.
+DeviceTime = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.int64]]
+
+
+def to_real_time(data: ReceiverData, device_time: DeviceTime) -> ReceiverData:
+    """``data`` with sample and batch ``created`` times moved from the device's (stepped) wall
+    clock back to real time, samples re-sorted per tag in real time. Receive times are the
+    receiver's own clock and stay as they are."""
+    ts = device_time(np.array([s.ts_us for s in data.samples], np.int64))
+    samples = [
+        StoredSample(s.tag, int(t), s.value, s.quality)
+        for s, t in zip(data.samples, ts.tolist(), strict=True)
+    ]
+    samples.sort(key=lambda s: (s.tag, s.ts_us))
+    created = device_time(np.array([b.created_us for b in data.batches], np.int64))
+    batches = [
+        LedgerBatch(b.epoch, b.seq, int(c), b.received_us, b.samples, b.skip)
+        for b, c in zip(data.batches, created.tolist(), strict=True)
+    ]
+    return ReceiverData(batches, samples, data.resolutions, data.epochs)
 
 
 def _from_db_epoch(value: int) -> int:
@@ -361,14 +383,20 @@ def evaluate(
     window_checks: bool = True,
     since: float | None = None,
     fault_windows: Sequence[tuple[float, float]] = (),
+    device_time: DeviceTime | None = None,
 ) -> Figures:
     """Compare truth, spool and receiver (see the module docs).
+
+    ``device_time``: when the DUT's wall clock was stepped on purpose, maps its times back to
+    real time first (samples are matched to serves in real time).
 
     ``since``: ignore earlier serves. ``fault_windows``: wall-time spans when the machine link
     was faulty; a served value there that was not stored counts as *unread* (the response may
     never have reached the runtime), not as lost.
     """
     fig = Figures(incarnations=len(incarnations))
+    if device_time is not None:
+        data = to_real_time(data, device_time)
     pending = pending or {}
     stored_ids: dict[int, set[int]] = {}
     for b in data.batches:

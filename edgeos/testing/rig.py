@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol, Self
 
 from edgeos.testing.oracle import (
+    DeviceTime,
     Figures,
     Incarnation,
     SpoolInspection,
@@ -455,6 +456,7 @@ class LocalDut:
         workdir: Path,
         *,
         watchdog_s: float | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.device_id = device_id
         self.config = config
@@ -465,12 +467,14 @@ class LocalDut:
         self.supervisor = (
             Supervisor(workdir / "notify.sock", watchdog_s) if watchdog_s is not None else None
         )
-        env = self.supervisor.env() if self.supervisor is not None else None
+        proc_env = dict(env or {})
+        if self.supervisor is not None:
+            proc_env.update(self.supervisor.env())
         self._proc = _Proc(
             "runtime",
             [_exe("edgeos"), "run", "--config", str(config)],
             workdir / "runtime.log",
-            env,
+            proc_env or None,
         )
         self._started = 0.0
         self._watch: asyncio.Task[None] | None = None
@@ -740,6 +744,7 @@ class Rig:
         receivers: int | None = None,
         watchdog_s: float | None = None,
         proxy_machines: bool = True,
+        dut_env: Mapping[str, str] | None = None,
     ) -> None:
         self.spec = spec
         # Short paths: unix sockets (control, notify) must fit in 108 bytes.
@@ -752,6 +757,7 @@ class Rig:
         self.receiver_count = receivers or spec.receiver.count
         self.watchdog_s = watchdog_s
         self.proxy_machines = proxy_machines
+        self.dut_env = dict(dut_env or {})
         self.sim: SimProcess | None = None
         self.broker: Any = None  # MosquittoBroker
         self.machine_proxy: Any = None  # FaultProxy
@@ -859,6 +865,7 @@ class Rig:
                 self.state_dir,
                 self.workdir,
                 watchdog_s=self.watchdog_s,
+                env=self.dut_env,
             )
         await self.dut.start()
 
@@ -1043,6 +1050,7 @@ async def finish(
     window_checks: bool = True,
     notes: Mapping[str, Any] | None = None,
     fault_windows: Sequence[tuple[float, float]] = (),
+    device_time: DeviceTime | None = None,
 ) -> Outcome:
     """End a scenario: wait for the spool to drain, kill -9 the DUT, ask the oracle.
 
@@ -1095,6 +1103,7 @@ async def finish(
             incarnations=rig.dut.incarnations,
             window_checks=window_checks,
             fault_windows=fault_windows,
+            device_time=device_time,
         )
     )
     return Outcome(name, figures, out_notes, problems, time.time() - rig.t0)

@@ -109,6 +109,7 @@ class Twin:
         self._desired: dict[int, DesiredChange] = {}
         self._awaiting: dict[int, DesiredChange] = {}
         self._awaiting_mask = np.zeros(n, dtype=bool)
+        #: tag index → (value, monotonic time) of this runtime's last write (for max_rate).
         self._last_write: dict[int, tuple[float, float]] = {}
         self._write_queue: asyncio.Queue[DesiredChange] = asyncio.Queue()
         self._write_locks: dict[int, asyncio.Lock] = {}
@@ -264,8 +265,15 @@ class Twin:
         self._desired[i] = change
         last_value, last_time = self._last_seen(i)
         try:
+            # max_rate is a rate over elapsed time: measured on the monotonic clock, so a wall
+            # clock step (NTP, a dead RTC corrected at boot) can neither open the limit (+1 h
+            # makes any step look slow) nor refuse every write (a step backwards).
             change.value = check_write(
-                tag, value, last_value=last_value, last_time=last_time, now=now
+                tag,
+                value,
+                last_value=last_value,
+                last_time=last_time,
+                now=self._clock.monotonic(),
             )
         except WriteRefused as exc:
             self._finish(change, "refused", exc.reason)
@@ -313,7 +321,7 @@ class Twin:
                 return
             now = self._clock.time()
             if isinstance(change.value, int | float) and not isinstance(change.value, bool):
-                self._last_write[i] = (float(change.value), now)
+                self._last_write[i] = (float(change.value), self._clock.monotonic())
             if change.done:  # superseded while on the wire
                 return
             change.written_ts = now

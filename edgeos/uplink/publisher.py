@@ -109,6 +109,9 @@ class PublisherStats:
     bad_control: int = 0
     commands: int = 0
     last_ack_time: float | None = None
+    #: Monotonic time of the last ack: ages are measured on it (a wall-clock step would make
+    #: ``now - last_ack_time`` jump by hours and fail the OTA health check of a healthy slot).
+    last_ack_monotonic: float | None = None
     #: Spool append → ack, for batches appended by this process.
     ack_latency: Histogram = field(default_factory=Histogram)
 
@@ -155,6 +158,7 @@ class Publisher:
         self._connected = False
         self._commands = ReplayGuard()
         self._counter = 0
+        self._tls: tuple[tuple[tuple[int, int], ...], ssl.SSLContext] | None = None
         prefix = f"{options.topic_prefix}/{options.device}"
         self.topics = {
             "batch": f"{prefix}/batch",
@@ -178,9 +182,40 @@ class Publisher:
         return len(self.spool)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters.as_dict(), "backlog": self.backlog}
+        last = self.counters.last_ack_monotonic
+        age = None if last is None else round(self.clock.monotonic() - last, 1)
+        return {**self.counters.as_dict(), "backlog": self.backlog, "last_ack_age_s": age}
 
     # ------------------------------------------------------------------ connection
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The client TLS context, built once and rebuilt only when a credential file changes.
+
+        One context for every reconnect: building it per attempt loaded the CA, certificate and
+        key again each time (an attempt every few seconds while the broker is away) and left a
+        context behind per attempt until the next full garbage collection.
+        """
+        tls = self.options.tls
+        if tls is None:
+            raise ConnectError("an mqtts:// broker needs uplink.tls (ca_file, cert_file, key_file)")
+        files = (tls.ca_file, tls.cert_file, tls.key_file)
+        try:
+            stamp = tuple((st.st_mtime_ns, st.st_size) for st in (f.stat() for f in files))
+        except OSError as exc:
+            raise ConnectError(f"TLS credentials not readable: {exc}") from exc
+        if self._tls is not None and self._tls[0] == stamp:
+            return self._tls[1]
+        # Verify the broker's certificate and host name against our CA, present our own.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_verify_locations(cafile=str(tls.ca_file))
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectError(f"TLS credentials not usable: {exc}") from exc
+        if self._tls is not None:
+            log.info("uplink TLS credentials changed on disk; using the new ones")
+        self._tls = (stamp, context)
+        return context
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Session]:
@@ -190,18 +225,7 @@ class Publisher:
         secure = url.scheme in ("mqtts", "ssl", "tls")
         if url.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls") or not url.hostname:
             raise ConnectError(f"broker URL {o.broker!r} is not mqtt://host:port or mqtts://…")
-        tls_params = None
-        if secure:
-            if o.tls is None:
-                raise ConnectError(
-                    "an mqtts:// broker needs uplink.tls (ca_file, cert_file, key_file)"
-                )
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(o.tls.ca_file),
-                certfile=str(o.tls.cert_file),
-                keyfile=str(o.tls.key_file),
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+        tls_context = self.tls_context() if secure else None
         will = aiomqtt.Will(self.topics["status"], self._status("offline"), qos=1, retain=True)
         client = aiomqtt.Client(
             url.hostname,
@@ -210,7 +234,7 @@ class Publisher:
             identifier=o.device,
             will=will,
             keepalive=o.keepalive_s,
-            tls_params=tls_params,
+            tls_context=tls_context,
             clean_session=True,
             timeout=10.0,
             max_inflight_messages=max(20, o.inflight_window + 4),
@@ -296,6 +320,7 @@ class Publisher:
         self.counters.acks += 1
         self.counters.acked += dropped
         self.counters.last_ack_time = self.clock.time()
+        self.counters.last_ack_monotonic = now
         if self.on_ack is not None:
             self.on_ack(epoch, seq)
         return dropped

@@ -31,6 +31,8 @@ STATUS: dict[str, Any] = {
     "twin": {"by_quality": {"GOOD": 10, "BAD_COMM": 2}},
     "uplink": {"backlog_batches": 4, "spool": {"bytes": 1024}, "connected": True},
     "gates": {"verdicts": {"continue": 7, "scrap": 1}},
+    "process": {"rss_mb": 90.5, "open_files": 19},
+    "clock": {"steps": 2, "last_step_s": -3600.0},
 }
 
 
@@ -64,6 +66,9 @@ async def test_metrics_endpoint_serves_runtime_status() -> None:
         assert 'edgeos_uplink_spool_bytes{device="gw-1"} 1024.0' in body
         assert 'edgeos_uplink_connected{device="gw-1"} 1.0' in body
         assert 'edgeos_gate_verdicts_total{device="gw-1",verdict="scrap"} 1.0' in body
+        assert 'edgeos_process_resident_bytes{device="gw-1"} 9.4896128e+07' in body
+        assert 'edgeos_process_open_files{device="gw-1"} 19.0' in body
+        assert 'edgeos_clock_steps_total{device="gw-1"} 2.0' in body
         assert (await _get(server.port, "/nope")).startswith(b"HTTP/1.1 404")
     finally:
         task.cancel()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgeos.app import Runtime
-from edgeos.control import request
+from edgeos.control import ControlError, request
 from edgeos.driver import Quality
 from edgeos.errors import ProvisioningError
 from edgeos.sim import SimLine, SimOptions
@@ -62,6 +62,17 @@ async def test_runtime_scans_writes_and_serves_control(line: SimLine, tmp_path: 
         assert status["state"] == "running"
         assert status["connections"][0]["state"] == "up"
         assert status["twin"]["by_quality"] == {"GOOD": 40}
+        assert status["process"]["rss_mb"] > 10 and status["process"]["open_files"] > 3
+        assert status["clock"]["steps"] == 0
+
+        # Diagnosis: heap by type; a snapshot needs tracemalloc, and says so.
+        memory = await asyncio.to_thread(request, sock, "debug.memory", top=5)
+        assert len(memory["types"]) == 5 and memory["gc"]["tracked_objects"] > 100
+        if not memory["tracemalloc"]["tracing"]:
+            with pytest.raises(ControlError, match="PYTHONTRACEMALLOC"):
+                await asyncio.to_thread(
+                    request, sock, "debug.memory", top=0, dump=str(tmp_path / "x.snapshot")
+                )
 
         # Operator write: refused beyond limits, applied within, confirmed by a read.
         refused = await asyncio.to_thread(

@@ -61,6 +61,29 @@ def test_idle_runs_young_and_full_collections_and_counts_them() -> None:
     assert sum(stats["hot_collections"]) >= 0
 
 
+def test_a_full_collection_is_due_after_full_every_s_even_without_young_passes() -> None:
+    """Cyclic garbage (a dropped broker client and its TLS context) must not wait ~45 minutes
+    for the gen-1 counter: the time bound alone makes a full pass due."""
+    now = [100.0]
+    settings = GcSettings(full_after=10_000, full_every_s=60.0, margin=1.0, min_idle_s=0.0)
+    with GcPolicy(settings, monotonic=lambda: now[0]) as policy:
+        gc.disable()  # no automatic pass may reset the counters under the test
+        try:
+            full_before = policy.collections[2]
+            now[0] += 59.0
+            assert policy.idle(10.0) != 2
+            make_cycles(50)
+            now[0] += 2.0
+            assert policy.idle(10.0) == 2
+            assert policy.collections[2] == full_before + 1
+            # The clock restarts from that pass.
+            assert policy.idle(10.0) != 2
+            now[0] += 61.0
+            assert policy.idle(10.0) == 2
+        finally:
+            gc.enable()
+
+
 def test_idle_declines_when_the_gap_is_shorter_than_a_pause() -> None:
     with GcPolicy(GcSettings(full_after=1, min_idle_s=0.0, margin=1e9)) as policy:
         gc.collect(1)

@@ -133,6 +133,22 @@ async def test_rate_limit_is_measured_from_the_last_write(rig: Rig) -> None:
     assert ok.status != "refused", ok.reason
 
 
+@pytest.mark.parametrize("step_s", [3600.0, -86400.0])
+async def test_rate_limit_ignores_wall_clock_steps(rig: Rig, step_s: float) -> None:
+    """NTP stepping the wall clock (+1 h after a boot without RTC, or back a day) must neither
+    open the set-point rate limit nor refuse every later write."""
+    rig.read(0, 20.0)
+    first = rig.twin.set_desired("oven.sp", 150, source="operator")
+    await rig.clock.advance(0.1)
+    assert first.status != "refused" and len(rig.path.writes) == 1
+    rig.clock.jump_wall(step_s)
+    fast = rig.twin.set_desired("oven.sp", 200, source="model")  # still 50 in ~0.1 s
+    assert fast.status == "refused" and "max_rate" in fast.reason
+    await rig.clock.advance(1.0)
+    ok = rig.twin.set_desired("oven.sp", 190, source="model")  # 40 in 1.1 s
+    assert ok.status != "refused", ok.reason
+
+
 async def test_transport_error_is_failed_and_driver_refusal_is_refused(rig: Rig) -> None:
     rig.path.error = ConnectError("connection refused")
     failed = rig.twin.set_desired("oven.sp", 10, source="cloud")

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,3 +309,63 @@ async def test_mqtts_without_tls_files_is_a_clear_connect_error(tmp_path: Path) 
         with pytest.raises(ConnectError, match="not mqtt://"):
             async with bad_url.session():
                 pass
+
+
+async def test_reconnects_reuse_one_tls_context_until_a_credential_file_changes(
+    tmp_path: Path,
+) -> None:
+    async with MosquittoBroker(tmp_path / "broker", tls=True) as broker:
+        creds = broker.credentials(DEVICE)
+        own = tmp_path / "own"
+        own.mkdir()
+        for f in (creds.ca_file, creds.cert_file, creds.key_file):
+            shutil.copy(f, own / f.name)
+        tls = TlsConfig(
+            ca_file=own / creds.ca_file.name,
+            cert_file=own / creds.cert_file.name,
+            key_file=own / creds.key_file.name,
+        )
+        options = PublisherOptions(
+            device=DEVICE, broker=broker.url, tls=tls, backoff_initial_s=0.05, backoff_max_s=0.2
+        )
+        with Spool(tmp_path / "spool", fsync=False) as spool:
+            publisher = Publisher(options, spool=spool, keyring=RING)
+            first = publisher.tls_context()
+            assert publisher.tls_context() is first
+            for _ in range(2):
+                async with publisher.session():
+                    pass
+            assert publisher.tls_context() is first
+            # A broken key on disk: a clear error, and the old context is not used for it.
+            good_key = tls.key_file.read_bytes()
+            tls.key_file.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n")
+            with pytest.raises(ConnectError, match="TLS credentials not usable"):
+                publisher.tls_context()
+            connects = publisher.counters.connects
+            task = asyncio.create_task(publisher.run())
+            try:
+                await _until(lambda: publisher.counters.connect_failures >= 2, "retrying")
+                assert publisher.counters.connects == connects
+                # Fixed on disk (a rotated credential): picked up without a restart.
+                tls.key_file.write_bytes(good_key)
+                os.utime(tls.key_file, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+                await _until(lambda: publisher.counters.connects > connects, "reconnected")
+                assert publisher.tls_context() is not first
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        missing = Publisher(
+            PublisherOptions(
+                device=DEVICE,
+                broker=broker.url,
+                tls=TlsConfig(
+                    ca_file=own / "nope.crt", cert_file=tls.cert_file, key_file=tls.key_file
+                ),
+            ),
+            spool=Spool(tmp_path / "spool2", fsync=False),
+            keyring=RING,
+        )
+        with pytest.raises(ConnectError, match="not readable"):
+            missing.tls_context()
+        missing.spool.close()
