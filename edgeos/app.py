@@ -238,12 +238,16 @@ class Runtime:
         return self.status()
 
     async def _op_debug_memory(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Heap walk and tracemalloc view (diagnosis only: it stalls the loop for ~100 ms)."""
+        """Heap walk and tracemalloc view, for diagnosis. Runs in a worker thread: with
+        tracemalloc on, a snapshot of a few hundred thousand traces takes seconds, and on the
+        loop that stalled every scan (the scan loop slows down meanwhile, it does not stop)."""
         from edgeos.memory import memory_report
 
         dump = req.get("dump")
-        return memory_report(
-            top=int(req.get("top", 20)), dump=Path(str(dump)) if dump is not None else None
+        return await asyncio.to_thread(
+            memory_report,
+            top=int(req.get("top", 20)),
+            dump=Path(str(dump)) if dump is not None else None,
         )
 
     async def _op_twin_get(self, req: dict[str, Any]) -> list[dict[str, Any]]:

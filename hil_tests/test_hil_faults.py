@@ -193,14 +193,43 @@ async def fill_spool(rig: Rig) -> dict[str, Any]:
     return doc
 
 
-async def test_disk_full_refuse_new(make_rig: Any, hil_report: Any) -> None:
-    """The spool's disk quota fills while the broker is unreachable (``refuse_new``):
+async def test_disk_fills(make_rig: Any, hil_report: Any) -> None:
+    """The disk really fills: the DUT's state directory (spool, twin snapshots) is a 512 KiB
+    tmpfs and the broker is unreachable, so the spool's writes fail with ENOSPC long before its
+    own bound. The runtime keeps scanning, refuses (``refuse_new``) and counts what it could not
+    store, announces the gap, and delivers everything it did store once the link is back."""
+    options = quota_rig_options("refuse_new")
+    spool = options["runtime_overrides"]["uplink"]["spool"]
+    spool["max_bytes"] = 64 << 20  # far above the disk: only ENOSPC can stop it
+    del spool["segment_bytes"]
+    try:
+        rig = await make_rig(**options, state_fs_bytes=512 << 10)
+    except PermissionError as exc:
+        pytest.skip(f"no real full disk here: {exc}")
+    await _warm(rig)
+    full = await fill_spool(rig)
+    status = await rig.dut.status() if rig.dut is not None else {}
+    outcome = await finish(rig, "disk fills (512 KiB tmpfs state dir, ENOSPC)", drain_s=120)
+    _quota_checks(outcome, full, rig)
+    enospc = full["uplink"]["spool"].get("enospc", 0)
+    outcome.notes["enospc"] = enospc
+    outcome.notes["state_after"] = status.get("state")
+    if enospc < 1:
+        outcome.problems.append("the spool never met ENOSPC (the quota stopped it first?)")
+    if status.get("state") != "running":
+        outcome.problems.append(f"runtime state after the full disk: {status.get('state')}")
+    _judge(hil_report, outcome)
+
+
+@pytest.mark.slow
+async def test_disk_quota_refuse_new(make_rig: Any, hil_report: Any) -> None:
+    """The spool's own bound (256 KiB) fills while the broker is unreachable (``refuse_new``):
     refused batches are counted and announced, nothing else is lost, acks do not stall.
-    (``drop_oldest`` runs in tests/e2e; both run in soak mode.)"""
+    (``drop_oldest`` runs in tests/e2e; the real full disk runs in the short suite above.)"""
     rig = await make_rig(**quota_rig_options("refuse_new"))
     await _warm(rig)
     full = await fill_spool(rig)
-    outcome = await finish(rig, "disk full (1 MiB spool, refuse_new)", drain_s=120)
+    outcome = await finish(rig, "spool quota (256 KiB, refuse_new)", drain_s=120)
     _quota_checks(outcome, full, rig)
     _judge(hil_report, outcome)
 

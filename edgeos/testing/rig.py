@@ -745,6 +745,7 @@ class Rig:
         watchdog_s: float | None = None,
         proxy_machines: bool = True,
         dut_env: Mapping[str, str] | None = None,
+        state_fs_bytes: int | None = None,
     ) -> None:
         self.spec = spec
         # Short paths: unix sockets (control, notify) must fit in 108 bytes.
@@ -758,6 +759,9 @@ class Rig:
         self.watchdog_s = watchdog_s
         self.proxy_machines = proxy_machines
         self.dut_env = dict(dut_env or {})
+        #: Put the DUT's state directory on a tmpfs of this size: a disk that really fills.
+        self.state_fs_bytes = state_fs_bytes
+        self._state_fs_mounted = False
         self.sim: SimProcess | None = None
         self.broker: Any = None  # MosquittoBroker
         self.machine_proxy: Any = None  # FaultProxy
@@ -858,6 +862,8 @@ class Rig:
         if spec.dut.kind == "ssh":
             self.dut = SshDut(spec.dut, self.workdir)
         else:
+            if self.state_fs_bytes is not None:
+                await asyncio.to_thread(self._mount_state_fs, self.state_fs_bytes)
             self._write_runtime_config(creds, modbus_port, opcua_url)
             self.dut = LocalDut(
                 spec.dut.device_id,
@@ -988,11 +994,36 @@ class Rig:
             await asyncio.to_thread(self.broker.kill)
         with contextlib.suppress(Exception):
             await self._stack.aclose()
+        if self._state_fs_mounted:
+            await asyncio.to_thread(self._unmount_state_fs)
         drop = self._pg_drop
         if drop is not None:
             self._pg_drop = None
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(_drop_pg, *drop)
+
+    def _mount_state_fs(self, size: int) -> None:
+        """A small tmpfs as the DUT's state directory (needs root or CAP_SYS_ADMIN)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(self.state_dir)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise PermissionError(
+                f"cannot mount a {size}-byte tmpfs for the DUT's state: "
+                f"{(done.stderr or done.stdout).strip()} (needs root or CAP_SYS_ADMIN)"
+            )
+        self._state_fs_mounted = True
+
+    def _unmount_state_fs(self) -> None:
+        """Keep a copy of the state for post-mortem, then unmount (lazily: never raises)."""
+        with contextlib.suppress(OSError):
+            shutil.copytree(self.state_dir, self.workdir / "state-copy", dirs_exist_ok=True)
+        subprocess.run(["umount", "-l", str(self.state_dir)], capture_output=True, check=False)
+        self._state_fs_mounted = False
 
     def remove_workdir(self) -> None:
         if self._own_workdir:

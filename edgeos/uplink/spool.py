@@ -249,29 +249,43 @@ class Spool:
                 self.counters.refused += 1
                 raise SpoolFull(f"batch of {len(record)} bytes exceeds the spool bound")
             self._make_room(len(record))
-            try:
-                segment, offset = self._write_record(record)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise StorageError(f"spool write failed: {exc}") from exc
-                self.counters.enospc += 1
-                # The disk is fuller than our bound thinks: apply the policy, then retry once.
-                if self.full_policy == "refuse_new" or not self._drop_oldest_segment():
-                    self.counters.refused += 1
-                    raise SpoolFull("disk full (ENOSPC) and nothing left to drop") from exc
-                try:
-                    segment, offset = self._write_record(record)
-                except OSError as exc2:
-                    self.counters.refused += 1
-                    if exc2.errno == errno.ENOSPC:
-                        self.counters.enospc += 1
-                    raise SpoolFull(f"disk full after dropping the oldest data: {exc2}") from exc2
+            segment, offset = self._write_or_reclaim(record)
             self._add_entry(
                 _Entry(
                     epoch, seq, segment.number, offset + _REC.size, len(payload), time.monotonic()
                 )
             )
             self.counters.appended += 1
+
+    def _write_or_reclaim(self, record: bytes) -> tuple[_Segment, int]:
+        """Write a record; on ENOSPC reclaim, apply the full policy, retry (see ``append``)."""
+        try:
+            return self._write_record(record)
+        except OSError as exc:
+            self._count_enospc(exc)
+        # The disk is fuller than our bound thinks. First give back what was already delivered
+        # and stop filling the segment being appended (an active segment is never deleted, so
+        # a full disk would otherwise hold acknowledged data for ever); then the policy.
+        if self._roll_active():
+            try:
+                return self._write_record(record)
+            except OSError as exc:
+                self._count_enospc(exc)
+        if self.full_policy == "refuse_new" or not self._drop_oldest_segment():
+            self.counters.refused += 1
+            raise SpoolFull("disk full (ENOSPC) and nothing left to drop")
+        try:
+            return self._write_record(record)
+        except OSError as exc:
+            self.counters.refused += 1
+            if exc.errno == errno.ENOSPC:
+                self.counters.enospc += 1
+            raise SpoolFull(f"disk full after dropping the oldest data: {exc}") from exc
+
+    def _count_enospc(self, exc: OSError) -> None:
+        if exc.errno != errno.ENOSPC:
+            raise StorageError(f"spool write failed: {exc}") from exc
+        self.counters.enospc += 1
 
     def _make_room(self, size: int) -> None:
         while self._disk_bytes() + size > self.max_bytes:
@@ -284,6 +298,20 @@ class Spool:
             if not self._drop_oldest_segment():
                 self.counters.refused += 1
                 raise SpoolFull("spool is full and has nothing left to drop")
+
+    def _roll_active(self) -> bool:
+        """End the active segment: deleted now when fully acknowledged (its space comes back at
+        once), otherwise kept until its records are. True when a retry may now succeed."""
+        active = self._active
+        if active is None:
+            return False
+        if active.live == 0:
+            self._delete_segment(active)
+            return True
+        self._active = None
+        # Its space returns once acknowledged; a retry now only helps if the disk had room for
+        # a fresh segment, which the caller finds out.
+        return True
 
     def _drop_oldest_segment(self) -> bool:
         for segment in self._segments.values():

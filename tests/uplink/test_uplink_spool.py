@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -187,6 +188,65 @@ def test_enospc_follows_the_policy_without_crashing(tmp_path: Path, policy: str)
     for r in reopened.pending():
         assert r.payload.startswith(payload_for(1, r.seq)[:100])
     reopened.close()
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "refuse_new"])
+def test_a_full_disk_is_given_back_once_acknowledged(tmp_path: Path, policy: str) -> None:
+    """The disk is smaller than one segment (the default 8 MiB segment on a small partition):
+    everything lands in the active segment, the disk fills, the link comes back and acks it
+    all. The acknowledged space must come back; appends must succeed again."""
+    disk = SmallDisk(tmp_path, capacity=200_000)
+    spool = Spool(
+        tmp_path,
+        max_bytes=64 << 20,
+        segment_bytes=8 << 20,
+        full_policy=policy,  # type: ignore[arg-type]
+        fsync=False,
+        writer=disk,
+    )
+    record = b"x" * 1000
+    seq = 0
+    while spool.stats()["enospc"] < 3:  # the disk filled (refused, or the oldest dropped)
+        seq += 1
+        with contextlib.suppress(SpoolFull):
+            spool.append(1, seq, record)
+    last = max(k[1] for k in spool.pending_keys())
+    spool.ack(1, last)  # the link is back: everything stored is acknowledged
+    for more in range(seq + 1, seq + 50):
+        spool.append(1, more, record)  # room again
+    assert len(spool) == 49
+    spool.close()
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "refuse_new"])
+def test_a_full_disk_with_a_partly_acked_segment_recovers_as_acks_arrive(
+    tmp_path: Path, policy: str
+) -> None:
+    disk = SmallDisk(tmp_path, capacity=200_000)
+    spool = Spool(
+        tmp_path,
+        max_bytes=64 << 20,
+        segment_bytes=8 << 20,
+        full_policy=policy,  # type: ignore[arg-type]
+        fsync=False,
+        writer=disk,
+    )
+    record = b"y" * 1000
+    seq = 0
+    while spool.stats()["enospc"] == 0:
+        seq += 1
+        with contextlib.suppress(SpoolFull):
+            spool.append(1, seq, record)
+    keys = spool.pending_keys()
+    spool.ack(1, keys[len(keys) // 2][1])  # half acknowledged: the segment must stay
+    with contextlib.suppress(SpoolFull):
+        spool.append(1, seq + 1, record)
+    if policy == "refuse_new":
+        assert keys[-1] in spool.pending_keys()  # nothing unacknowledged was given up
+    spool.ack(1, max(k[1] for k in spool.pending_keys()))
+    spool.append(1, seq + 2, record)  # and once the rest is acked, there is room
+    assert spool.pending_keys() == [(1, seq + 2)]
+    spool.close()
 
 
 def _kill_runs(directory: Path, kills: int, seed: int) -> None:
