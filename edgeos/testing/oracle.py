@@ -67,12 +67,13 @@ _CRC_PART = struct.Struct(">IQQ")
 _RECORD_MAGIC = b"ESR1"
 _FILE_MAGIC = b"EOSSPL01"
 _QUALITY_USABLE = 16
-#: Scan rows are timed when the read *returned*; the serve happened just before.
-_SERVE_SLACK_S = 0.002
-#: Open finding (docs/hil.md): under heavy load a handful of samples in the first ~1.5 s after
-#: a runtime starts match an older serve than their scan time (4 of 1.1 M in one run, never
-#: lost or duplicated). They are counted and listed in every report; more than this fails.
-ORDER_TOLERANCE = 8
+#: Scan rows are timed when the read *returned*, so the serve always came before (same clock).
+#: The slack only absorbs the wire format's rounding of times to whole µs. It was 2 ms once:
+#: a scan of 40 requests is stamped when its last answer arrives, up to ~100 ms after its
+#: first, and the next scan's first request was sometimes served within 2 ms of that stamp,
+#: so the older sample was matched to the newer serve and the newer one reported as "serve #k
+#: after #k" (the order anomaly of docs/hil.md, which was the oracle's, not the runtime's).
+_SERVE_SLACK_S = 10e-6
 #: How far back a stored scan may be from the serve it came from (request timeout + latency).
 _MATCH_WINDOW_S = {"modbus": 6.0, "opcua": 15.0}
 #: A value served less than this before the last accepted batch was sealed may not be in it.
@@ -344,7 +345,7 @@ class Figures:
             self.lost_batches == 0
             and self.window_lost == 0
             and self.duplicates == 0
-            and self.order_violations <= ORDER_TOLERANCE
+            and self.order_violations == 0
             and self.mismatched == 0
         )
 

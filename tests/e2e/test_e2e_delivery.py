@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgeos.testing.oracle import ORDER_TOLERANCE
 from edgeos.testing.rig import finish, run_cli
 
 
@@ -39,7 +38,7 @@ async def test_exactly_once_in_order_across_broker_restart(e2e_rig: Any) -> None
     fig = outcome.figures
     assert not outcome.problems
     assert fig.lost_batches == 0 and fig.pending_on_disk_batches <= 1
-    assert fig.duplicates == 0 and fig.order_violations <= ORDER_TOLERANCE
+    assert fig.duplicates == 0 and fig.order_violations == 0
     assert fig.mismatched == 0, fig.examples  # every value within half its resolution
     assert fig.window_lost == 0, fig.examples
     assert fig.stored_usable > 1000 and fig.opcua_matched > 0

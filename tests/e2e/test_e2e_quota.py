@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from edgeos.testing.oracle import ORDER_TOLERANCE
 from edgeos.testing.rig import DutSpec, PeersSpec, RigSpec, finish
 
 
@@ -62,7 +61,7 @@ async def _quota(e2e_rig: Any, policy: str) -> None:
         f"(+{fig.announced_but_stored} announced but stored)"
     )
     assert fig.window_lost == 0, fig.examples
-    assert fig.duplicates == 0 and fig.order_violations <= ORDER_TOLERANCE and fig.mismatched == 0
+    assert fig.duplicates == 0 and fig.order_violations == 0 and fig.mismatched == 0
 
 
 @pytest.mark.timeout(300)
