@@ -18,6 +18,7 @@ from edgeos.control import ControlError
 from edgeos.control import request as control_request
 from edgeos.memory import compare_snapshots
 from edgeos.testing.rig import LocalDut, finish
+from edgeos.testing.soak import soak_problems, soak_summary
 
 
 def _proc_figures(pid: int) -> dict[str, float]:
@@ -113,41 +114,10 @@ async def test_soak(
     if frames > 0:
         await dump("end")
     outcome = await finish(rig, f"soak {soak_s:.0f} s ({k} faults)", drain_s=180)
-    steady = [s for s in samples if s["t_s"] >= 60] or samples
-    slope = None
-    if len(steady) >= 3:
-        t = [s["t_s"] / 3600 for s in steady]
-        r = [s["rss_mb"] for s in steady]
-        mt, mr = sum(t) / len(t), sum(r) / len(r)
-        var = sum((x - mt) ** 2 for x in t)
-        if var > 0:
-            slope = round(sum((x - mt) * (y - mr) for x, y in zip(t, r, strict=True)) / var, 2)
-    summary = {
-        "rss_growth_mb_per_h": slope,
-        "samples": len(samples),
-        "faults": k,
-        "rss_mb_first_last_max": [
-            steady[0]["rss_mb"],
-            steady[-1]["rss_mb"],
-            max(s["rss_mb"] for s in steady),
-        ]
-        if steady
-        else None,
-        "open_files_first_last_max": [
-            steady[0]["open_files"],
-            steady[-1]["open_files"],
-            max(s["open_files"] for s in steady),
-        ]
-        if steady
-        else None,
-        "spool_bytes_max": max((s["spool_bytes"] or 0) for s in samples) if samples else None,
-        "jitter_p99_ms_first_last": [steady[0]["jitter_p99_ms"], steady[-1]["jitter_p99_ms"]]
-        if steady
-        else None,
-    }
-    blocks = [s["py_blocks"] for s in steady if s.get("py_blocks") is not None]
-    if blocks:
-        summary["py_blocks_first_last_max"] = [blocks[0], blocks[-1], max(blocks)]
+    summary = soak_summary(samples)
+    summary["faults"] = k
+    summary["fault_every_s"] = fault_every
+    outcome.problems.extend(soak_problems(summary, tracing=frames > 0))
     if len(snapshots) >= 2:
         summary["heap_growth_top"] = compare_snapshots(snapshots[0], snapshots[-1], top=15)
     hil_report.doc["soak"] = {"series": samples, "summary": summary}
