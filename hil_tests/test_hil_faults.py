@@ -38,8 +38,11 @@ def _judge(report: Any, outcome: Outcome) -> None:
 
 
 async def test_machine_link_faults(make_rig: Any, hil_report: Any) -> None:
-    """Gateway ↔ machines: latency, lost response chunks, a partition; reads fail, nothing
-    that was read is lost."""
+    """Gateway ↔ machines: latency, lost response chunks, corrupted response bytes, a
+    partition; reads fail, nothing that was read is lost. Modbus TCP carries no checksum, so a
+    flipped bit inside a register is a valid answer with a wrong value: the oracle counts such
+    values apart (``wrong_under_corruption``, in the report) and still requires zero wrong
+    values outside the corruption window, and a runtime that kept running through it."""
     rig = await make_rig()
     await _warm(rig)
     proxy = rig.machine_proxy
@@ -50,18 +53,28 @@ async def test_machine_link_faults(make_rig: Any, hil_report: Any) -> None:
     proxy.set_drop(0.05, "down")
     await asyncio.sleep(3)
     proxy.heal()
+    corrupt_from = time.time()
+    proxy.set_corrupt(0.05, "down")
+    await asyncio.sleep(3)
+    proxy.heal()
+    corrupt = [(corrupt_from, time.time())]
     proxy.partition()
     await asyncio.sleep(3)
     proxy.heal()
     # Reads keep failing for a moment after the heal (request timeout, reconnect backoff).
     faults = [(start, time.time() + 6)]
     await asyncio.sleep(4)
+    assert rig.dut is not None
+    state = (await rig.dut.status()).get("state")
     outcome = await finish(
         rig,
-        "machine-link: latency 50 ms, 5 % responses dropped, 3 s partition",
+        "machine-link: latency 50 ms, 5 % responses dropped, 5 % corrupted, 3 s partition",
         fault_windows=faults,
+        corrupt_windows=corrupt,
     )
     outcome.notes["proxy"] = dict(proxy.counts)
+    if state != "running":
+        outcome.problems.append(f"runtime {state} after the machine-link faults")
     _judge(hil_report, outcome)
 
 

@@ -80,6 +80,8 @@ _MATCH_WINDOW_S = {"modbus": 6.0, "opcua": 15.0}
 _WINDOW_MARGIN_S = 0.5
 #: A hole in a tag's rows this close to a machine-link fault is a failed read (not a loss).
 _UNREAD_RADIUS_S = 4.0
+#: A corrupted answer is stamped when its scan ends: at most a request timeout after the fault.
+_CORRUPT_RADIUS_S = 3.0
 #: A hole in a tag's rows counts when longer than this many scan periods (and this long).
 _GAP_PERIODS = 2.5
 _GAP_MIN_S = 1.5
@@ -322,6 +324,9 @@ class Figures:
     stored_usable: int = 0
     matched: int = 0
     mismatched: int = 0
+    #: Wrong values stored while corruption was injected on the machine link (Modbus TCP has no
+    #: checksum: a flipped register bit is a valid, wrong answer). Reported, not a failure.
+    wrong_under_corruption: int = 0
     duplicates: int = 0
     order_violations: int = 0
     window_lost: int = 0
@@ -340,7 +345,8 @@ class Figures:
 
     @property
     def clean(self) -> bool:
-        """Zero loss, duplicates and wrong values of accepted samples; order within tolerance."""
+        """Zero loss, duplicates, order violations and wrong values of accepted samples (wrong
+        values explained by injected machine-link corruption are counted apart)."""
         return (
             self.lost_batches == 0
             and self.window_lost == 0
@@ -385,11 +391,14 @@ def evaluate(
     since: float | None = None,
     fault_windows: Sequence[tuple[float, float]] = (),
     device_time: DeviceTime | None = None,
+    corrupt_windows: Sequence[tuple[float, float]] = (),
 ) -> Figures:
     """Compare truth, spool and receiver (see the module docs).
 
     ``device_time``: when the DUT's wall clock was stepped on purpose, maps its times back to
-    real time first (samples are matched to serves in real time).
+    real time first (samples are matched to serves in real time). ``corrupt_windows``: spans
+    when machine-link bytes were corrupted on purpose; a wrong value scanned inside one (or up
+    to a request timeout after) counts as ``wrong_under_corruption``, not as ``mismatched``.
 
     ``since``: ignore earlier serves. ``fault_windows``: wall-time spans when the machine link
     was faulty; a served value there that was not stored counts as *unread* (the response may
@@ -427,6 +436,7 @@ def evaluate(
         window_checks=window_checks,
         since=since,
         fault_windows=fault_windows,
+        corrupt_windows=corrupt_windows,
     )
     return fig
 
@@ -444,6 +454,7 @@ def _samples(
     window_checks: bool,
     since: float | None,
     fault_windows: Sequence[tuple[float, float]],
+    corrupt_windows: Sequence[tuple[float, float]] = (),
 ) -> None:
     by_tag: dict[str, list[StoredSample]] = {}
     for s in data.samples:
@@ -500,6 +511,9 @@ def _samples(
                     break
                 j -= 1
             if found < 0:
+                if any(a <= t <= b + _CORRUPT_RADIUS_S for a, b in corrupt_windows):
+                    fig.wrong_under_corruption += 1
+                    continue
                 fig.mismatched += 1
                 if len(fig.examples) < 10:
                     fig.examples.append(f"mismatch {tag} @{t:.3f} value {r.value}")
@@ -635,11 +649,14 @@ def summary_markdown(title: str, scenarios: Mapping[str, Mapping[str, Any]]) -> 
             for k in ("latency_p50_s", "latency_p99_s", "latency_max_s")
         )
         notes = "; ".join(f"{k}={v}" for k, v in (doc.get("notes") or {}).items())
+        wrong = str(f.get("mismatched"))
+        if f.get("wrong_under_corruption"):
+            wrong += f" (+{f['wrong_under_corruption']} corrupted)"
         lines.append(
             f"| {name} | {'yes' if doc.get('passed') else 'NO'} | {f.get('accepted_batches')} "
             f"| {f.get('stored_batches')} | {f.get('announced_gap_batches')} "
             f"| {f.get('pending_on_disk_batches')} | {f.get('lost_batches')} "
-            f"| {f.get('duplicates')} | {f.get('order_violations')} | {f.get('mismatched')} "
+            f"| {f.get('duplicates')} | {f.get('order_violations')} | {wrong} "
             f"| {f.get('window_lost')}/{f.get('window_unread')}/{f.get('window_policy')} "
             f"| {f.get('coverage')} "
             f"| {lat} | {notes} |"
@@ -648,9 +665,10 @@ def summary_markdown(title: str, scenarios: Mapping[str, Mapping[str, Any]]) -> 
     lines.append(
         "accepted = batches that reached the spool; gaps = announced in meta.skip (refused or "
         "dropped by the full policy); pending = still in the spool on disk at the end; wrong = "
-        "stored values never served; window lost = tag scans missing from the stored rows while "
-        "the runtime ran, up to its last accepted batch (unread = next to a machine-link "
-        "fault, policy = inside a gap announced in meta.skip); coverage ="
+        "stored values never served (corrupted = while machine-link bytes were being corrupted "
+        "on purpose: Modbus TCP has no checksum); window lost = tag scans missing from the "
+        "stored rows while the runtime ran, up to its last accepted batch (unread = next to a "
+        "machine-link fault, policy = inside a gap announced in meta.skip); coverage ="
         " Modbus responses served that reached the receiver; latency = "
         "scan → received by the receiver."
     )

@@ -1082,6 +1082,7 @@ async def finish(
     notes: Mapping[str, Any] | None = None,
     fault_windows: Sequence[tuple[float, float]] = (),
     device_time: DeviceTime | None = None,
+    corrupt_windows: Sequence[tuple[float, float]] = (),
 ) -> Outcome:
     """End a scenario: wait for the spool to drain, kill -9 the DUT, ask the oracle.
 
@@ -1135,6 +1136,7 @@ async def finish(
             window_checks=window_checks,
             fault_windows=fault_windows,
             device_time=device_time,
+            corrupt_windows=corrupt_windows,
         )
     )
     return Outcome(name, figures, out_notes, problems, time.time() - rig.t0)

@@ -1,0 +1,74 @@
+"""The oracle itself: a sample is matched to the serve it came from (never to a later one),
+wrong values are caught, and only those inside an injected corruption window are excused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgeos.sim.layout import build_layout
+from edgeos.sim.truth import GroundTruth, TruthLog
+from edgeos.testing.oracle import Figures, LedgerBatch, ReceiverData, StoredSample, evaluate
+
+LAYOUT = build_layout(1, 20)
+TAG = LAYOUT.tags[3]
+T0 = 1_800_000_000.0
+
+
+def _truth(serves: list[tuple[float, float]]) -> GroundTruth:
+    """One Modbus response per (time, value) of ``TAG`` (a one-register read)."""
+    log = TruthLog(LAYOUT)
+    index = np.array([LAYOUT.index(TAG.name)])
+    for t, value in serves:
+        regs = LAYOUT.encode(np.array([value]), index)
+        log.record_modbus(t, TAG.modbus_unit, 3, TAG.modbus_address, regs)
+    log.flush()
+    return GroundTruth(LAYOUT, log._chunks)
+
+
+def _data(samples: list[tuple[float, float]]) -> ReceiverData:
+    rows = [StoredSample(f"{TAG.name}", int(t * 1e6), v, 0) for t, v in samples]
+    batch = LedgerBatch(1, 1, int(T0 * 1e6) + 10**7, int(T0 * 1e6) + 10**7, len(rows), ())
+    return ReceiverData([batch], rows, {}, {1: (1, 1)})
+
+
+def _judge(
+    serves: list[tuple[float, float]], samples: list[tuple[float, float]], **kw: Any
+) -> Figures:
+    return evaluate(_truth(serves), _data(samples), accepted={1: {1}}, window_checks=False, **kw)
+
+
+def test_each_sample_maps_to_the_serve_before_its_scan_time() -> None:
+    serves = [(T0 + k * 0.1, 10.0 + k) for k in range(10)]
+    samples = [(t + 0.03, v) for t, v in serves]  # stamped when the read returned
+    fig = _judge(serves, samples)
+    assert (fig.mismatched, fig.order_violations, fig.duplicates) == (0, 0, 0)
+    assert fig.clean
+
+
+def test_a_serve_just_after_the_stamp_is_not_the_samples_source() -> None:
+    """The old 2 ms slack: a scan stamped at the end of a long scan, the next scan's request
+    served 1 ms later with the same value; the next sample must not look like a repeat."""
+    serves = [(T0, 5.0), (T0 + 0.100, 5.0), (T0 + 0.181, 5.0)]
+    samples = [(T0 + 0.180, 5.0), (T0 + 0.210, 5.0)]  # from serves #1 and #2
+    fig = _judge(serves, samples)
+    assert fig.order_violations == 0, fig.examples
+
+
+def test_a_value_never_served_is_wrong_unless_corruption_was_injected_then() -> None:
+    serves = [(T0 + k * 0.1, 20.0) for k in range(10)]
+    samples = [(T0 + 0.05, 20.0), (T0 + 0.45, -41.8), (T0 + 0.85, 20.0)]
+    plain = _judge(serves, samples)
+    assert plain.mismatched == 1 and not plain.clean
+    assert "mismatch" in plain.examples[0]
+    excused = _judge(serves, samples, corrupt_windows=[(T0 + 0.3, T0 + 0.4)])
+    assert excused.mismatched == 0 and excused.wrong_under_corruption == 1 and excused.clean
+    elsewhere = _judge(serves, samples, corrupt_windows=[(T0 + 5.0, T0 + 6.0)])
+    assert elsewhere.mismatched == 1
+
+
+def test_the_same_sample_stored_twice_is_a_duplicate() -> None:
+    serves = [(T0, 1.0), (T0 + 0.1, 2.0)]
+    fig = _judge(serves, [(T0 + 0.02, 1.0), (T0 + 0.02, 1.0), (T0 + 0.12, 2.0)])
+    assert fig.duplicates >= 1 and not fig.clean
