@@ -219,6 +219,10 @@ class _Link:
         fut = self._pending()
         if fut is not None:
             fut.set_exception(exc)
+            # Mark it retrieved: a waiting request still gets the exception; when nobody waits
+            # any more (the caller's deadline passed) asyncio would otherwise log "Future
+            # exception was never retrieved" at ERROR for every dropped connection.
+            fut.exception()
 
     def _trace_connect(self, connected: bool) -> None:
         if not connected:
