@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
-from edgeos.cancel import raise_if_cancelling
 from edgeos.receiver.config import ReceiverConfig
 from edgeos.receiver.ingest import BatchOpener, Rejected, parse_status
 from edgeos.receiver.metrics import MetricsServer, ReceiverMetrics
@@ -170,7 +169,6 @@ class Receiver:
                 async with aiomqtt.Client(b.host, b.port, **self._client_kwargs()) as client:
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=1)
-                    raise_if_cancelling()
                     self._client = client
                     self.metrics.connected.set(1)
                     if not was_connected:
@@ -180,7 +178,6 @@ class Receiver:
                     async for message in client.messages:
                         await self._dispatch(str(message.topic), message.payload)
             except aiomqtt.MqttError as exc:
-                raise_if_cancelling(exc)  # a cancelled receiver stops (edgeos.cancel)
                 if was_connected:
                     log.warning("broker connection lost or refused (%s): %s", b.url, exc)
                 was_connected = False
