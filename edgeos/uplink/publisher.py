@@ -246,9 +246,6 @@ class Publisher:
             await client.subscribe(self.topics["ack"], qos=1)
             await client.subscribe(self.topics["cmd"], qos=1)
             await client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
-            # Python 3.11's wait_for (inside aiomqtt) can swallow a cancellation that arrives
-            # as an operation completes: do not start serving for a caller that gave up.
-            _raise_if_cancelling()
             session = Session(self, client)
             self._connected = True
             self._fresh.clear()  # everything already spooled is backlog now
@@ -286,10 +283,6 @@ class Publisher:
                     failures = 0
                     await session.serve()
             except (aiomqtt.MqttError, ConnectError, OSError) as exc:
-                # On the way out of a cancelled session the client may raise a connection
-                # error in place of the CancelledError; a cancelled publisher must stop, not
-                # reconnect (shutdown would hang until systemd's SIGKILL).
-                _raise_if_cancelling(exc)
                 self.counters.connect_failures += 1
                 self.counters.state = "disconnected"
                 if not lost:
@@ -331,13 +324,6 @@ class Publisher:
         if self.on_ack is not None:
             self.on_ack(epoch, seq)
         return dropped
-
-
-def _raise_if_cancelling(cause: BaseException | None = None) -> None:
-    """Raise ``CancelledError`` when this task was asked to stop but the request got lost."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from cause
 
 
 class Session:
@@ -445,7 +431,6 @@ class Session:
         # Re-sends and backlog leave the last slot to fresh data.
         slow_window = max(1, window - 1)
         while True:
-            _raise_if_cancelling()  # a publish's wait_for may have swallowed our cancellation
             p._wake.clear()
             now = p.clock.monotonic()
             self._expire(now)
