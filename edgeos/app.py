@@ -389,6 +389,13 @@ class Runtime:
         finally:
             await asyncio.shield(self._shutdown())
 
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: tell the parts that reconnect on errors that the cancellation that
+        follows is meant, so a cancellation lost inside a client cannot keep them running."""
+        self.state = "stopping"
+        if self.uplink is not None:
+            self.uplink.stop()
+
     def ota_root(self) -> Path:
         root = self.config.ota.slots_dir
         return root if root.is_absolute() else self.state_dir / root
@@ -485,8 +492,13 @@ def run_forever(config: Config) -> int:
         )
         return 2
     main = loop.create_task(runtime.run(), name="runtime")
+
+    def stop() -> None:
+        runtime.request_stop()
+        main.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, main.cancel)
+        loop.add_signal_handler(sig, stop)
     try:
         loop.run_until_complete(main)
     except asyncio.CancelledError:

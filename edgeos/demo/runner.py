@@ -439,6 +439,7 @@ class DemoRun:
                 for task in tasks:
                     if task.done() and not self.stop.is_set() and self._deadline_left() > 0:
                         self.problems.append(f"the {task.get_name()} stopped by itself")
+                runtime.request_stop()  # the cancellation _background sends next is meant
             # Stopped: the last status holds the final counters (the open batch is sealed).
             self._last_gateway = runtime.status()
         return len(self.problems) == problems_before

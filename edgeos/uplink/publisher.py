@@ -159,6 +159,7 @@ class Publisher:
         self._commands = ReplayGuard()
         self._counter = 0
         self._tls: tuple[tuple[tuple[int, int], ...], ssl.SSLContext] | None = None
+        self._stopping = False
         prefix = f"{options.topic_prefix}/{options.device}"
         self.topics = {
             "batch": f"{prefix}/batch",
@@ -185,6 +186,21 @@ class Publisher:
         last = self.counters.last_ack_monotonic
         age = None if last is None else round(self.clock.monotonic() - last, 1)
         return {**self.counters.as_dict(), "backlog": self.backlog, "last_ack_age_s": age}
+
+    def stop(self) -> None:
+        """Say that the coming cancellation is meant (call it before cancelling ``run``).
+
+        A cancellation can get lost inside the MQTT client (a connection error raised in its
+        place, or Python 3.11's ``wait_for`` dropping it as an operation completes); ``run``
+        would take that for a lost connection and reconnect, and shutdown would hang until
+        systemd's SIGKILL. With this flag set, ``run`` ends instead of reconnecting.
+        """
+        self._stopping = True
+        self._wake.set()
+
+    def _check_stopping(self, cause: BaseException | None = None) -> None:
+        if self._stopping:
+            raise asyncio.CancelledError from cause
 
     # ------------------------------------------------------------------ connection
 
@@ -246,6 +262,7 @@ class Publisher:
             await client.subscribe(self.topics["ack"], qos=1)
             await client.subscribe(self.topics["cmd"], qos=1)
             await client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
+            self._check_stopping()
             session = Session(self, client)
             self._connected = True
             self._fresh.clear()  # everything already spooled is backlog now
@@ -283,6 +300,7 @@ class Publisher:
                     failures = 0
                     await session.serve()
             except (aiomqtt.MqttError, ConnectError, OSError) as exc:
+                self._check_stopping(exc)
                 self.counters.connect_failures += 1
                 self.counters.state = "disconnected"
                 if not lost:
@@ -431,6 +449,7 @@ class Session:
         # Re-sends and backlog leave the last slot to fresh data.
         slow_window = max(1, window - 1)
         while True:
+            p._check_stopping()
             p._wake.clear()
             now = p.clock.monotonic()
             self._expire(now)

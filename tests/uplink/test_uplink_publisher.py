@@ -378,3 +378,40 @@ async def test_reconnects_reuse_one_tls_context_until_a_credential_file_changes(
         with pytest.raises(ConnectError, match="not readable"):
             missing.tls_context()
         missing.spool.close()
+
+
+async def test_stop_then_cancel_ends_run_even_when_the_client_eats_the_cancellation(
+    tmp_path: Path,
+) -> None:
+    """The client may raise MqttError in place of CancelledError while a cancelled session
+    closes: without stop() run() takes it for a lost connection and reconnects; after stop()
+    (what the runtime's SIGTERM handler calls before cancelling) it ends."""
+    options = PublisherOptions(
+        device=DEVICE, broker="mqtt://127.0.0.1:1", backoff_initial_s=0.01, backoff_max_s=0.02
+    )
+    with Spool(tmp_path, fsync=False) as spool:
+        publisher = Publisher(options, spool=spool, keyring=RING)
+        sessions = 0
+
+        @contextlib.asynccontextmanager
+        async def session() -> AsyncIterator[None]:
+            nonlocal sessions
+            sessions += 1
+            try:
+                await asyncio.Event().wait()  # "connected" until cancelled
+                yield None
+            except asyncio.CancelledError:
+                raise aiomqtt.MqttError("Disconnected during message iteration") from None
+
+        publisher.session = session  # type: ignore[method-assign]
+        task = asyncio.create_task(publisher.run())
+        await _until(lambda: sessions == 1, "first session")
+        task.cancel()  # eaten: run() reconnects
+        await _until(lambda: sessions == 2, "reconnected after a lost cancellation")
+        assert not task.done()
+        publisher.stop()
+        task.cancel()
+        async with asyncio.timeout(5):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert sessions == 2
