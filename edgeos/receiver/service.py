@@ -98,8 +98,15 @@ class Receiver:
         prefix = config.broker.topic_prefix
         self._prefix_parts = len(prefix.split("/"))
         self._topic_prefix = prefix
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Say that the coming cancellation is meant (the signal handler calls it first): a
+        cancellation lost inside the MQTT client then ends the broker loop instead of making
+        it reconnect (see ``Publisher.stop``)."""
+        self._stopping = True
 
     async def run(self) -> None:
         """Serve until cancelled; storage, metrics endpoint and writer thread are closed."""
@@ -169,6 +176,8 @@ class Receiver:
                 async with aiomqtt.Client(b.host, b.port, **self._client_kwargs()) as client:
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=1)
+                    if self._stopping:
+                        raise asyncio.CancelledError
                     self._client = client
                     self.metrics.connected.set(1)
                     if not was_connected:
@@ -178,6 +187,8 @@ class Receiver:
                     async for message in client.messages:
                         await self._dispatch(str(message.topic), message.payload)
             except aiomqtt.MqttError as exc:
+                if self._stopping:
+                    raise asyncio.CancelledError from exc
                 if was_connected:
                     log.warning("broker connection lost or refused (%s): %s", b.url, exc)
                 was_connected = False

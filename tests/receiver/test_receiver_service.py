@@ -152,6 +152,25 @@ async def test_receiver_survives_broker_restart(tmp_path: Path) -> None:
         assert receiver.metrics.value("edgeos_receiver_batches_total") == 2
 
 
+async def test_after_stop_a_lost_connection_ends_the_broker_loop_instead_of_reconnecting(
+    tmp_path: Path,
+) -> None:
+    """stop() (the signal handler calls it before cancelling) makes a connection error end
+    the broker loop: a cancellation lost inside the MQTT client cannot keep it reconnecting."""
+    async with MosquittoBroker(tmp_path / "mq") as broker:
+        config = receiver_config_for(broker, tmp_path, f"sqlite:///{tmp_path / 'r.db'}")
+        receiver = Receiver(config, registry=DeviceRegistry(config.registry.dir))
+        async with running_receiver(receiver):
+            receiver.stop()
+            broker.kill()
+            await wait_for(lambda: not receiver.ready.is_set())
+            broker.start()
+            # Without the flag the loop reconnects within reconnect_s (the test above).
+            await asyncio.sleep(max(2.0, 4 * config.broker.reconnect_s))
+            assert not receiver.ready.is_set()
+            assert receiver.metrics.value("edgeos_receiver_connected") == 0
+
+
 def _status(device: str, state: str, ts: float = 1.7e9) -> bytes:
     # As edgeos.uplink.publisher.Publisher._status: birth at connect, death as the last will.
     return json.dumps({"state": state, "device": device, "ts": ts}).encode()
