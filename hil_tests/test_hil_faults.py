@@ -17,10 +17,9 @@ from edgeos.testing.clockjump import WallClock
 from edgeos.testing.rig import (
     LocalDut,
     Outcome,
-    PeersSpec,
     Rig,
-    RigSpec,
     finish,
+    spool_quota_options,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -169,29 +168,6 @@ async def test_runtime_sigstop_watchdog(make_rig: Any, hil_report: Any) -> None:
     _judge(hil_report, outcome)
 
 
-def quota_rig_options(policy: str) -> dict[str, Any]:
-    """A line fast enough to fill a 256 KiB spool in seconds (8,000 tags at 10 Hz)."""
-    return {
-        "spec": RigSpec(
-            peers=PeersSpec(nests=40, tags_per_nest=200, opcua=False),
-        ),
-        "runtime_overrides": {
-            "scan_groups": [
-                {"name": "default", "period_ms": 100},
-                {"name": "fast", "period_ms": 100, "priority": 80},
-            ],
-            "uplink": {
-                "backlog_rate": 200,
-                "spool": {
-                    "max_bytes": 256 << 10,
-                    "segment_bytes": 32 << 10,
-                    "full_policy": policy,
-                },
-            },
-        },
-    }
-
-
 async def fill_spool(rig: Rig) -> dict[str, Any]:
     """Partition the broker link until the spool's full policy acted, a little longer, heal."""
     rig.broker_proxy.partition()
@@ -213,7 +189,7 @@ async def test_disk_fills(make_rig: Any, hil_report: Any) -> None:
     store, announces the gap, and delivers everything it did store once the link is back.
     Where no tmpfs can be mounted (no root/CAP_SYS_ADMIN) the spool's own 256 KiB bound stands
     in for the disk, and the report says so."""
-    options = quota_rig_options("refuse_new")
+    options = spool_quota_options("refuse_new")
     spool = options["runtime_overrides"]["uplink"]["spool"]
     spool["max_bytes"] = 64 << 20  # far above the disk: only ENOSPC can stop it
     del spool["segment_bytes"]
@@ -224,7 +200,7 @@ async def test_disk_fills(make_rig: Any, hil_report: Any) -> None:
     except PermissionError as exc:
         real_disk = False
         print(f"no real full disk here ({exc}); the spool quota stands in for it")
-        rig = await make_rig(**quota_rig_options("refuse_new"))
+        rig = await make_rig(**spool_quota_options("refuse_new"))
         name = f"disk fills — spool quota stands in (no tmpfs: {exc})"
     await _warm(rig)
     full = await fill_spool(rig)
@@ -246,7 +222,7 @@ async def test_disk_quota_refuse_new(make_rig: Any, hil_report: Any) -> None:
     """The spool's own bound (256 KiB) fills while the broker is unreachable (``refuse_new``):
     refused batches are counted and announced, nothing else is lost, acks do not stall.
     (``drop_oldest`` runs in tests/e2e; the real full disk runs in the short suite above.)"""
-    rig = await make_rig(**quota_rig_options("refuse_new"))
+    rig = await make_rig(**spool_quota_options("refuse_new"))
     await _warm(rig)
     full = await fill_spool(rig)
     outcome = await finish(rig, "spool quota (256 KiB, refuse_new)", drain_s=120)

@@ -9,30 +9,11 @@ from typing import Any
 
 import pytest
 
-from edgeos.testing.rig import DutSpec, PeersSpec, RigSpec, finish
-
-
-def _options(policy: str) -> dict[str, Any]:
-    return {
-        "spec": RigSpec(
-            dut=DutSpec(device_id="e2e-gw-01"),
-            peers=PeersSpec(nests=40, tags_per_nest=200, opcua=False),
-        ),
-        "runtime_overrides": {
-            "scan_groups": [
-                {"name": "default", "period_ms": 100},
-                {"name": "fast", "period_ms": 100, "priority": 80},
-            ],
-            "uplink": {
-                "backlog_rate": 200,
-                "spool": {"max_bytes": 256 << 10, "segment_bytes": 32 << 10, "full_policy": policy},
-            },
-        },
-    }
+from edgeos.testing.rig import finish, spool_quota_options
 
 
 async def _quota(e2e_rig: Any, policy: str) -> None:
-    rig = await e2e_rig(**_options(policy))
+    rig = await e2e_rig(**spool_quota_options(policy, device_id="e2e-gw-01"))
     async with asyncio.timeout(60):
         await rig.wait_batches(2)
     rig.broker_proxy.partition()

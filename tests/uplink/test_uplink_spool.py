@@ -190,20 +190,24 @@ def test_enospc_follows_the_policy_without_crashing(tmp_path: Path, policy: str)
     reopened.close()
 
 
+def _spool_on_a_disk_smaller_than_a_segment(directory: Path, policy: str) -> Spool:
+    """200 kB of disk under a spool whose bound (64 MiB) and segment (8 MiB) are far larger."""
+    return Spool(
+        directory,
+        max_bytes=64 << 20,
+        segment_bytes=8 << 20,
+        full_policy=policy,  # type: ignore[arg-type]
+        fsync=False,
+        writer=SmallDisk(directory, capacity=200_000),
+    )
+
+
 @pytest.mark.parametrize("policy", ["drop_oldest", "refuse_new"])
 def test_a_full_disk_is_given_back_once_acknowledged(tmp_path: Path, policy: str) -> None:
     """The disk is smaller than one segment (the default 8 MiB segment on a small partition):
     everything lands in the active segment, the disk fills, the link comes back and acks it
     all. The acknowledged space must come back; appends must succeed again."""
-    disk = SmallDisk(tmp_path, capacity=200_000)
-    spool = Spool(
-        tmp_path,
-        max_bytes=64 << 20,
-        segment_bytes=8 << 20,
-        full_policy=policy,  # type: ignore[arg-type]
-        fsync=False,
-        writer=disk,
-    )
+    spool = _spool_on_a_disk_smaller_than_a_segment(tmp_path, policy)
     record = b"x" * 1000
     seq = 0
     while spool.stats()["enospc"] < 3:  # the disk filled (refused, or the oldest dropped)
@@ -222,15 +226,7 @@ def test_a_full_disk_is_given_back_once_acknowledged(tmp_path: Path, policy: str
 def test_a_full_disk_with_a_partly_acked_segment_recovers_as_acks_arrive(
     tmp_path: Path, policy: str
 ) -> None:
-    disk = SmallDisk(tmp_path, capacity=200_000)
-    spool = Spool(
-        tmp_path,
-        max_bytes=64 << 20,
-        segment_bytes=8 << 20,
-        full_policy=policy,  # type: ignore[arg-type]
-        fsync=False,
-        writer=disk,
-    )
+    spool = _spool_on_a_disk_smaller_than_a_segment(tmp_path, policy)
     record = b"y" * 1000
     seq = 0
     while spool.stats()["enospc"] == 0:
