@@ -191,10 +191,12 @@ async def run_runtime(config_path: Path, warmup: float, window: float) -> dict[s
         ticks0, skipped0 = stats.ticks, stats.skipped
         slow0 = runtime.scheduler.group_stats("default").ticks
         gen2_before = runtime.gc.gen2_collections
+        hot2_before = runtime.gc.collections[2] - runtime.gc.idle_collections[2]
         applied0 = runtime.twin.applied_samples
         await asyncio.sleep(window)
         applied = runtime.twin.applied_samples - applied0
         gen2 = runtime.gc.gen2_collections - gen2_before
+        hot2 = runtime.gc.collections[2] - runtime.gc.idle_collections[2] - hot2_before
         status = runtime.status()
         # Fill a whole 10-minute history window, then measure the process.
         twin = runtime.twin
@@ -217,6 +219,8 @@ async def run_runtime(config_path: Path, warmup: float, window: float) -> dict[s
         "slow_duration": default["duration"],
         "fast_duration": status["scan_groups"]["hz100"]["duration"],
         "gen2": gen2,
+        "gen2_hot": hot2,
+        "gen2_max_pause_ms": runtime.gc.stats()["max_pause_ms"][2],
         "rss": rss,
         "fill_s": fill_s,
         "applied_samples_per_s": applied / window,
@@ -308,13 +312,17 @@ def main_sim(args: argparse.Namespace) -> None:
                 "twin_samples_per_s": round(samples_per_s),
                 "twin_samples_per_s_note": "twin.apply per CPU-second, 200-tag reads",
                 "twin_samples_per_wall_s": round(samples_per_wall_s),
+                # The GC policy runs a full pass in idle time at least once a minute (see
+                # docs/scheduler.md); the goal is none on the hot path, i.e. inside a tick.
                 "gen2_collections": result["gen2"],
+                "gen2_hot_collections": result["gen2_hot"],
+                "gen2_max_pause_ms": result["gen2_max_pause_ms"],
                 "goals": {
                     "jitter_p99_ms": 1.0,
                     "jitter_max_ms": 5.0,
                     "rss_mb_16k_tags": 110,
                     "twin_samples_per_s": 2_000_000,
-                    "gen2_collections": 0,
+                    "gen2_hot_collections": 0,
                 },
             }
         )
@@ -419,6 +427,7 @@ def main() -> None:
         "twin_samples_per_wall_s": round(samples_per_wall_s),
         "twin_samples_per_s_16k_block": round(samples_per_s_16k),
         "gen2_collections": result["gen2"],
+        "gen2_hot_collections": result["hot_collections"][2],
         "hot_collections_by_gen": result["hot_collections"],
         "gc": result["gc"],
         "goals": {
@@ -426,7 +435,7 @@ def main() -> None:
             "jitter_max_ms": 5.0,
             "rss_mb_16k_tags": 110,
             "twin_samples_per_s": 2_000_000,
-            "gen2_collections": 0,
+            "gen2_hot_collections": 0,
         },
     }
     print(json.dumps(out))
