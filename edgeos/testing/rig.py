@@ -580,8 +580,12 @@ class LocalDut:
         task, self._watch = self._watch, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # we are being cancelled ourselves: do not swallow that
 
     async def resume_watch(self) -> None:
         if self.supervisor is not None and self._watch is None:
