@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 export EDGEOS_TEST_PG_DSN ?= postgresql://edgeos_test:edgeos_test@127.0.0.1:5432/postgres
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
-LINT_PATHS := $(wildcard edgeos drivers tests bench hil_tests models examples)
+# Four distributions from one checkout: the gateway (.), the cloud, the simulator/demo and the
+# test support (never shipped). The stamp changes when any of their pyproject files does.
+PYPROJECTS := pyproject.toml cloud/pyproject.toml sim/pyproject.toml testsupport/pyproject.toml
+STAMP := $(VENV)/.installed-$(shell cat $(PYPROJECTS) | md5sum | cut -c1-12)
+LINT_PATHS := $(wildcard edgeos drivers protocol cloud sim testsupport tests bench hil_tests models examples)
 
 .PHONY: help venv services lint format test test-slow bench demo models clean
 
@@ -14,13 +17,13 @@ help:
 	@echo "make test       set up and run lint + the test suite"
 	@echo "make test-slow  also the slow soak/fuzz tests"
 	@echo "make bench      run every benchmark (each prints one JSON object)"
-	@echo "make lint       ruff + mypy --strict on edgeos/ and drivers/"
+	@echo "make lint       ruff + mypy --strict + import-linter (the gateway/cloud/protocol boundaries)"
 
-$(STAMP): pyproject.toml
+$(STAMP): $(PYPROJECTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgeos needs Python >= 3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,postgres,demo,speed]'
+	$(PY) -m pip install --quiet -e '.[dev,speed]' -e './cloud[postgres]' -e ./sim -e ./testsupport
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -34,6 +37,7 @@ lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
@@ -56,7 +60,7 @@ demo: venv
 models:
 	test -x .venv-train/bin/python || $(PYTHON) -m venv .venv-train
 	.venv-train/bin/pip install --quiet tensorflow-cpu pydantic numpy msgpack
-	.venv-train/bin/pip install --quiet --no-deps -e .
+	.venv-train/bin/pip install --quiet --no-deps -e . -e ./sim
 	.venv-train/bin/python models/train_all.py
 
 clean:

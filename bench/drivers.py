@@ -35,7 +35,7 @@ TAGS_PER_NEST = 200
 
 def _serve() -> None:
     """Child process: a pymodbus server on 127.0.0.1:0 until stdin closes."""
-    from drivers.modbus.testing import ModbusTestServer, UnitSpec
+    from edgeos_testing.modbus import ModbusTestServer, UnitSpec
 
     async def main() -> None:
         async with ModbusTestServer([UnitSpec(unit=1, holding=N_TAGS)]) as server:
@@ -49,7 +49,7 @@ def _serve() -> None:
 def _start_server() -> tuple[subprocess.Popen[str], str, str]:
     """Start the peer; returns the process, its endpoint and what it is."""
     root = Path(__file__).resolve().parent.parent
-    if importlib.util.find_spec("edgeos.sim") is not None and _has_simline():
+    if importlib.util.find_spec("edgeos_sim") is not None and _has_simline():
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -70,7 +70,7 @@ def _start_server() -> tuple[subprocess.Popen[str], str, str]:
         )
         endpoint = _sim_endpoint(proc)
         if endpoint is not None:
-            return proc, endpoint, "edgeos.sim"
+            return proc, endpoint, "edgeos_sim"
         _stop(proc)
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--serve"],
@@ -86,7 +86,7 @@ def _start_server() -> tuple[subprocess.Popen[str], str, str]:
 
 def _has_simline() -> bool:
     try:
-        import edgeos.sim as sim
+        import edgeos_sim as sim
     except ImportError:
         return False
     return hasattr(sim, "SimLine")

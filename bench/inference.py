@@ -31,8 +31,8 @@ from edgeos.inference.engine import InferenceEngine
 from edgeos.inference.gates import QualityGate
 from edgeos.inference.registry import load_model
 from edgeos.inference.selfcheck import MODELS_DIR
-from edgeos.inference.simline import SimClock, SimLine
 from edgeos.scheduler import Scheduler
+from edgeos_sim.simline import SimClock, SimLine
 
 
 def _per_call(fn: Any, n: int) -> float:

@@ -48,7 +48,7 @@ async def _serve_async(items: int, period: float, pipe: Connection) -> None:
     from asyncua import ua
     from asyncua.server import monitored_item_service
 
-    from edgeos.testing.opcua_server import OpcUaTestServer, Variable
+    from edgeos_testing.opcua_server import OpcUaTestServer, Variable
 
     # asyncua's server deep-copies every DataValue once per monitored item on every change
     # (80 % of its write path by pyinstrument: ~110 of ~140 µs per change here). This load

@@ -1,6 +1,6 @@
 """Receiver throughput: open + decode, and open + decode + store + ack (SQLite, PostgreSQL).
 
-Realistic batches: a 16,000-tag line (``edgeos.uplink.synth``: int16-scaled slow process
+Realistic batches: a 16,000-tag line (``edgeos_testing.uplink_synth``: int16-scaled slow process
 values, every tenth tag boolean) × 3 scans per batch, sealed with the real wire format. The
 store path runs in this one process exactly as the receiver's writer thread does (one
 transaction per batch, then the ack is sealed); MQTT transport is not included.
@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeos.receiver.ingest import BatchOpener
-from edgeos.receiver.registry import DeviceRegistry
-from edgeos.receiver.storage import IngestBatch, open_storage
-from edgeos.uplink.crypto import Epoch, Keyring
-from edgeos.uplink.synth import SyntheticLine
-from edgeos.uplink.wire import Batch, ControlKind, Group, encode_body, seal_batch, seal_control
+from edgeos_cloud.receiver.ingest import BatchOpener
+from edgeos_cloud.receiver.registry import DeviceRegistry
+from edgeos_cloud.receiver.storage import IngestBatch, open_storage
+from edgeos_protocol.crypto import Epoch, Keyring
+from edgeos_protocol.wire import Batch, ControlKind, Group, encode_body, seal_batch, seal_control
+from edgeos_testing.uplink_synth import SyntheticLine
 
 T0 = 1_700_000_000_000_000
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sqlite"] = sq
         result["postgres_samples_per_s"] = None
         if not args.no_postgres:
-            from edgeos.receiver.testing import PostgresUnavailable, postgres_database
+            from edgeos_testing.receiver import PostgresUnavailable, postgres_database
 
             try:
                 with postgres_database("edgeos_bench") as url:

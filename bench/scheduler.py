@@ -48,7 +48,7 @@ from edgeos.config import ScanGroupConfig, TwinConfig
 from edgeos.gcpolicy import GcPolicy, loop_kind, new_event_loop, try_realtime_priority
 from edgeos.scheduler import Scheduler
 from edgeos.twin import Twin
-from edgeos.twin.synthetic import SyntheticLine, line_tags
+from edgeos_testing.twin_synthetic import SyntheticLine, line_tags
 
 FAST_TAGS = 100
 NESTS = 80
@@ -145,7 +145,7 @@ async def run_window(
 
 def sim_config(port: int, state_dir: Path) -> Path:
     """The tyre-line example on the sim's port: 16,000 tags at 1 Hz, 100 tags at 100 Hz."""
-    from edgeos.testing.line import line_config
+    from edgeos_sim.line import line_config
 
     doc = line_config(
         modbus_port=port,
@@ -240,7 +240,7 @@ def main_sim(args: argparse.Namespace) -> None:
         [
             sys.executable,
             "-m",
-            "edgeos.sim.cli",
+            "edgeos_sim.cli",
             "--nests",
             str(NESTS),
             "--tags-per-nest",
@@ -398,7 +398,7 @@ def main() -> None:
     out = {
         "bench": "scheduler",
         "source": "synthetic",
-        "source_note": "ReadResults synthesised in-process (edgeos.twin.synthetic): the "
+        "source_note": "ReadResults synthesised in-process (edgeos_testing.twin_synthetic): the "
         "scheduler and twin alone, without driver or network",
         "quick": args.quick,
         "loop": kind,

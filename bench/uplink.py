@@ -1,8 +1,8 @@
 """Uplink benchmark: wire size, encode throughput, spool fsync cost, end-to-end latency.
 
 A line of 80 nests × 200 tags at 1 Hz, batches of 3 s. Values come from the simulated tyre
-line's physics (``edgeos.sim``: slow process values with noise, int16-scaled at each tag's
-declared resolution); ``--synthetic`` uses ``edgeos.uplink.synth`` instead.
+line's physics (``edgeos_sim``: slow process values with noise, int16-scaled at each tag's
+declared resolution); ``--synthetic`` uses ``edgeos_testing.uplink_synth`` instead.
 
 * ``bytes_per_sample``: sealed payload bytes ÷ samples (tag table travels in every batch).
 * ``encode_samples_per_s``: encode + compress + seal on one core (the batcher's work after it
@@ -32,10 +32,10 @@ import numpy as np
 from edgeos.histogram import Histogram
 from edgeos.uplink.acker import Acker
 from edgeos.uplink.batcher import Batcher
-from edgeos.uplink.crypto import Epoch, Keyring
 from edgeos.uplink.spool import Spool
-from edgeos.uplink.synth import Scan, SyntheticLine
-from edgeos.uplink.wire import Batch, Group, Header, TagTable, ValueKind, encode_body, seal_batch
+from edgeos_protocol.crypto import Epoch, Keyring
+from edgeos_protocol.wire import Batch, Group, Header, TagTable, ValueKind, encode_body, seal_batch
+from edgeos_testing.uplink_synth import Scan, SyntheticLine
 
 NESTS, TAGS_PER_NEST, INTERVAL_S = 80, 200, 3.0
 DEVICE = "bench-gw"
@@ -44,11 +44,11 @@ DEVICE = "bench-gw"
 class SimSource:
     """Scans from the simulated line's physics, quantized like int16 registers."""
 
-    name = "edgeos.sim physics (80x200, int16-scaled registers)"
+    name = "edgeos_sim physics (80x200, int16-scaled registers)"
 
     def __init__(self) -> None:
-        from edgeos.sim.layout import build_layout
-        from edgeos.sim.physics import LinePhysics
+        from edgeos_sim.layout import build_layout
+        from edgeos_sim.physics import LinePhysics
 
         layout = build_layout(NESTS, TAGS_PER_NEST)
         self.physics = LinePhysics(layout, seed=3)
@@ -73,7 +73,7 @@ class SimSource:
 
 
 class SynthSource:
-    name = "edgeos.uplink.synth (synthetic 80x200, int16-scaled)"
+    name = "edgeos_testing.uplink_synth (synthetic 80x200, int16-scaled)"
 
     def __init__(self) -> None:
         self.line = SyntheticLine(NESTS, TAGS_PER_NEST)
@@ -153,8 +153,8 @@ async def flush_and_spool(source: Any, batches: int, directory: Path) -> dict[st
 
 async def end_to_end(source: Any, seconds: float, directory: Path) -> dict[str, Any]:
     from edgeos.config import TlsConfig
-    from edgeos.testing.mosquitto import MosquittoBroker
     from edgeos.uplink.publisher import Publisher, PublisherOptions
+    from edgeos_testing.mosquitto import MosquittoBroker
 
     ring = Keyring.of(bytes(range(32)))
     latency = Histogram()

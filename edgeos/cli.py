@@ -1,6 +1,6 @@
 """The ``edgeos`` command line.
 
-Subcommands that belong to a part (``sim``, ``bundle``, ``ota``) hand their arguments to that
+Subcommands that belong to a part (``bundle``, ``ota``) hand their arguments to that
 part's own ``main`` so each part keeps its options next to its code.
 """
 
@@ -12,6 +12,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ EXIT_CONFIG = 2
 
 # Subcommands implemented by a part: name -> (module, function, help, keep the command word).
 _DELEGATED: dict[str, tuple[str, str, str, bool]] = {
-    "sim": ("edgeos.sim.cli", "main", "run the simulated tyre line (Modbus TCP + OPC UA)", False),
     "bundle": (
         "edgeos.ota.cli",
         "gateway_main",
@@ -40,7 +40,6 @@ _DELEGATED: dict[str, tuple[str, str, str, bool]] = {
         "A/B slots: status, check, install, boot-check, commit, recover",
         True,
     ),
-    "demo": ("edgeos.demo", "main", "run the whole system locally with a live dashboard", False),
 }
 
 
@@ -213,7 +212,7 @@ def _cmd_debug_memory(args: argparse.Namespace) -> int:
 
 def _cmd_provision(args: argparse.Namespace) -> int:
     from edgeos.errors import ProvisioningError
-    from edgeos.receiver.provisioning import install_bundle
+    from edgeos.provision import install_bundle
 
     try:
         installed = install_bundle(args.file, args.target, overwrite=args.force)
@@ -331,7 +330,41 @@ def _build_parser() -> argparse.ArgumentParser:
 
     for name, (_, _, help_text, _) in _DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
+    for name, ep in sorted(_plugin_commands().items()):
+        if name not in _DELEGATED:
+            sub.add_parser(name, help=f"(from {_dist_name(ep)})", add_help=False)
     return parser
+
+
+#: Commands other distributions add to ``edgeos`` (entry-point group ``edgeos.commands``): the
+#: simulator and the demo come with ``edgeos-sim``, never with the gateway itself. Each entry
+#: point names a ``main(argv) -> int``.
+COMMANDS_GROUP = "edgeos.commands"
+_OPTIONAL = {
+    "sim": "the simulated tyre line",
+    "demo": "the local demo (simulated line, broker, cloud receiver and runtime)",
+}
+
+
+def _plugin_commands() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else "a plug-in"
+
+
+def _run_plugin(name: str, argv: list[str]) -> int:
+    ep = _plugin_commands().get(name)
+    if ep is None:
+        print(
+            f"edgeos {name}: {_OPTIONAL[name]} is not installed on this machine; it comes with "
+            "the edgeos-sim distribution (pip install ./sim, or `make demo` in a checkout)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    func: Callable[[list[str]], int] = ep.load()
+    return func(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         module_name, func_name, _, keep = _DELEGATED[args_list[0]]
         func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
         return func(args_list if keep else args_list[1:])
+    if args_list and (args_list[0] in _OPTIONAL or args_list[0] in _plugin_commands()):
+        return _run_plugin(args_list[0], args_list[1:])
     parser = _build_parser()
     args = parser.parse_args(args_list)
     if not getattr(args, "func", None):

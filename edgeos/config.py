@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from edgeos.errors import ConfigError, ConfigIssue
+from edgeos_protocol.validation import format_validation_error
 
 __all__ = [
     "AnyModbus",
@@ -579,35 +580,6 @@ def parse_config(text: str, *, source: str = "<string>", check_drivers: bool = T
     if issues:
         raise ConfigError(issues, source)
     return config
-
-
-def format_validation_error(exc: ValidationError, prefix: str = "") -> list[ConfigIssue]:
-    issues = []
-    for err in exc.errors(include_url=False):
-        path = _format_loc(err["loc"], prefix)
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see docs/configuration.md)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif msg.startswith("Value error, "):
-            msg = msg.removeprefix("Value error, ")
-        if err["type"] == "literal_error" or err["type"].endswith("_type"):
-            msg = f"{msg} (got {err.get('input')!r})"
-        issues.append(ConfigIssue(path, msg))
-    return issues
-
-
-def _format_loc(loc: Sequence[int | str], prefix: str = "") -> str:
-    out = prefix
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after",) or str(part).startswith("function-"):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

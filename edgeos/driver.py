@@ -15,7 +15,6 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from functools import cache
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -27,6 +26,7 @@ from pydantic import BaseModel
 from edgeos.clock import Clock
 from edgeos.config import AnyTag, ConnectionConfig
 from edgeos.errors import WriteRefused
+from edgeos_protocol.quality import Quality
 
 __all__ = [
     "Driver",
@@ -41,30 +41,6 @@ __all__ = [
 ]
 
 Value = float | int | bool | str
-
-
-class Quality(IntEnum):
-    """Quality of a tag value. Below ``BAD`` the value is usable."""
-
-    GOOD = 0
-    #: Restored from a snapshot; no fresh read yet.
-    STALE = 1
-    UNCERTAIN = 2
-    BAD = 16
-    #: The connection is down or the request timed out.
-    BAD_COMM = 17
-    #: The device answered with an exception (Modbus) or a bad status code (OPC UA).
-    BAD_DEVICE = 18
-    #: The bytes did not decode to the declared type (NaN, wrong length, bad UTF-8).
-    BAD_DECODE = 19
-    #: The address or node does not exist on the device.
-    BAD_CONFIG = 20
-    #: No value has been read yet.
-    BAD_NO_VALUE = 21
-
-    @property
-    def usable(self) -> bool:
-        return self < Quality.BAD
 
 
 @dataclass(frozen=True, slots=True)

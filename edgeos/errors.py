@@ -1,4 +1,6 @@
-"""One exception tree for edgeos; each branch says what the supervisor does with it.
+"""The gateway's branches of edgeos's one exception tree; each branch says what the supervisor
+does with it. The root is shared with the cloud in :mod:`edgeos_protocol.errors` and re-exported
+here.
 
 ::
 
@@ -31,8 +33,18 @@ part (``raise ConnectError(...) from exc``) so the supervisor never sees foreign
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from edgeos_protocol.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    ConfigIssue,
+    EdgeosError,
+    MalformedBatch,
+    ProvisioningError,
+    UnsupportedVersion,
+    UpdateError,
+    UpdateRejected,
+    WireError,
+)
 
 __all__ = [
     "AuthenticationFailed",
@@ -56,36 +68,6 @@ __all__ = [
     "WireError",
     "WriteRefused",
 ]
-
-
-class EdgeosError(Exception):
-    """Base of every error edgeos raises on purpose."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    """One problem in a configuration file: where (dotted key path) and what to fix."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path or '<file>'}: {self.message}"
-
-
-class ConfigError(EdgeosError):
-    """The configuration is invalid; the runtime refuses to start."""
-
-    def __init__(self, issues: Sequence[ConfigIssue], source: str = "") -> None:
-        self.issues = tuple(issues)
-        self.source = source
-        head = f"{source}: " if source else ""
-        lines = "\n".join(f"  {issue}" for issue in self.issues)
-        super().__init__(f"{head}{len(self.issues)} configuration error(s)\n{lines}")
-
-
-class ProvisioningError(EdgeosError):
-    """Credentials are missing, malformed, or readable by more than the service user."""
 
 
 class TransportError(EdgeosError):
@@ -131,35 +113,9 @@ class WriteRefused(EdgeosError):
         super().__init__(f"write to {tag!r} refused: {reason}")
 
 
-class WireError(EdgeosError):
-    """A batch could not be opened or decoded; it is dropped and counted by reason."""
-
-    reason = "malformed"
-
-
-class UnsupportedVersion(WireError):
-    reason = "unsupported_version"
-
-
-class AuthenticationFailed(WireError):
-    reason = "authentication"
-
-
-class MalformedBatch(WireError):
-    reason = "malformed"
-
-
 class StorageError(EdgeosError):
     """Persistent state is corrupt or unwritable; the part is quarantined."""
 
 
 class SpoolFull(StorageError):
     """The spool is at its bound and the policy is ``refuse_new``."""
-
-
-class UpdateError(EdgeosError):
-    """An update step failed; the inactive slot is discarded and the active slot kept."""
-
-
-class UpdateRejected(UpdateError):
-    """Update metadata or a bundle failed verification."""

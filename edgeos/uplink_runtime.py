@@ -15,9 +15,9 @@ from typing import Any
 from edgeos.clock import Clock
 from edgeos.config import AnyTag, Config
 from edgeos.uplink.batcher import Batcher, ScanSource, tag_table_from_config
-from edgeos.uplink.crypto import Keyring, Suite
 from edgeos.uplink.publisher import Publisher, PublisherOptions
 from edgeos.uplink.spool import Spool
+from edgeos_protocol.crypto import Keyring, Suite
 
 __all__ = ["UplinkRuntime"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from edgeos.sim.configgen import render_small_line, render_tyre_line
+from edgeos_sim.configgen import render_small_line, render_tyre_line
 
 HERE = Path(__file__).resolve().parent
 FILES = {

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from edgeos.testing.mosquitto import mosquitto_path
-from edgeos.testing.rig import (
+from edgeos_testing.mosquitto import mosquitto_path
+from edgeos_testing.rig import (
     Credentials,
     Outcome,
     Rig,
@@ -23,7 +23,7 @@ from edgeos.testing.rig import (
 )
 
 HERE = Path(__file__).parent
-pytest_plugins = ["edgeos.testing.leaks"]
+pytest_plugins = ["edgeos_testing.leaks"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -126,4 +126,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, "rep_" + rep.when, rep)
 
 
-# Leak checks come from the edgeos.testing.leaks plugin (pytest_plugins above).
+# Leak checks come from the edgeos_testing.leaks plugin (pytest_plugins above).

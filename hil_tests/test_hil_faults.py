@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from edgeos.receiver.storage import open_storage
-from edgeos.testing.clockjump import WallClock
-from edgeos.testing.rig import (
+from edgeos_cloud.receiver.storage import open_storage
+from edgeos_testing.clockjump import WallClock
+from edgeos_testing.rig import (
     LocalDut,
     Outcome,
     Rig,

@@ -18,8 +18,8 @@ import pytest
 from edgeos.control import ControlError
 from edgeos.control import request as control_request
 from edgeos.memory import compare_snapshots
-from edgeos.testing.rig import LocalDut, finish
-from edgeos.testing.soak import soak_problems, soak_summary
+from edgeos_testing.rig import LocalDut, finish
+from edgeos_testing.soak import soak_problems, soak_summary
 
 
 def _proc_figures(pid: int) -> dict[str, float]:

@@ -46,13 +46,13 @@ from edgeos.inference.features import (  # noqa: E402
     StationTracker,
     freshness,
 )
-from edgeos.inference.simline import (  # noqa: E402
+from edgeos_sim.physics import ELASTICITY_MAX, ELASTICITY_MIN  # noqa: E402
+from edgeos_sim.simline import (  # noqa: E402
     E_BEST,
     SimLine,
     expected_elasticity,
     lagged_optimum,
 )
-from edgeos.sim.physics import ELASTICITY_MAX, ELASTICITY_MIN  # noqa: E402
 
 SEED = 20240601
 CYCLE_S = 40.0

@@ -1,3 +1,3 @@
-"""Suite-wide fixtures: the leak checks for tasks and threads (edgeos.testing.leaks)."""
+"""Suite-wide fixtures: the leak checks for tasks and threads (edgeos_testing.leaks)."""
 
-pytest_plugins = ["edgeos.testing.leaks"]
+pytest_plugins = ["edgeos_testing.leaks"]

@@ -2,19 +2,17 @@
 
 Parts (see ``docs/ota.md``):
 
-* :mod:`edgeos.ota.bundle`     – build and safely unpack release bundles (full/models/config)
+* :mod:`edgeos_protocol.bundle`     – build and safely unpack release bundles (full/models/config)
 * :mod:`edgeos.ota.slots`      – A/B slots, boot check, trial monitor, commit and rollback
 * :mod:`edgeos.ota.client`     – the gateway's TUF client (python-tuf ngclient)
-* :mod:`edgeos.ota.repository` – the TUF repository (python-tuf) and its HTTP server
-* :mod:`edgeos.ota.campaign`   – staged roll-outs with failure-rate gates
+* :mod:`edgeos_cloud.ota.repository` – the TUF repository (python-tuf) and its HTTP server
+* :mod:`edgeos_cloud.ota.campaign`   – staged roll-outs with failure-rate gates
 * :mod:`edgeos.ota.cli`        – ``gateway_main`` / ``repo_main`` for the console scripts
 
 Only the device-side essentials are re-exported here, so the boot check (which runs before
 every service start) does not import python-tuf.
 """
 
-from edgeos.ota.bundle import BundleSources, Manifest, build_bundle, read_manifest
-from edgeos.ota.outcome import FetchError, InstallError, Reason, Rejected, Version
 from edgeos.ota.slots import (
     BootDecision,
     HealthFile,
@@ -23,6 +21,8 @@ from edgeos.ota.slots import (
     TrialMonitor,
     TrialOutcome,
 )
+from edgeos_protocol.bundle import BundleSources, Manifest, build_bundle, read_manifest
+from edgeos_protocol.outcome import FetchError, InstallError, Reason, Rejected, Version
 
 __all__ = [
     "BootDecision",

@@ -12,11 +12,7 @@ Gateway (``edgeos …``)::
     edgeos ota commit [--wait|--now] # commit the trial slot once healthy (or at once)
     edgeos ota report                # send the last outcome to the repository
 
-Repository (``edgeos-receiver ota …``)::
-
-    init --repo R --root-keys K | publish BUNDLE --repo R --group G | serve --repo R
-    campaign create NAME --target PATH --stage canary:canary:0:1 --stage all:default:0.1:5
-    campaign start|advance|status NAME | rotate-key ROLE [--revoke KEYID] | refresh
+The repository side (``edgeos-cloud ota …``) is :mod:`edgeos_cloud.ota.cli`.
 
 Device settings come from ``--config FILE`` (``[device]`` and ``[ota]``), and any of
 ``--root``, ``--hardware``, ``--repository``, ``--trusted-root``, ``--group`` override it.
@@ -28,9 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -38,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from edgeos.errors import ConfigError, UpdateError
-from edgeos.ota.bundle import BUNDLE_KINDS, BundleSources, ProgressCallback
+from edgeos_protocol.bundle import BUNDLE_KINDS, BundleSources, ProgressCallback
 
-__all__ = ["gateway_main", "main", "repo_main"]
+__all__ = ["gateway_main", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TRIAL_FAILED = 0, 1, 2, 3
 
@@ -245,7 +239,7 @@ def gateway_main(argv: Sequence[str]) -> int:
 
 
 def _bundle_build(args: argparse.Namespace) -> int:
-    from edgeos.ota.bundle import build_bundle
+    from edgeos_protocol.bundle import build_bundle
 
     sources = BundleSources(
         packages=tuple(args.package),
@@ -310,7 +304,7 @@ def _ota_check(args: argparse.Namespace, dev: _Device) -> int:
 
 def _ota_install(args: argparse.Namespace, dev: _Device) -> int:
     slots = _slots(dev)
-    from edgeos.ota.bundle import read_manifest
+    from edgeos_protocol.bundle import read_manifest
 
     try:
         with _progress(not args.json and sys.stderr.isatty()) as progress:
@@ -394,7 +388,7 @@ def _ota_recover(args: argparse.Namespace, dev: _Device) -> int:
             file=sys.stderr,
         )
         return EXIT_OK
-    from edgeos.ota.outcome import Reason
+    from edgeos_protocol.outcome import Reason
 
     state = slots.fail_trial(Reason.CRASH_LOOP, "edgeos.service hit its start limit")
     print(f"trial ended; slot {state.active} ({state.committed_version}) boots next")
@@ -407,145 +401,9 @@ def _ota_report(args: argparse.Namespace, dev: _Device) -> int:
     return EXIT_OK
 
 
-# --------------------------------------------------------------------------- repository
-
-
-def _repo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeos-receiver ota", description="OTA repository")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-
-    def cmd(name: str, help_text: str, *, root_keys: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--repo", type=Path, required=True)
-        if root_keys:
-            p.add_argument("--root-keys", type=Path, help="directory of OFFLINE root keys")
-        return p
-
-    init = cmd("init", "create a repository and its keys", root_keys=True)
-    init.add_argument("--root-key-count", type=int, default=1)
-    init.add_argument("--root-threshold", type=int, default=1)
-    init.add_argument("--timestamp-expiry-hours", type=float, default=24)
-    init.add_argument("--snapshot-expiry-days", type=float, default=7)
-    init.add_argument("--targets-expiry-days", type=float, default=90)
-    init.add_argument("--root-expiry-days", type=float, default=365)
-    publish = cmd("publish", "publish a bundle")
-    publish.add_argument("bundle", type=Path)
-    publish.add_argument("--group", action="append", default=[])
-    serve = cmd("serve", "serve metadata, targets and /reports over HTTP")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8600)
-    cmd("refresh", "re-sign snapshot and timestamp (run well inside the timestamp expiry)")
-    rotate = cmd("rotate-key", "replace or revoke a role key", root_keys=True)
-    rotate.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
-    rotate.add_argument("--revoke", help="key id to take out (default: all current keys)")
-    trusted = cmd("trusted-root", "write root metadata for provisioning devices")
-    trusted.add_argument("--out", type=Path, required=True)
-
-    campaign = sub.add_parser("campaign", help="staged roll-outs").add_subparsers(
-        dest="campaign_cmd", required=True
-    )
-    create = campaign.add_parser("create")
-    create.add_argument("name")
-    create.add_argument("--repo", type=Path, required=True)
-    create.add_argument("--target", required=True, help="published target path")
-    create.add_argument(
-        "--stage", action="append", required=True, help="name:group[,group][:rate[:min]]"
-    )
-    for name in ("start", "advance", "status"):
-        p = campaign.add_parser(name)
-        p.add_argument("name")
-        p.add_argument("--repo", type=Path, required=True)
-    return parser
-
-
-def repo_main(argv: Sequence[str]) -> int:
-    """``edgeos-receiver ota …``; returns the process exit code."""
-    argv = list(argv)
-    if argv[:1] == ["ota"]:
-        argv = argv[1:]
-    args = _repo_parser().parse_args(argv)
-    from edgeos.ota.repository import Expiry, OtaRepository, RootKeysMissingError
-
-    try:
-        if args.cmd == "init":
-            if args.root_keys is None:
-                print("init needs --root-keys DIR (keep it offline afterwards)", file=sys.stderr)
-                return EXIT_USAGE
-            OtaRepository.init(
-                args.repo,
-                args.root_keys,
-                root_keys=args.root_key_count,
-                root_threshold=args.root_threshold,
-                expiry=Expiry(
-                    root=args.root_expiry_days * 86400,
-                    targets=args.targets_expiry_days * 86400,
-                    snapshot=args.snapshot_expiry_days * 86400,
-                    timestamp=args.timestamp_expiry_hours * 3600,
-                ),
-            )
-            print(f"repository created in {args.repo}; root keys in {args.root_keys}")
-        elif args.cmd == "publish":
-            published = OtaRepository(args.repo).publish(args.bundle, groups=args.group)
-            print(json.dumps(asdict(published), indent=2))
-        elif args.cmd == "refresh":
-            OtaRepository(args.repo).refresh_timestamp()
-        elif args.cmd == "rotate-key":
-            repo = OtaRepository(args.repo, root_keys_dir=args.root_keys)
-            print(repo.rotate_key(args.role, revoke=args.revoke))
-        elif args.cmd == "trusted-root":
-            args.out.write_bytes(OtaRepository(args.repo).trusted_root())
-        elif args.cmd == "serve":
-            return _serve_forever(args.repo, args.host, args.port)
-        elif args.cmd == "campaign":
-            return _campaign(args)
-    except (RootKeysMissingError, ValueError, KeyError, RuntimeError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except UpdateError as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def _campaign(args: argparse.Namespace) -> int:
-    from edgeos.ota.campaign import Campaign, Stage
-    from edgeos.ota.repository import OtaRepository
-
-    repo = OtaRepository(args.repo)
-    if args.campaign_cmd == "create":
-        Campaign.create(repo, args.name, args.target, [Stage.parse(s) for s in args.stage])
-    campaign = Campaign(repo, args.name)
-    if args.campaign_cmd == "start":
-        campaign.start()
-    elif args.campaign_cmd == "advance":
-        campaign.advance()
-    print(json.dumps(campaign.summary(), indent=2))
-    return EXIT_OK
-
-
-def _serve_forever(repo_dir: Path, host: str, port: int) -> int:
-    from edgeos.ota.campaign import record_report
-    from edgeos.ota.repository import serve
-
-    def on_report(report: dict[str, Any]) -> None:
-        record_report(repo_dir, report)
-
-    server = serve(repo_dir, host, port, on_report=on_report)
-    print(f"serving {repo_dir} on {server.url}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.close()
-    return EXIT_OK
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edgeos.ota.cli repo …`` or ``python -m edgeos.ota.cli <gateway args>``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["repo"]:
-        return repo_main(argv[1:])
-    return gateway_main(argv)
+    """``python -m edgeos.ota.cli <gateway args>``."""
+    return gateway_main(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,9 @@ from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig  # type: ignore[attr-defined]
 
 from edgeos.errors import UpdateError
-from edgeos.ota.bundle import BundleKind, ProgressCallback
-from edgeos.ota.outcome import FetchError, Reason, Rejected, Version
-from edgeos.ota.repository import channel_path
 from edgeos.ota.slots import InstallResult, SlotManager
+from edgeos_protocol.bundle import BundleKind, ProgressCallback, channel_path
+from edgeos_protocol.outcome import FetchError, Reason, Rejected, Version
 
 __all__ = ["CheckResult", "ClientSettings", "GuardedFetcher", "Offer", "OtaClient"]
 

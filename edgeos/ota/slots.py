@@ -42,7 +42,16 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from edgeos.clock import Clock, SystemClock
-from edgeos.ota._fs import (
+from edgeos.ota.install import install_wheelhouse, verify_tree
+from edgeos_protocol.bundle import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    ProgressCallback,
+    extract_bundle,
+    read_manifest,
+)
+from edgeos_protocol.fsutil import (
     atomic_write_json,
     crash_point,
     fsync_dir,
@@ -50,17 +59,7 @@ from edgeos.ota._fs import (
     replace_symlink,
     rmtree_quiet,
 )
-from edgeos.ota.bundle import (
-    MANIFEST_NAME,
-    FileEntry,
-    Manifest,
-    ProgressCallback,
-    extract_bundle,
-    install_wheelhouse,
-    read_manifest,
-    verify_tree,
-)
-from edgeos.ota.outcome import InstallError, Reason, Rejected, Version
+from edgeos_protocol.outcome import InstallError, Reason, Rejected, Version
 
 __all__ = [
     "BootDecision",

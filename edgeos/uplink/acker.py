@@ -2,7 +2,7 @@
 
 It opens every batch a device publishes (authenticating it), keeps what it stored in memory,
 and acks the highest contiguous sequence number of each epoch (counting the ranges the device
-announced as skipped in ``meta["skip"]``). It is not the receiver (``edgeos.receiver``); it is
+announced as skipped in ``meta["skip"]``). It is not the receiver (``edgeos_cloud.receiver``); it is
 the smallest peer that lets the uplink be tested end to end against a real broker.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 import aiomqtt
 
 from edgeos.errors import WireError
-from edgeos.uplink.crypto import EpochKeyCache, Keyring
-from edgeos.uplink.wire import (
+from edgeos_protocol.crypto import EpochKeyCache, Keyring
+from edgeos_protocol.wire import (
     Batch,
     ControlKind,
     Header,

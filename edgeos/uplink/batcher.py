@@ -3,7 +3,7 @@
 Samples arrive as scan records (the twin's :class:`~edgeos.twin.ScanRecord`, or anything with
 ``recv_ts``, ``indices``, ``values``, ``quality`` and ``text``): pushed with :meth:`Batcher.add`
 or pulled from a source with ``drain()`` (the twin's ``ScanLog``). Records with the same tag
-set (one scan group of one connection) become one :class:`~edgeos.uplink.wire.Group`, one row
+set (one scan group of one connection) become one :class:`~edgeos_protocol.wire.Group`, one row
 per scan. Every ``interval_s`` — or as soon as ``max_batch_samples`` are waiting — the batch is
 closed, encoded, compressed and sealed (in a worker thread when it is large) and appended to
 the spool. **A sample is accepted when its batch is in the spool**; until then it exists only
@@ -33,9 +33,9 @@ from edgeos.clock import Clock, SystemClock
 from edgeos.config import AnyTag
 from edgeos.errors import SpoolFull, StorageError
 from edgeos.histogram import Histogram
-from edgeos.uplink.crypto import Epoch, Keyring, Suite
 from edgeos.uplink.spool import Spool, merge_ranges
-from edgeos.uplink.wire import Batch, Group, TagTable, ValueKind, encode_body, seal_batch
+from edgeos_protocol.crypto import Epoch, Keyring, Suite
+from edgeos_protocol.wire import Batch, Group, TagTable, ValueKind, encode_body, seal_batch
 
 __all__ = [
     "Batcher",

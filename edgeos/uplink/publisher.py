@@ -44,9 +44,9 @@ from edgeos.config import TlsConfig, UplinkConfig
 from edgeos.errors import ConnectError, WireError
 from edgeos.histogram import Histogram
 from edgeos.uplink.batcher import SealedBatch
-from edgeos.uplink.crypto import Keyring, Suite
 from edgeos.uplink.spool import Spool
-from edgeos.uplink.wire import (
+from edgeos_protocol.crypto import Keyring, Suite
+from edgeos_protocol.wire import (
     ControlKind,
     ReplayGuard,
     counter_from_time,

@@ -14,8 +14,8 @@ from edgeos.app import Runtime
 from edgeos.control import ControlError, request
 from edgeos.driver import Quality
 from edgeos.errors import ProvisioningError
-from edgeos.sim import SimLine, SimOptions
-from edgeos.testing.line import write_line_config
+from edgeos_sim import SimLine, SimOptions
+from edgeos_sim.line import write_line_config
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ async def test_runtime_reports_health_for_the_ota_trial(line: SimLine, tmp_path:
 async def test_key_rotation_keeps_retired_keys_for_control_messages(
     line: SimLine, tmp_path: Path
 ) -> None:
-    from edgeos.uplink.crypto import key_id_for, write_device_key
+    from edgeos_protocol.crypto import key_id_for, write_device_key
 
     old = write_device_key(tmp_path / "old.key")
     new = write_device_key(tmp_path / "device.key")

@@ -9,8 +9,8 @@ import pytest
 
 from edgeos.app import Runtime
 from edgeos.control import ControlError, request
-from edgeos.sim import SimLine, SimOptions
-from edgeos.testing.line import write_line_config
+from edgeos_sim import SimLine, SimOptions
+from edgeos_sim.line import write_line_config
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 

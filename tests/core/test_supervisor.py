@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from drivers.modbus import ModbusTcpDriver
-from drivers.modbus.testing import ModbusTestServer, UnitSpec
 from edgeos.clock import SystemClock
 from edgeos.config import ConnectionConfig, TagConfig
 from edgeos.driver import Quality, TagBinding
 from edgeos.errors import WriteRefused
 from edgeos.supervisor import Backoff, ConnectionSupervisor, ConnState
-from edgeos.testing.faultproxy import FaultProxy
-from edgeos.testing.net import free_port
+from edgeos_testing.faultproxy import FaultProxy
+from edgeos_testing.modbus import ModbusTestServer, UnitSpec
+from edgeos_testing.net import free_port
 
 BINDINGS = [
     TagBinding(i, TagConfig(name=f"t{i}", connection="plc", modbus={"address": i}))

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from edgeos.demo.dashboard import receiver_status, render_dashboard
-from edgeos.demo.runner import MARKER, DemoError, prepare_state_dir
-from edgeos.receiver.metrics import ReceiverMetrics
+from edgeos_cloud.receiver.metrics import ReceiverMetrics
+from edgeos_sim.demo.dashboard import receiver_status, render_dashboard
+from edgeos_sim.demo.runner import MARKER, DemoError, prepare_state_dir
 
 DEMO = [sys.executable, "-m", "edgeos.cli", "demo"]
 

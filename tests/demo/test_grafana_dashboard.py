@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from edgeos.receiver.metrics import ReceiverMetrics
+from edgeos_cloud.receiver.metrics import ReceiverMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "edgeos-fleet.json"
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from drivers.modbus import ModbusTcpDriver
-from drivers.modbus.testing import ModbusTestServer, UnitSpec
 from edgeos.clock import SystemClock
 from edgeos.config import ConnectionConfig, TagConfig
 from edgeos.driver import Quality, TagBinding
 from edgeos.errors import ConnectError, ProtocolError, TimeoutError_, TransportError
-from edgeos.testing.faultproxy import FaultProxy
+from edgeos_testing.faultproxy import FaultProxy
+from edgeos_testing.modbus import ModbusTestServer, UnitSpec
 
 TAGS = [
     TagBinding(i, TagConfig(name=f"t{i}", connection="plc", modbus={"address": i}))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from drivers.modbus import ModbusRtuDriver
-from drivers.modbus.testing import ModbusTestServer, SerialLine, UnitSpec
 from edgeos.clock import SystemClock
 from edgeos.config import ConnectionConfig, TagConfig
 from edgeos.driver import Quality, TagBinding, load_driver_class
 from edgeos.errors import ConnectError, TimeoutError_
+from edgeos_testing.modbus import ModbusTestServer, SerialLine, UnitSpec
 
 
 def tag(i: int, **modbus: Any) -> TagBinding:

@@ -11,7 +11,6 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from drivers.modbus import ModbusTcpDriver, ReadbackMismatch
-from drivers.modbus.testing import ModbusTestServer, UnitSpec
 from edgeos.clock import VirtualClock
 from edgeos.config import ConnectionConfig, TagConfig
 from edgeos.driver import Driver, Quality, ReadResult, TagBinding, load_driver_class
@@ -20,6 +19,7 @@ from edgeos.errors import (
     DeviceException,
     WriteRefused,
 )
+from edgeos_testing.modbus import ModbusTestServer, UnitSpec
 
 
 def tag(i: int, **modbus: Any) -> TagBinding:
@@ -209,7 +209,7 @@ async def test_coalescing_counted_on_the_server(server: ModbusTestServer) -> Non
 
 
 async def test_parallel_connections_spread_one_scan(server: ModbusTestServer) -> None:
-    from edgeos.testing.faultproxy import FaultProxy
+    from edgeos_testing.faultproxy import FaultProxy
 
     async with FaultProxy("127.0.0.1", server.port) as proxy:
         tags = [tag(i, address=i) for i in range(1000)]

@@ -15,8 +15,8 @@ from edgeos.clock import SystemClock
 from edgeos.config import ConnectionConfig, TagConfig
 from edgeos.driver import Quality, ReadResult, TagBinding
 from edgeos.errors import ConnectError, WriteRefused
-from edgeos.testing.net import free_port
-from edgeos.testing.opcua_server import OpcUaServerThread, OpcUaTestServer, Variable
+from edgeos_testing.net import free_port
+from edgeos_testing.opcua_server import OpcUaServerThread, OpcUaTestServer, Variable
 
 MANY = 2500
 

@@ -12,7 +12,7 @@ from edgeos.clock import SystemClock
 from edgeos.config import ConnectionConfig, TagConfig
 from edgeos.driver import Quality, ReadResult, TagBinding
 from edgeos.errors import TransportError
-from edgeos.testing.opcua_server import OpcUaTestServer, Variable
+from edgeos_testing.opcua_server import OpcUaTestServer, Variable
 
 VARIABLES = [Variable("speed", "float64", 1.0), Variable("count", "int32", 0)]
 

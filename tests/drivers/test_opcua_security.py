@@ -14,7 +14,7 @@ from edgeos.clock import SystemClock
 from edgeos.config import ConnectionConfig, TagConfig
 from edgeos.driver import Quality, TagBinding
 from edgeos.errors import ConnectError, ProvisioningError
-from edgeos.testing.opcua_server import (
+from edgeos_testing.opcua_server import (
     SERVER_URI,
     OpcUaServerThread,
     OpcUaTestServer,

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from edgeos.testing.mosquitto import mosquitto_path
-from edgeos.testing.rig import Credentials, Rig, RigSpec
+from edgeos_testing.mosquitto import mosquitto_path
+from edgeos_testing.rig import Credentials, Rig, RigSpec
 
 DEVICE = "e2e-gw-01"
 PG_DSN_DEFAULT = "postgresql://edgeos_test:edgeos_test@127.0.0.1:5432/postgres"
@@ -36,7 +36,7 @@ async def e2e_rig(
     rigs: list[Rig] = []
 
     async def factory(spec: RigSpec | None = None, **kwargs: Any) -> Rig:
-        from edgeos.testing.rig import DutSpec
+        from edgeos_testing.rig import DutSpec
 
         spec = spec or RigSpec(dut=DutSpec(device_id=DEVICE))
         rig = Rig(spec, credentials=e2e_credentials, **kwargs)
@@ -51,6 +51,6 @@ async def e2e_rig(
 
 
 def spec_for(**peers: Any) -> RigSpec:
-    from edgeos.testing.rig import DutSpec, PeersSpec
+    from edgeos_testing.rig import DutSpec, PeersSpec
 
     return RigSpec(dut=DutSpec(device_id=DEVICE), peers=PeersSpec(**peers))

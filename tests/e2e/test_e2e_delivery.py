@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgeos.testing.rig import finish, run_cli
+from edgeos_testing.rig import finish, run_cli
 
 
 async def test_exactly_once_in_order_across_broker_restart(e2e_rig: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edgeos.testing.rig import finish
+from edgeos_testing.rig import finish
 
 
 async def _kill_loop(rig: Any, kills: int) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edgeos.testing.rig import DutSpec, ReceiverSpec, RigSpec, finish
+from edgeos_testing.rig import DutSpec, ReceiverSpec, RigSpec, finish
 
 
 def _reachable(dsn: str) -> str | None:

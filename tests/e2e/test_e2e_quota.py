@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edgeos.testing.rig import finish, spool_quota_options
+from edgeos_testing.rig import finish, spool_quota_options
 
 
 async def _quota(e2e_rig: Any, policy: str) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-from edgeos.testing.rig import finish
+from edgeos_testing.rig import finish
 
 
 async def test_two_receivers_store_each_batch_once(e2e_rig: Any) -> None:

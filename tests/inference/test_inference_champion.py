@@ -9,7 +9,7 @@ from typing import Any
 from edgeos.config import GuardConfig, PromotionConfig
 from edgeos.inference.engine import InferenceEngine
 from edgeos.inference.selfcheck import MODELS_DIR
-from edgeos.inference.simline import SimClock, SimLine, drive
+from edgeos_sim.simline import SimClock, SimLine, drive
 
 OLD = MODELS_DIR / "archive" / "quality-1.0.0.toml"
 NEW = MODELS_DIR / "quality.toml"

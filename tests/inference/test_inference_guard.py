@@ -12,7 +12,7 @@ from edgeos.driver import check_write
 from edgeos.inference.engine import InferenceEngine
 from edgeos.inference.guard import ActuationGuard
 from edgeos.inference.selfcheck import MODELS_DIR
-from edgeos.inference.simline import SimClock, SimLine, drive, reward, tyres
+from edgeos_sim.simline import SimClock, SimLine, drive, reward, tyres
 
 CHAMPIONS = [MODELS_DIR / f"{n}.toml" for n in ("anomaly", "quality", "correction")]
 ALPHA = 0.005

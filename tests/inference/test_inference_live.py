@@ -19,10 +19,10 @@ import pytest
 
 from edgeos.app import Runtime
 from edgeos.inference.selfcheck import MODELS_DIR
-from edgeos.inference.simline import expected_elasticity
-from edgeos.sim import SimLine, SimOptions
-from edgeos.sim.physics import CycleRecord
-from edgeos.testing.line import write_line_config
+from edgeos_sim import SimLine, SimOptions
+from edgeos_sim.line import write_line_config
+from edgeos_sim.physics import CycleRecord
+from edgeos_sim.simline import expected_elasticity
 
 ALPHA = 0.005
 

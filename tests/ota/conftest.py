@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeos.ota.bundle import BundleKind, BundleSources, build_bundle
-from edgeos.ota.repository import OtaRepository, RepoServer, serving
 from edgeos.ota.slots import SlotManager
-from edgeos.ota.testing import (
+from edgeos_cloud.ota.repository import OtaRepository, RepoServer, serving
+from edgeos_protocol.bundle import BundleKind, BundleSources, build_bundle
+from edgeos_testing.ota import (
     HARDWARE,
     STUB_PACKAGE,
     Behaviour,

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from edgeos.ota.bundle import (
+from edgeos.ota.install import verify_tree
+from edgeos_protocol.bundle import (
     BundleSources,
     Manifest,
     build_bundle,
     extract_bundle,
     read_manifest,
-    verify_tree,
 )
-from edgeos.ota.outcome import InstallError, Reason, Rejected, Version
-from edgeos.ota.testing import HARDWARE, MakeRelease
+from edgeos_protocol.outcome import InstallError, Reason, Rejected, Version
+from edgeos_testing.ota import HARDWARE, MakeRelease
 
 
 def _rewrite(bundle: Path, out: Path, edit) -> Path:  # type: ignore[no-untyped-def]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeos.ota.campaign import Campaign, Stage, record_report
-from edgeos.ota.repository import OtaRepository, serving
-from edgeos.ota.testing import Device, MakeRelease
+from edgeos_cloud.ota.campaign import Campaign, Stage, record_report
+from edgeos_cloud.ota.repository import OtaRepository, serving
+from edgeos_testing.ota import Device, MakeRelease
 
 
 def _report(

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeos.ota.cli import gateway_main, repo_main
-from edgeos.ota.repository import serving
-from edgeos.ota.testing import HARDWARE, write_stub_runtime
+from edgeos.ota.cli import gateway_main
+from edgeos_cloud.ota.cli import repo_main
+from edgeos_cloud.ota.repository import serving
+from edgeos_testing.ota import HARDWARE, write_stub_runtime
 
 
 def test_build_publish_check_boot_commit(

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeos.ota._fs import CRASH_ENV
-from edgeos.ota.bundle import verify_tree
+from edgeos.ota.install import verify_tree
 from edgeos.ota.slots import HealthFile, SlotManager
-from edgeos.ota.testing import HARDWARE, MakeRelease, wait_for
+from edgeos_protocol.fsutil import CRASH_ENV
+from edgeos_testing.ota import HARDWARE, MakeRelease, wait_for
 
 PY = sys.executable
 OLD, NEW = "1.1.0", "1.2.0"
@@ -154,7 +154,7 @@ def _count_transitions(rig: Rig) -> int:
         [
             PY,
             "-c",
-            "import edgeos.ota._fs as f, edgeos.ota.testing as t, sys, pathlib;"
+            "import edgeos_protocol.fsutil as f, edgeos_testing.ota as t, sys, pathlib;"
             "t.install_and_commit(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]);"
             "print(len(f._reached))",
             str(slots.root),
@@ -178,7 +178,7 @@ def test_kill_at_every_numbered_transition(rig: Rig) -> None:
     for k in range(1, total + 1):
         slots = rig.fresh(f"n{k}")
         run = subprocess.run(
-            [PY, "-m", "edgeos.ota.testing", str(slots.root), str(rig.new_bundle), HARDWARE],
+            [PY, "-m", "edgeos_testing.ota", str(slots.root), str(rig.new_bundle), HARDWARE],
             env={**os.environ, CRASH_ENV: str(k)},
             check=False,
             capture_output=True,
@@ -198,7 +198,7 @@ def _random_kills(rig: Rig, count: int, seed: int) -> tuple[dict[str, int], int]
     """
     rng = random.Random(seed)
     probe = rig.fresh("probe")
-    cmd = [PY, "-m", "edgeos.ota.testing", str(probe.root), str(rig.new_bundle), HARDWARE]
+    cmd = [PY, "-m", "edgeos_testing.ota", str(probe.root), str(rig.new_bundle), HARDWARE]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
@@ -209,7 +209,7 @@ def _random_kills(rig: Rig, count: int, seed: int) -> tuple[dict[str, int], int]
     killed = 0
     for i in range(count):
         slots = rig.fresh(f"r{seed}-{i}")
-        cmd = [PY, "-m", "edgeos.ota.testing", str(slots.root), str(rig.new_bundle), HARDWARE]
+        cmd = [PY, "-m", "edgeos_testing.ota", str(slots.root), str(rig.new_bundle), HARDWARE]
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
             try:
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from edgeos.clock import VirtualClock
-from edgeos.ota.bundle import verify_tree
-from edgeos.ota.outcome import InstallError, Reason, Rejected
+from edgeos.ota.install import verify_tree
 from edgeos.ota.slots import HealthFile, HealthReport, SlotManager, TrialMonitor, TrialOutcome
-from edgeos.ota.testing import HARDWARE, Device, MakeRelease
+from edgeos_protocol.outcome import InstallError, Reason, Rejected
+from edgeos_testing.ota import HARDWARE, Device, MakeRelease
 
 GOOD = HealthReport(service_ready=True, watchdog_alive=True, drivers_connected=2, drivers_total=2)
 

@@ -12,17 +12,17 @@ import pytest
 import zstandard
 from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
 
-from edgeos.ota.bundle import read_manifest
 from edgeos.ota.client import CheckResult
-from edgeos.ota.outcome import Reason
-from edgeos.ota.repository import (
+from edgeos_cloud.ota.repository import (
     Expiry,
     OtaRepository,
     RepoServer,
     RootKeysMissingError,
     serving,
 )
-from edgeos.ota.testing import (
+from edgeos_protocol.bundle import read_manifest
+from edgeos_protocol.outcome import Reason
+from edgeos_testing.ota import (
     HARDWARE,
     Device,
     EndlessHandler,

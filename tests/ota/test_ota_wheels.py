@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edgeos.ota.bundle import BundleSources, build_bundle, verify_tree
-from edgeos.ota.outcome import InstallError, Reason
+from edgeos.ota.install import verify_tree
 from edgeos.ota.slots import SlotManager
-from edgeos.ota.testing import HARDWARE, STUB_PACKAGE, write_stub_runtime
+from edgeos_protocol.bundle import BundleSources, build_bundle
+from edgeos_protocol.outcome import InstallError, Reason
+from edgeos_testing.ota import HARDWARE, STUB_PACKAGE, write_stub_runtime
 
 
 def _wheel(house: Path, name: str, version: str, body: str) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeos.sim import SimLine, SimOptions
-from edgeos.testing.line import write_line_config
+from edgeos_sim import SimLine, SimOptions
+from edgeos_sim.line import write_line_config
 
 
 class NotifySocket:

@@ -12,8 +12,8 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from edgeos.config import load_config
-from edgeos.sim.configgen import OPCUA_TAGS, render_small_line, render_tyre_line
-from edgeos.sim.layout import build_layout
+from edgeos_sim.configgen import OPCUA_TAGS, render_small_line, render_tyre_line
+from edgeos_sim.layout import build_layout
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -67,7 +67,7 @@ async def test_cli_prints_endpoints_as_json_serves_and_stops_on_sigterm() -> Non
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "edgeos.sim.cli",
+        "edgeos_sim.cli",
         "--nests",
         "2",
         "--tags-per-nest",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeos.sim.layout import Alarm, CycleState, build_layout
-from edgeos.sim.physics import (
+from edgeos_sim.layout import Alarm, CycleState, build_layout
+from edgeos_sim.physics import (
     ELASTICITY_MIN,
     LinePhysics,
     default_policy,

@@ -11,7 +11,7 @@ import pytest
 from asyncua import Client, ua
 from pymodbus.client import AsyncModbusTcpClient
 
-from edgeos.sim.servers import SimLine, SimOptions
+from edgeos_sim.servers import SimLine, SimOptions
 
 
 async def _modbus(line: SimLine) -> AsyncModbusTcpClient:
@@ -138,7 +138,7 @@ async def test_full_line_serves_all_16000_registers_in_128_requests(tmp_path: An
     assert len(requests) == 128
     assert np.array_equal(np.array(got, np.uint16), expected)
 
-    from edgeos.sim.truth import GroundTruth
+    from edgeos_sim.truth import GroundTruth
 
     truth = GroundTruth.load(path)
     assert truth.modbus_response_count == 128

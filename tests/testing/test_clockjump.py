@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeos.testing.clockjump import WallClock
+from edgeos_testing.clockjump import WallClock
 
 PROBE = (
     "import json, time\n"

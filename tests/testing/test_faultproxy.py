@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from edgeos.testing.faultproxy import FaultProxy
+from edgeos_testing.faultproxy import FaultProxy
 
 
 class _Peer:

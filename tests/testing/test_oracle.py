@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeos.sim.layout import build_layout
-from edgeos.sim.truth import GroundTruth, TruthLog
-from edgeos.testing.oracle import Figures, LedgerBatch, ReceiverData, StoredSample, evaluate
+from edgeos_sim.layout import build_layout
+from edgeos_sim.truth import GroundTruth, TruthLog
+from edgeos_testing.oracle import Figures, LedgerBatch, ReceiverData, StoredSample, evaluate
 
 LAYOUT = build_layout(1, 20)
 TAG = LAYOUT.tags[3]

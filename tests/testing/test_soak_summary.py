@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from edgeos.testing.soak import RSS_NOISE_MB, soak_problems, soak_summary
+from edgeos_testing.soak import RSS_NOISE_MB, soak_problems, soak_summary
 
 
 def _series(rss: Any, files: Any = lambda t: 19, n: int = 360) -> list[dict[str, Any]]:

@@ -195,7 +195,7 @@ def test_without_a_consumer_the_scan_log_stays_empty() -> None:
     from edgeos.clock import VirtualClock
     from edgeos.config import TwinConfig
     from edgeos.twin import Twin
-    from edgeos.twin.synthetic import SyntheticLine, line_tags
+    from edgeos_testing.twin_synthetic import SyntheticLine, line_tags
 
     tags = line_tags(1, 20)
     twin = Twin(tags, TwinConfig(), clock=VirtualClock(), keep_scan_log=False)

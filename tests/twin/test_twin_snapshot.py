@@ -13,7 +13,7 @@ from edgeos.config import TagConfig, TwinConfig
 from edgeos.driver import Quality, ReadResult
 from edgeos.errors import StorageError
 from edgeos.twin import Twin
-from edgeos.twin.synthetic import line_tags
+from edgeos_testing.twin_synthetic import line_tags
 
 
 def make_twin(tags: list[TagConfig] | None = None, clock: VirtualClock | None = None) -> Twin:

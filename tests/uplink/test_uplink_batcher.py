@@ -12,10 +12,10 @@ from edgeos.clock import VirtualClock
 from edgeos.config import parse_config
 from edgeos.driver import Quality
 from edgeos.uplink.batcher import Batcher, SealedBatch, tag_table_from_config
-from edgeos.uplink.crypto import Keyring
 from edgeos.uplink.spool import Spool
-from edgeos.uplink.synth import Scan, SyntheticLine
-from edgeos.uplink.wire import MISSING, ValueKind, epoch_key_for, open_sealed, parse_header
+from edgeos_protocol.crypto import Keyring
+from edgeos_protocol.wire import MISSING, ValueKind, epoch_key_for, open_sealed, parse_header
+from edgeos_testing.uplink_synth import Scan, SyntheticLine
 
 RING = Keyring.of(bytes(range(32)))
 

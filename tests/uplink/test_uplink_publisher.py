@@ -21,14 +21,14 @@ import pytest
 
 from edgeos.config import TlsConfig
 from edgeos.errors import ConnectError
-from edgeos.testing.mosquitto import MosquittoBroker, mosquitto_path
 from edgeos.uplink.acker import Acker
 from edgeos.uplink.batcher import Batcher
-from edgeos.uplink.crypto import Keyring
 from edgeos.uplink.publisher import Publisher, PublisherOptions
 from edgeos.uplink.spool import Spool
-from edgeos.uplink.synth import SyntheticLine
-from edgeos.uplink.wire import ControlKind, open_control, seal_control
+from edgeos_protocol.crypto import Keyring
+from edgeos_protocol.wire import ControlKind, open_control, seal_control
+from edgeos_testing.mosquitto import MosquittoBroker, mosquitto_path
+from edgeos_testing.uplink_synth import SyntheticLine
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto not installed")
 

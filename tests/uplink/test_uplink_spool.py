@@ -15,8 +15,8 @@ import pytest
 
 from edgeos.config import SpoolConfig
 from edgeos.errors import SpoolFull, StorageError
-from edgeos.uplink.crashload import payload_for
 from edgeos.uplink.spool import FILE_MAGIC, Spool
+from edgeos_testing.crashload import payload_for
 
 
 def _segments(directory: Path) -> list[Path]:
@@ -255,7 +255,7 @@ def _kill_runs(directory: Path, kills: int, seed: int) -> None:
             [
                 sys.executable,
                 "-m",
-                "edgeos.uplink.crashload",
+                "edgeos_testing.crashload",
                 str(directory),
                 str(seed + run),
                 "1" if run % 2 else "0",

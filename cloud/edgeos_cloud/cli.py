@@ -1,0 +1,363 @@
+"""``edgeos-receiver``: run the receiver, manage devices, query samples, shadows.
+
+::
+
+    edgeos-receiver init DIR                         # CA, receiver + broker certs, receiver.toml
+    edgeos-receiver run --config FILE
+    edgeos-receiver device add ID [--bundle FILE]    # key + client cert → credential bundle
+    edgeos-receiver device revoke ID
+    edgeos-receiver device list
+    edgeos-receiver devices                          # last seen, backlog, skips, rejects
+    edgeos-receiver query --device D [--tag T] [--since ISO|EPOCH] [--until …] [--limit N]
+    edgeos-receiver shadow get D
+    edgeos-receiver shadow set D TAG VALUE           # queue a desired change (a command)
+
+Every subcommand takes ``--config FILE`` (default ``$EDGEOS_RECEIVER_CONFIG`` or
+``./receiver.toml``). Exit codes: 0 ok, 1 failure, 2 invalid configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgeos_cloud.receiver.config import ReceiverConfig, load_receiver_config
+from edgeos_cloud.receiver.pki import CertificateAuthority
+from edgeos_cloud.receiver.registry import DeviceRegistry
+from edgeos_cloud.receiver.storage import Storage, open_storage
+from edgeos_protocol.errors import ConfigError, EdgeosError
+
+__all__ = ["main", "parse_time"]
+
+#: ``devices`` lists at most this many announced gaps per device (the last ones).
+_MAX_RANGES_SHOWN = 100
+
+
+def parse_time(text: str) -> int:
+    """``2024-05-01T12:00:00Z`` / ``2024-05-01`` / ``1714564800.5`` → µs since the epoch."""
+    try:
+        return round(float(text) * 1e6)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither ISO 8601 nor epoch seconds"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return round(when.timestamp() * 1e6)
+
+
+def iso(ts_us: int | None) -> str | None:
+    if ts_us is None:
+        return None
+    return (
+        dt.datetime.fromtimestamp(ts_us / 1e6, dt.UTC)
+        .isoformat(timespec="microseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("EDGEOS_RECEIVER_CONFIG", "receiver.toml")),
+        help="receiver TOML file (default: $EDGEOS_RECEIVER_CONFIG or ./receiver.toml)",
+    )
+    p = argparse.ArgumentParser(prog="edgeos-receiver", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="create a receiver directory (CA, certificates, config)")
+    init.add_argument("directory", type=Path)
+    init.add_argument("--broker", default="mqtts://127.0.0.1:8883")
+    init.add_argument("--host", action="append", default=None, help="broker SAN (repeatable)")
+    sub.add_parser("run", parents=[common], help="run the receiver")
+    dev = sub.add_parser("device", help="provision, revoke and list devices")
+    dsub = dev.add_subparsers(dest="device_command", required=True)
+    add = dsub.add_parser("add", parents=[common], help="register a device, write its bundle")
+    add.add_argument("device")
+    add.add_argument("--bundle", type=Path, help="bundle file (default ./<ID>.credentials.json)")
+    rev = dsub.add_parser("revoke", parents=[common], help="disable a device's keys and cert")
+    rev.add_argument("device")
+    dsub.add_parser("list", parents=[common], help="registered devices")
+    sub.add_parser("devices", parents=[common], help="last seen, backlog and rejects")
+    q = sub.add_parser("query", parents=[common], help="samples as JSON lines, in time order")
+    q.add_argument("--device", required=True)
+    q.add_argument("--tag")
+    q.add_argument("--since", type=parse_time)
+    q.add_argument("--until", type=parse_time)
+    q.add_argument("--limit", type=int)
+    sh = sub.add_parser("shadow", help="reported and desired state of a device")
+    ssub = sh.add_subparsers(dest="shadow_command", required=True)
+    get = ssub.add_parser("get", parents=[common])
+    get.add_argument("device")
+    put = ssub.add_parser("set", parents=[common])
+    put.add_argument("device")
+    put.add_argument("tag")
+    put.add_argument("value", help='JSON value (42, 1.5, true, "text") or a bare string')
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``edgeos-receiver`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ota"]:
+        # The update repository (TUF) has its own commands: init, publish, serve, campaign …
+        from edgeos_cloud.ota.cli import repo_main
+
+        return repo_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            return _init(args.directory, args.broker, args.host or ["127.0.0.1", "localhost"])
+        config = load_receiver_config(args.config)
+        logging.basicConfig(
+            level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        if args.command == "run":
+            return _run(config)
+        if args.command == "device":
+            return _device(config, args)
+        if args.command == "devices":
+            return _devices(config)
+        if args.command == "query":
+            return _query(config, args)
+        if args.command == "shadow":
+            return _shadow(config, args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except (EdgeosError, OSError, KeyError, ValueError, FileExistsError) as exc:
+        print(f"edgeos-receiver: {exc}", file=sys.stderr)
+        return 1
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _run(config: ReceiverConfig) -> int:
+    from edgeos_cloud.receiver.service import Receiver
+
+    async def serve() -> None:
+        receiver = Receiver(config)
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            receiver.stop()
+            task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver.run()
+
+    asyncio.run(serve())
+    return 0
+
+
+@contextlib.contextmanager
+def _storage(config: ReceiverConfig) -> Iterator[Storage]:
+    storage = open_storage(config.storage.url, sqlite_synchronous=config.storage.sqlite_synchronous)
+    try:
+        yield storage
+    finally:
+        storage.close()
+
+
+def _device(config: ReceiverConfig, args: argparse.Namespace) -> int:
+    from edgeos_cloud.receiver.provisioning import create_device, revoke_device
+
+    registry = DeviceRegistry(config.registry.dir)
+    if args.device_command == "add":
+        ca = CertificateAuthority.open_or_create(config.registry.dir / "ca")
+        bundle = args.bundle or Path(f"{args.device}.credentials.json")
+        record = create_device(registry, ca, args.device, config.device_broker_url, bundle)
+        print(
+            json.dumps(
+                {"device": record.device, "key_id": record.current_key_id, "bundle": str(bundle)}
+            )
+        )
+        return 0
+    if args.device_command == "revoke":
+        ca = CertificateAuthority.open_or_create(config.registry.dir / "ca")
+        record = revoke_device(registry, ca, args.device)
+        print(
+            json.dumps({"device": record.device, "status": record.status, "crl": str(ca.crl_file)})
+        )
+        return 0
+    for record in registry.list():
+        print(
+            json.dumps(
+                {
+                    "device": record.device,
+                    "status": record.status,
+                    "key_ids": sorted(record.keys),
+                    "created": iso(int(record.created_at * 1e6)),
+                    "revoked": iso(
+                        None if record.revoked_at is None else int(record.revoked_at * 1e6)
+                    ),
+                }
+            )
+        )
+    return 0
+
+
+def _devices(config: ReceiverConfig) -> int:
+    with _storage(config) as storage:
+        for s in storage.device_summaries():
+            print(
+                json.dumps(
+                    {
+                        "device": s.device,
+                        "first_seen": iso(s.first_seen_us),
+                        "last_seen": iso(s.last_seen_us),
+                        "state": s.state,
+                        "state_since": iso(s.state_since_us),
+                        "batches": s.batches,
+                        "samples": s.samples,
+                        "backlog": s.backlog,
+                        "skipped": s.skipped,
+                        "skipped_ranges": [
+                            [f"{epoch:016x}", first, last]
+                            for epoch, first, last in s.skipped_ranges[-_MAX_RANGES_SHOWN:]
+                        ],
+                        "rejects": s.rejects,
+                    }
+                )
+            )
+    return 0
+
+
+def _json_value(value: float | str | None) -> float | str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _query(config: ReceiverConfig, args: argparse.Namespace) -> int:
+    out = sys.stdout
+    with _storage(config) as storage:
+        for row in storage.query_samples(args.device, args.tag, args.since, args.until, args.limit):
+            out.write(
+                json.dumps(
+                    {
+                        "device": row.device,
+                        "tag": row.tag,
+                        "ts": iso(row.ts_us),
+                        "value": _json_value(row.value),
+                        "quality": row.quality,
+                    }
+                )
+                + "\n"
+            )
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _shadow(config: ReceiverConfig, args: argparse.Namespace) -> int:
+    with _storage(config) as storage:
+        if args.shadow_command == "set":
+            command = storage.enqueue_command(
+                args.device, {args.tag: _parse_value(args.value)}, int(time.time() * 1e6)
+            )
+            print(
+                json.dumps(
+                    {
+                        "device": command.device,
+                        "version": command.version,
+                        "id": command.id,
+                        "status": command.status,
+                    }
+                )
+            )
+            return 0
+        reported = {
+            name: {"ts": iso(v.ts_us), "value": _json_value(v.value), "quality": v.quality}
+            for name, v in storage.reported(args.device).items()
+        }
+        desired: dict[str, Any] = {}
+        for c in storage.commands(args.device):
+            for tag, value in c.desired.items():
+                desired[tag] = {
+                    "value": value,
+                    "version": c.version,
+                    "status": c.status,
+                    "result": c.results,
+                    "requested": iso(c.requested_us),
+                    "answered": iso(c.answered_us),
+                }
+        print(
+            json.dumps({"device": args.device, "reported": reported, "desired": desired}, indent=1)
+        )
+    return 0
+
+
+def _init(directory: Path, broker: str, hosts: list[str]) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = CertificateAuthority.open_or_create(directory / "registry" / "ca")
+    pki = directory / "pki"
+    ca.issue_client("receiver", pki)
+    ca.issue_server(hosts, pki)
+    config = directory / "receiver.toml"
+    if not config.exists():
+        config.write_text(
+            "\n".join(
+                [
+                    "[broker]",
+                    f'url = "{broker}"',
+                    'group = "receivers"',
+                    "[broker.tls]",
+                    f'ca_file = "{ca.ca_file.relative_to(directory)}"',
+                    'cert_file = "pki/receiver.crt"',
+                    'key_file = "pki/receiver.key"',
+                    "",
+                    "[storage]",
+                    'url = "sqlite:///data/receiver.db"',
+                    "",
+                    "[registry]",
+                    'dir = "registry"',
+                    "",
+                ]
+            ),
+            encoding="utf-8",
+        )
+    print(
+        json.dumps(
+            {
+                "config": str(config),
+                "ca": str(ca.ca_file),
+                "crl": str(ca.crl_file),
+                "broker_cert": str(pki / "server.crt"),
+                "broker_key": str(pki / "server.key"),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

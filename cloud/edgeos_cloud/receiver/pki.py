@@ -1,0 +1,286 @@
+"""A small X.509 certificate authority for the MQTT transport (ECDSA P-256).
+
+The receiver owns one CA. It issues
+
+* client certificates for devices and receivers (``CN`` = the identity; Mosquitto's
+  ``use_identity_as_username`` turns it into the MQTT username the ACLs match), and
+* server certificates for the broker (SAN ``127.0.0.1`` / ``localhost`` by default),
+
+and revokes client certificates by writing a CRL (``crl.pem``) that the broker loads through
+its ``crlfile`` option. Mosquitto reads the CRL when a listener starts, so a revocation
+reaches the broker on its next restart; the receiver refuses a revoked device's batches at
+once through its key registry, so the CRL is a second wall, not the only one.
+
+Layout of a CA directory (every private file mode 0600)::
+
+    ca.crt  ca.key  crl.pem  issued.json  revoked.json
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edgeos_protocol.fsutil import write_private
+
+__all__ = ["CertificateAuthority", "IssuedCertificate"]
+
+_CLOCK_SKEW = dt.timedelta(minutes=5)
+#: How long a CRL is valid; it is rewritten on every revocation and on :meth:`refresh_crl`.
+CRL_VALIDITY = dt.timedelta(days=30)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    """A certificate and its private key (PEM), and where they were written if anywhere."""
+
+    common_name: str
+    serial: int
+    cert_pem: bytes
+    key_pem: bytes
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class CertificateAuthority:
+    """A CA kept in one directory; create it with :meth:`create` or :meth:`open_or_create`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        try:
+            self._cert = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
+            key = serialization.load_pem_private_key(self._key_file.read_bytes(), None)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"no CA in {self.directory} (missing {exc.filename})") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{self._key_file} is not an EC private key")
+        self._key = key
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def create(
+        cls, directory: str | Path, common_name: str = "edgeos CA", *, days: int = 3650
+    ) -> CertificateAuthority:
+        """Create a new CA in ``directory`` (refuses to overwrite an existing one)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if (directory / "ca.key").exists():
+            raise FileExistsError(f"a CA already exists in {directory}")
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        write_private(directory / "ca.key", _key_pem(key))
+        write_private(directory / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(directory / "issued.json", b"{}")
+        write_private(directory / "revoked.json", b"{}")
+        ca = cls(directory)
+        ca.refresh_crl()
+        return ca
+
+    @classmethod
+    def open_or_create(
+        cls, directory: str | Path, common_name: str = "edgeos CA"
+    ) -> CertificateAuthority:
+        """Open the CA in ``directory``, creating it first when there is none."""
+        if (Path(directory) / "ca.key").exists():
+            return cls(directory)
+        return cls.create(directory, common_name)
+
+    # ------------------------------------------------------------------ files
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate (PEM): the trust anchor of brokers, devices and receivers."""
+        return self.directory / "ca.crt"
+
+    @property
+    def crl_file(self) -> Path:
+        """The current certificate revocation list (PEM), for Mosquitto's ``crlfile``."""
+        return self.directory / "crl.pem"
+
+    @property
+    def _key_file(self) -> Path:
+        return self.directory / "ca.key"
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    # ------------------------------------------------------------------ issuing
+
+    def issue_client(
+        self, common_name: str, out_dir: str | Path | None = None, *, days: int = 825
+    ) -> IssuedCertificate:
+        """Issue a TLS client certificate with ``CN = common_name``.
+
+        When ``out_dir`` is given, ``<cn>.crt`` and ``<cn>.key`` (0600) are written there.
+        """
+        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+        return self._issue(common_name, sans=[], eku=eku, out_dir=out_dir, days=days)
+
+    def issue_server(
+        self,
+        hosts: Iterable[str] = ("127.0.0.1", "localhost"),
+        out_dir: str | Path | None = None,
+        *,
+        common_name: str = "edgeos broker",
+        days: int = 825,
+    ) -> IssuedCertificate:
+        """Issue a TLS server certificate whose SAN lists ``hosts`` (IP addresses or names)."""
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+        return self._issue(
+            common_name, sans=sans, eku=eku, out_dir=out_dir, days=days, file_stem="server"
+        )
+
+    def _issue(
+        self,
+        common_name: str,
+        *,
+        sans: list[x509.GeneralName],
+        eku: x509.ExtendedKeyUsage,
+        out_dir: str | Path | None,
+        days: int,
+        file_stem: str | None = None,
+    ) -> IssuedCertificate:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        serial = x509.random_serial_number()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(eku, critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        key_pem = _key_pem(key)
+        issued = self._read_json("issued.json")
+        issued[str(serial)] = {"cn": common_name, "not_after": cert.not_valid_after_utc.isoformat()}
+        write_private(self.directory / "issued.json", json.dumps(issued, indent=1).encode())
+        cert_file = key_file = None
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True, mode=0o700)
+            stem = file_stem or common_name
+            cert_file, key_file = out / f"{stem}.crt", out / f"{stem}.key"
+            write_private(cert_file, cert_pem, 0o644)
+            write_private(key_file, key_pem)
+        return IssuedCertificate(common_name, serial, cert_pem, key_pem, cert_file, key_file)
+
+    # ------------------------------------------------------------------ revocation
+
+    def serials_of(self, common_name: str) -> list[int]:
+        """Serial numbers of every certificate issued to ``common_name``."""
+        issued = self._read_json("issued.json")
+        return [int(s) for s, info in issued.items() if info.get("cn") == common_name]
+
+    def revoke(self, common_name: str | None = None, *, serial: int | None = None) -> list[int]:
+        """Revoke every certificate of ``common_name`` (or one ``serial``); rewrite the CRL.
+
+        Returns the serials newly revoked.
+        """
+        if (common_name is None) == (serial is None):
+            raise ValueError("give exactly one of common_name or serial")
+        serials = [serial] if serial is not None else self.serials_of(str(common_name))
+        revoked = self._read_json("revoked.json")
+        now = dt.datetime.now(dt.UTC).isoformat()
+        new = [s for s in serials if str(s) not in revoked]
+        for s in new:
+            revoked[str(s)] = now
+        write_private(self.directory / "revoked.json", json.dumps(revoked, indent=1).encode())
+        self.refresh_crl()
+        return new
+
+    def revoked_serials(self) -> set[int]:
+        return {int(s) for s in self._read_json("revoked.json")}
+
+    def refresh_crl(self) -> Path:
+        """Write a freshly signed CRL listing every revoked serial; returns its path."""
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self._cert.subject)
+            .last_update(now - _CLOCK_SKEW)
+            .next_update(now + CRL_VALIDITY)
+        )
+        for serial, when in self._read_json("revoked.json").items():
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(serial))
+                .revocation_date(dt.datetime.fromisoformat(when))
+                .build()
+            )
+            builder = builder.add_revoked_certificate(entry)
+        crl = builder.sign(self._key, hashes.SHA256())
+        write_private(self.crl_file, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        return self.crl_file
+
+    def _read_json(self, name: str) -> dict[str, Any]:
+        path = self.directory / name
+        if not path.exists():
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        return data
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )

@@ -1,0 +1,755 @@
+"""The storage logic both SQL back-ends share; subclasses supply the connection and bulk insert.
+
+SQL is written once with ``?`` placeholders (SQLite style); the PostgreSQL subclass rewrites
+them. Transactions are explicit (``BEGIN`` … ``COMMIT`` on an autocommit connection) so the
+same code runs on both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain, repeat
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgeos_cloud.receiver.storage.base import (
+    SCHEMA_VERSION,
+    Command,
+    DeviceStatus,
+    DeviceSummary,
+    IngestBatch,
+    ReportedValue,
+    SampleRow,
+    Shadow,
+    StoreOutcome,
+    from_db_epoch,
+    latest_per_tag,
+    merge_ranges,
+    new_command_id,
+    safe_dumps,
+    schema_statements,
+    split_text,
+    to_db_epoch,
+)
+from edgeos_cloud.receiver.storage.blocks import (
+    MAX_SPAN_US,
+    Block,
+    BlockMerger,
+    decode_block,
+    encode_blocks,
+)
+
+__all__ = ["SqlStorage"]
+
+log = logging.getLogger("edgeos_cloud.receiver")
+
+_TagSig = tuple[list[str], bytes, list[str], bytes, bytes]
+
+
+class SqlStorage:
+    """Shared implementation of :class:`~edgeos_cloud.receiver.storage.base.Storage`."""
+
+    dialect = "sqlite"
+    #: Row lock suffix for read-modify-write selects (PostgreSQL); SQLite locks the database.
+    for_update = ""
+    greatest = "max"
+
+    def __init__(self) -> None:
+        self._device_ids: dict[str, int] = {}
+        self._tag_cache: dict[int, tuple[_TagSig, npt.NDArray[np.int64]]] = {}
+        self._staged_devices: dict[str, int] = {}
+        self._staged_tags: dict[int, tuple[_TagSig, npt.NDArray[np.int64]]] = {}
+
+    # ------------------------------------------------------------------ hooks
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        raise NotImplementedError
+
+    def _executemany(self, sql: str, rows: Any) -> None:
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+    def _rollback(self) -> None:
+        raise NotImplementedError
+
+    def _iter_rows(
+        self, sql: str, params: Sequence[Any], batch_rows: int = 10_000
+    ) -> Iterator[Sequence[Any]]:
+        """Rows of a long result, fetched ``batch_rows`` at a time where the driver can."""
+        yield from self._execute(sql, params)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ schema
+
+    def _create_schema(self) -> None:
+        self._execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        row = self._execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = None if row is None else int(row[0])
+        if version not in (None, 1, SCHEMA_VERSION):
+            raise RuntimeError(
+                f"database schema version {version} is newer than {SCHEMA_VERSION}; upgrade edgeos"
+            )
+        for stmt in schema_statements(self.dialect):
+            self._execute(stmt)
+        if version == 1:
+            self._migrate_v1()
+        if version != SCHEMA_VERSION:
+            self._execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+
+    def _migrate_v1(self) -> None:
+        """Version 1 kept one row per sample: pack them into blocks (one transaction)."""
+        log.warning("migrating the receiver database to schema %d (sample blocks)", SCHEMA_VERSION)
+        for table in ("samples", "text_samples"):
+            devices = [int(d) for (d,) in self._execute(f"SELECT DISTINCT device_id FROM {table}")]
+            for device_id in devices:
+                last = (-(1 << 62), -1)
+                while True:
+                    rows = self._execute(
+                        f"SELECT ts, tag_id, value, quality FROM {table} WHERE device_id = ?"
+                        " AND (ts > ? OR (ts = ? AND tag_id > ?)) ORDER BY ts, tag_id LIMIT 100000",
+                        (device_id, last[0], last[0], last[1]),
+                    ).fetchall()
+                    if not rows:
+                        break
+                    ts, tag, value, quality = zip(*rows, strict=True)
+                    text: dict[int, str | None] = {}
+                    if table == "text_samples":
+                        text = {i: None if v is None else str(v) for i, v in enumerate(value)}
+                        value = (math.nan,) * len(rows)
+                    blocks = encode_blocks(
+                        np.array(ts, np.int64),
+                        np.array(tag, np.int64),
+                        np.array([math.nan if v is None else v for v in value], np.float64),
+                        np.array(quality, np.uint8),
+                        text,
+                    )
+                    self._insert_blocks(device_id, 0, 0, blocks)
+                    last = (int(ts[-1]), int(tag[-1]))
+            self._execute(f"DROP TABLE {table}")
+        for row in self._execute(
+            "SELECT device_id, tag_ids, ts, value, quality, text FROM shadows"
+        ).fetchall():
+            shadow = Shadow.from_row(row[1:], packed=False)
+            self._save_shadow(int(row[0]), shadow, int(time.time() * 1e6))
+
+    # ------------------------------------------------------------------ ingest
+
+    def store(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
+        if not batches:
+            return []
+        self._staged_devices.clear()
+        self._staged_tags.clear()
+        self._begin()
+        try:
+            outcomes = self._store_locked(batches)
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._staged_devices.clear()
+            self._staged_tags.clear()
+            raise
+        # Ids become visible to later transactions only once committed.
+        self._device_ids.update(self._staged_devices)
+        self._tag_cache.update(self._staged_tags)
+        return outcomes
+
+    def _store_locked(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
+        now_us = int(time.time() * 1e6)
+        dev_ids = {b.device: self._device_id(b.device) for b in batches}
+        # Lock (device, epoch) rows in one global order so concurrent receivers never deadlock;
+        # epochs named by skip lists too (their contiguous mark may move).
+        named = {(b.device, b.epoch) for b in batches}
+        named.update((b.device, e) for b in batches for e, _, _ in b.skips)
+        acked: dict[tuple[str, int], int] = {}
+        for device, epoch in sorted(named):
+            acked[(device, epoch)] = self._lock_epoch(dev_ids[device], epoch, now_us)
+        new_skips: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        stored_flags: list[bool] = []
+        shadows: dict[int, Shadow] = {}
+        dev_stats: dict[int, list[int]] = {}  # batches, samples, last received, last created
+        epoch_stats: dict[tuple[str, int], list[int]] = {}  # stored, max seq
+        for b in batches:
+            dev_id = dev_ids[b.device]
+            cur = self._execute(
+                "INSERT INTO batches (device_id, epoch, seq, created_us, received_us, samples,"
+                " bytes, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (
+                    dev_id,
+                    to_db_epoch(b.epoch),
+                    b.seq,
+                    b.created_us,
+                    b.received_us,
+                    b.sample_count,
+                    b.nbytes,
+                    safe_dumps(b.meta),
+                ),
+            )
+            is_new = cur.rowcount == 1
+            stored_flags.append(is_new)
+            if not is_new:
+                continue
+            tag_ids = self._tag_ids(dev_id, b)
+            self._store_samples(dev_id, b, tag_ids, shadows)
+            if b.events:
+                self._executemany(
+                    "INSERT INTO events (device_id, ts, epoch, seq, type, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            dev_id,
+                            _event_ts(ev, b.created_us),
+                            to_db_epoch(b.epoch),
+                            b.seq,
+                            str(ev.get("type", "")),
+                            safe_dumps(ev),
+                        )
+                        for ev in b.events
+                    ],
+                )
+            st = dev_stats.setdefault(dev_id, [0, 0, 0, 0])
+            st[0] += 1
+            st[1] += b.sample_count
+            st[2] = max(st[2], b.received_us)
+            st[3] = max(st[3], b.created_us)
+            es = epoch_stats.setdefault((b.device, b.epoch), [0, 0])
+            es[0] += 1
+            es[1] = max(es[1], b.seq)
+            # Only a newly stored batch's skip list counts: a replay changes nothing.
+            for e, first, last in b.skips:
+                new_skips.setdefault((b.device, e), []).append((first, last))
+        for key in sorted(new_skips):
+            ranges = merge_ranges(new_skips[key])
+            self._record_skips(dev_ids[key[0]], key[1], ranges, now_us)
+            es = epoch_stats.setdefault(key, [0, 0])
+            es[1] = max(es[1], ranges[-1][1])
+        final: dict[tuple[str, int], int] = {}
+        for key, start in acked.items():
+            stored, max_seq = epoch_stats.get(key, (0, 0))
+            final[key] = self._advance(dev_ids[key[0]], key[1], start, stored, max_seq)
+        for dev_id in sorted(shadows):
+            self._save_shadow(dev_id, shadows[dev_id], now_us)
+        for dev_id in sorted(dev_stats):
+            n_batches, n_samples, last_rx, last_created = dev_stats[dev_id]
+            self._execute(
+                "UPDATE devices SET batches = batches + ?, samples = samples + ?,"
+                f" last_seen_us = {self.greatest}(COALESCE(last_seen_us, 0), ?),"
+                f" last_created_us = {self.greatest}(COALESCE(last_created_us, 0), ?),"
+                " first_seen_us = COALESCE(first_seen_us, ?) WHERE id = ?",
+                (n_batches, n_samples, last_rx, last_created, last_rx, dev_id),
+            )
+        outcomes = []
+        for b, new in zip(batches, stored_flags, strict=True):
+            others: tuple[tuple[int, int], ...] = ()
+            if new and b.skips:
+                epochs = sorted({e for e, _, _ in b.skips} - {b.epoch})
+                others = tuple(
+                    (e, final[(b.device, e)]) for e in epochs if final[(b.device, e)] > 0
+                )
+            outcomes.append(
+                StoreOutcome(
+                    b.device,
+                    b.epoch,
+                    b.seq,
+                    new,
+                    final[(b.device, b.epoch)],
+                    b.sample_count,
+                    others,
+                )
+            )
+        return outcomes
+
+    def _device_id(self, device: str) -> int:
+        found = self._device_ids.get(device) or self._staged_devices.get(device)
+        if found is not None:
+            return found
+        self._execute("INSERT INTO devices (name) VALUES (?) ON CONFLICT DO NOTHING", (device,))
+        row = self._execute("SELECT id FROM devices WHERE name = ?", (device,)).fetchone()
+        self._staged_devices[device] = int(row[0])
+        return int(row[0])
+
+    def _lock_epoch(self, device_id: int, epoch: int, now_us: int) -> int:
+        self._execute(
+            "INSERT INTO epochs (device_id, epoch, first_seen_us) VALUES (?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (device_id, to_db_epoch(epoch), now_us),
+        )
+        row = self._execute(
+            "SELECT acked_seq FROM epochs WHERE device_id = ? AND epoch = ?" + self.for_update,
+            (device_id, to_db_epoch(epoch)),
+        ).fetchone()
+        return int(row[0])
+
+    def _record_skips(
+        self, device_id: int, epoch: int, ranges: list[tuple[int, int]], now_us: int
+    ) -> None:
+        # Every later batch repeats the announcement until an ack passes it: the upsert keeps
+        # one row per (epoch, first) and writes only when a range grew.
+        self._executemany(
+            "INSERT INTO skips (device_id, epoch, first_seq, last_seq, announced_us)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, epoch, first_seq) DO UPDATE SET"
+            " last_seq = excluded.last_seq, announced_us = excluded.announced_us"
+            " WHERE excluded.last_seq > skips.last_seq",
+            [(device_id, to_db_epoch(epoch), f, last, now_us) for f, last in ranges],
+        )
+
+    def _skip_ranges(self, device_id: int, db_epoch: int, above: int) -> list[tuple[int, int]]:
+        rows = self._execute(
+            "SELECT first_seq, last_seq FROM skips WHERE device_id = ? AND epoch = ?"
+            " AND last_seq > ?",
+            (device_id, db_epoch, above),
+        ).fetchall()
+        return merge_ranges((int(f), int(last)) for f, last in rows)
+
+    def _advance(self, device_id: int, epoch: int, acked: int, stored: int, max_seq: int) -> int:
+        """Move the epoch's contiguous mark over every stored or skipped number after it."""
+        db_epoch = to_db_epoch(epoch)
+        start = acked
+        skips = self._skip_ranges(device_id, db_epoch, acked)
+        i = 0
+        while True:
+            while i < len(skips) and skips[i][0] <= acked + 1:
+                acked = max(acked, skips[i][1])
+                i += 1
+            rows = self._execute(
+                "SELECT seq FROM batches WHERE device_id = ? AND epoch = ? AND seq > ?"
+                " ORDER BY seq LIMIT 512",
+                (device_id, db_epoch, acked),
+            ).fetchall()
+            moved = 0
+            for (seq,) in rows:
+                if seq != acked + 1:
+                    break
+                acked = seq
+                moved += 1
+            if moved == 512:
+                continue
+            if not (i < len(skips) and skips[i][0] <= acked + 1):
+                break
+        if acked != start or stored or max_seq:
+            self._execute(
+                f"UPDATE epochs SET acked_seq = ?, max_seq = {self.greatest}(max_seq, ?),"
+                " stored = stored + ? WHERE device_id = ? AND epoch = ?",
+                (acked, max_seq, stored, device_id, db_epoch),
+            )
+        return acked
+
+    def _tag_ids(self, device_id: int, b: IngestBatch) -> npt.NDArray[np.int64]:
+        """Tag ids for the batch's tag table; a table equal to the last one costs nothing."""
+        sig: _TagSig = (
+            b.tag_names,
+            b.tag_kinds.tobytes(),
+            b.tag_units,
+            b.tag_resolutions.tobytes(),
+            b.tag_indices.tobytes(),
+        )
+        cached = self._staged_tags.get(device_id) or self._tag_cache.get(device_id)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        res = [None if not np.isfinite(r) else r for r in b.tag_resolutions.tolist()]
+        self._executemany(
+            "INSERT INTO tags (device_id, name, kind, unit, resolution, twin_index)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, name) DO UPDATE SET"
+            " kind = excluded.kind, unit = excluded.unit, resolution = excluded.resolution,"
+            " twin_index = excluded.twin_index",
+            list(
+                zip(
+                    repeat(device_id),
+                    b.tag_names,
+                    b.tag_kinds.tolist(),
+                    b.tag_units,
+                    res,
+                    b.tag_indices.tolist(),
+                    strict=False,
+                )
+            ),
+        )
+        mapping = dict(
+            self._execute("SELECT name, id FROM tags WHERE device_id = ?", (device_id,)).fetchall()
+        )
+        ids = np.fromiter((mapping[n] for n in b.tag_names), np.int64, len(b.tag_names))
+        self._staged_tags[device_id] = (sig, ids)
+        return ids
+
+    def _store_samples(
+        self,
+        device_id: int,
+        b: IngestBatch,
+        tag_ids: npt.NDArray[np.int64],
+        shadows: dict[int, Shadow],
+    ) -> None:
+        if not b.sample_count:
+            return
+        tid = tag_ids[b.tag]
+        is_text = split_text(b)
+        text: dict[int, str | None] = {}
+        text_latest: dict[int, tuple[int, str | None, int]] = {}
+        if is_text.any():
+            positions = np.flatnonzero(is_text).tolist()
+            text = {p: b.text.get(p) for p in positions}
+            for p in sorted(positions, key=lambda p: int(b.ts_us[p])):
+                text_latest[int(tid[p])] = (int(b.ts_us[p]), text[p], int(b.quality[p]))
+            num = ~is_text
+            ts_n, tid_n, val_n, q_n = b.ts_us[num], tid[num], b.value[num], b.quality[num]
+        else:
+            ts_n, tid_n, val_n, q_n = b.ts_us, tid, b.value, b.quality
+        self._insert_blocks(
+            device_id, b.epoch, b.seq, encode_blocks(b.ts_us, tid, b.value, b.quality, text)
+        )
+        shadow = shadows.get(device_id)
+        if shadow is None:
+            shadow = self._load_shadow(device_id)
+            shadows[device_id] = shadow
+        last = latest_per_tag(tid_n, ts_n)
+        shadow.merge(tid_n[last], ts_n[last], val_n[last], q_n[last], text_latest)
+
+    def _insert_blocks(self, device_id: int, epoch: int, seq: int, blocks: list[Block]) -> None:
+        self._executemany(
+            "INSERT INTO sample_blocks (device_id, t_first, t_last, epoch, seq, count, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (device_id, bl.t_first, bl.t_last, to_db_epoch(epoch), seq, bl.count, bl.data)
+                for bl in blocks
+            ],
+        )
+
+    def _load_shadow(self, device_id: int) -> Shadow:
+        row = self._execute(
+            "SELECT tag_ids, ts, value, quality, text FROM shadows WHERE device_id = ?"
+            + self.for_update,
+            (device_id,),
+        ).fetchone()
+        return Shadow.empty() if row is None else Shadow.from_row(row)
+
+    def _save_shadow(self, device_id: int, shadow: Shadow, now_us: int) -> None:
+        self._execute(
+            "INSERT INTO shadows (device_id, tag_ids, ts, value, quality, text, updated_us)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+            " tag_ids = excluded.tag_ids, ts = excluded.ts, value = excluded.value,"
+            " quality = excluded.quality, text = excluded.text, updated_us = excluded.updated_us",
+            (device_id, *shadow.to_row(), now_us),
+        )
+
+    def record_rejects(self, counts: Mapping[tuple[str, str], int], now_us: int) -> None:
+        if not counts:
+            return
+        self._begin()
+        try:
+            self._executemany(
+                "INSERT INTO rejects (device, reason, count, last_us) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (device, reason) DO UPDATE SET count = rejects.count +"
+                " excluded.count, last_us = excluded.last_us",
+                [(dev, reason, n, now_us) for (dev, reason), n in sorted(counts.items())],
+            )
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def record_statuses(self, statuses: Sequence[DeviceStatus]) -> None:
+        if not statuses:
+            return
+        self._staged_devices.clear()
+        self._begin()
+        try:
+            for st in statuses:
+                # A repeated state (the retained message again after a reconnect) keeps the
+                # time it was first seen.
+                self._execute(
+                    "INSERT INTO device_status (device_id, state, since_us, device_ts_us, epoch,"
+                    " updated_us) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET"
+                    " since_us = CASE WHEN device_status.state = excluded.state"
+                    " THEN device_status.since_us ELSE excluded.since_us END,"
+                    " state = excluded.state, device_ts_us = excluded.device_ts_us,"
+                    " epoch = excluded.epoch, updated_us = excluded.updated_us",
+                    (
+                        self._device_id(st.device),
+                        "online" if st.online else "offline",
+                        st.received_us,
+                        st.device_ts_us,
+                        st.epoch,
+                        st.received_us,
+                    ),
+                )
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._staged_devices.clear()
+            raise
+        self._device_ids.update(self._staged_devices)
+
+    # ------------------------------------------------------------------ reading
+
+    def _lookup_device(self, device: str) -> int | None:
+        row = self._execute("SELECT id FROM devices WHERE name = ?", (device,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _tag_names(self, device_id: int) -> dict[int, str]:
+        return {
+            int(i): str(n)
+            for i, n in self._execute(
+                "SELECT id, name FROM tags WHERE device_id = ?", (device_id,)
+            ).fetchall()
+        }
+
+    def query_samples(
+        self,
+        device: str,
+        tag: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        limit: int | None = None,
+    ) -> Iterator[SampleRow]:
+        device_id = self._lookup_device(device)
+        if device_id is None or (limit is not None and limit <= 0):
+            return
+        names = self._tag_names(device_id)
+        tag_id = None
+        if tag is not None:
+            ids = [i for i, n in names.items() if n == tag]
+            if not ids:
+                return
+            tag_id = ids[0]
+        since = -(1 << 62) if since_us is None else since_us
+        until = 1 << 62 if until_us is None else until_us
+        merger = BlockMerger(since, until, tag_id)
+        # No block spans more than MAX_SPAN_US: the (device_id, t_first) index bounds the scan.
+        blocks = self._iter_rows(
+            "SELECT id, t_first, data FROM sample_blocks WHERE device_id = ? AND t_first >= ?"
+            " AND t_first < ? AND t_last >= ? ORDER BY t_first, id",
+            (device_id, since - MAX_SPAN_US, until, since),
+            batch_rows=16,
+        )
+        count = 0
+        for rows in chain(
+            (
+                merger.add(decode_block(data, int(t_first)), int(bid), int(t_first))
+                for bid, t_first, data in blocks
+            ),
+            (merger.finish(),),
+        ):
+            for ts, tid, value, quality in rows:
+                yield SampleRow(device, names.get(tid, f"#{tid}"), ts, value, quality)
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+    def events(self, device: str, since_us: int | None = None) -> list[dict[str, Any]]:
+        device_id = self._lookup_device(device)
+        if device_id is None:
+            return []
+        rows = self._execute(
+            "SELECT ts, epoch, seq, body FROM events WHERE device_id = ? AND ts >= ? ORDER BY ts",
+            (device_id, since_us or -(1 << 62)),
+        ).fetchall()
+        return [
+            {"ts_us": int(ts), "epoch": from_db_epoch(int(ep)), "seq": int(seq), **json.loads(body)}
+            for ts, ep, seq, body in rows
+        ]
+
+    def device_summaries(self) -> list[DeviceSummary]:
+        rejects: dict[str, dict[str, int]] = {}
+        for dev, reason, count in self._execute(
+            "SELECT device, reason, count FROM rejects"
+        ).fetchall():
+            rejects.setdefault(str(dev), {})[str(reason)] = int(count)
+        skips: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for dev_id, epoch, first, last in self._execute(
+            "SELECT device_id, epoch, first_seq, last_seq FROM skips"
+        ).fetchall():
+            skips.setdefault((int(dev_id), int(epoch)), []).append((int(first), int(last)))
+        merged = {key: merge_ranges(ranges) for key, ranges in skips.items()}
+        skipped: dict[int, int] = {}
+        skipped_ranges: dict[int, list[tuple[int, int, int]]] = {}
+        for (dev_id, epoch), ranges in sorted(merged.items()):
+            for first, last in ranges:
+                # A number both announced and stored (sent, then dropped from the device's
+                # spool before the ack came) is not a gap.
+                skipped[dev_id] = skipped.get(dev_id, 0) + (last - first + 1)
+                skipped[dev_id] -= self._count_stored(dev_id, epoch, first, last)
+                skipped_ranges.setdefault(dev_id, []).append((from_db_epoch(epoch), first, last))
+        backlog: dict[int, int] = {}
+        for row in self._execute(
+            "SELECT device_id, epoch, acked_seq, max_seq FROM epochs WHERE max_seq > acked_seq"
+        ).fetchall():
+            dev_id, epoch, acked, max_seq = (int(v) for v in row)
+            missing = max_seq - acked - self._count_stored(dev_id, epoch, acked + 1, max_seq)
+            for first, last in merged.get((dev_id, epoch), []):
+                lo, hi = max(first, acked + 1), min(last, max_seq)
+                if lo <= hi:
+                    missing -= (hi - lo + 1) - self._count_stored(dev_id, epoch, lo, hi)
+            backlog[dev_id] = backlog.get(dev_id, 0) + missing
+        states = {
+            int(dev_id): (str(state), int(since))
+            for dev_id, state, since in self._execute(
+                "SELECT device_id, state, since_us FROM device_status"
+            ).fetchall()
+        }
+        out = []
+        seen = set()
+        for dev_id, name, first, last, batches, samples in self._execute(
+            "SELECT id, name, first_seen_us, last_seen_us, batches, samples FROM devices"
+            " ORDER BY name"
+        ).fetchall():
+            state, since = states.get(int(dev_id), (None, None))
+            seen.add(name)
+            out.append(
+                DeviceSummary(
+                    str(name),
+                    None if first is None else int(first),
+                    None if last is None else int(last),
+                    int(batches),
+                    int(samples),
+                    backlog.get(int(dev_id), 0),
+                    rejects.get(str(name), {}),
+                    skipped.get(int(dev_id), 0),
+                    tuple(skipped_ranges.get(int(dev_id), ())),
+                    state,
+                    since,
+                )
+            )
+        for name in sorted(set(rejects) - seen):
+            out.append(DeviceSummary(name, None, None, 0, 0, 0, rejects[name]))
+        return out
+
+    def _count_stored(self, device_id: int, db_epoch: int, first: int, last: int) -> int:
+        (count,) = self._execute(
+            "SELECT COUNT(*) FROM batches WHERE device_id = ? AND epoch = ? AND seq >= ?"
+            " AND seq <= ?",
+            (device_id, db_epoch, first, last),
+        ).fetchone()
+        return int(count)
+
+    def reported(self, device: str) -> dict[str, ReportedValue]:
+        device_id = self._lookup_device(device)
+        if device_id is None:
+            return {}
+        shadow = self._load_shadow_readonly(device_id)
+        names = self._tag_names(device_id)
+        out: dict[str, ReportedValue] = {}
+        for tid, ts, value, quality in zip(
+            shadow.tag_ids.tolist(),
+            shadow.ts.tolist(),
+            shadow.value.tolist(),
+            shadow.quality.tolist(),
+            strict=True,
+        ):
+            out[names.get(tid, f"#{tid}")] = ReportedValue(
+                ts, None if math.isnan(value) else value, quality
+            )
+        for tid, (ts, text, quality) in shadow.text.items():
+            out[names.get(tid, f"#{tid}")] = ReportedValue(ts, text, quality)
+        return dict(sorted(out.items()))
+
+    def _load_shadow_readonly(self, device_id: int) -> Shadow:
+        row = self._execute(
+            "SELECT tag_ids, ts, value, quality, text FROM shadows WHERE device_id = ?",
+            (device_id,),
+        ).fetchone()
+        return Shadow.empty() if row is None else Shadow.from_row(row)
+
+    # ------------------------------------------------------------------ commands
+
+    def enqueue_command(self, device: str, desired: Mapping[str, Any], now_us: int) -> Command:
+        self._staged_devices.clear()
+        self._begin()
+        try:
+            device_id = self._device_id(device)
+            row = self._execute(
+                "SELECT COALESCE(MAX(version), 0) FROM commands WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
+            command = Command(
+                device, int(row[0]) + 1, new_command_id(), dict(desired), "pending", now_us
+            )
+            self._execute(
+                "INSERT INTO commands (device_id, version, id, desired, status, requested_us)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    device_id,
+                    command.version,
+                    command.id,
+                    json.dumps(command.desired),
+                    "pending",
+                    now_us,
+                ),
+            )
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._staged_devices.clear()
+            raise
+        self._device_ids.update(self._staged_devices)
+        return command
+
+    def _commands(self, where: str, params: Sequence[Any]) -> list[Command]:
+        rows = self._execute(
+            "SELECT d.name, c.version, c.id, c.desired, c.status, c.requested_us, c.sent_us,"
+            " c.answered_us, c.results FROM commands c JOIN devices d ON d.id = c.device_id"
+            f" WHERE {where} ORDER BY d.name, c.version",
+            params,
+        ).fetchall()
+        return [
+            Command(
+                str(name),
+                int(version),
+                str(cid),
+                json.loads(desired),
+                str(status),
+                int(req),
+                None if sent is None else int(sent),
+                None if ans is None else int(ans),
+                None if results is None else json.loads(results),
+            )
+            for name, version, cid, desired, status, req, sent, ans, results in rows
+        ]
+
+    def due_commands(self, now_us: int, resend_us: int) -> list[Command]:
+        return self._commands(
+            "c.status = 'pending' OR (c.status = 'sent' AND c.sent_us <= ?)",
+            (now_us - resend_us,),
+        )
+
+    def commands(self, device: str) -> list[Command]:
+        return self._commands("d.name = ?", (device,))
+
+    def mark_sent(self, device: str, version: int, now_us: int) -> None:
+        self._execute(
+            "UPDATE commands SET status = 'sent', sent_us = ? WHERE version = ? AND"
+            " status IN ('pending', 'sent') AND device_id = (SELECT id FROM devices"
+            " WHERE name = ?)",
+            (now_us, version, device),
+        )
+
+    def record_command_result(
+        self, device: str, version: int, ok: bool, results: Mapping[str, Any], now_us: int
+    ) -> bool:
+        cur = self._execute(
+            "UPDATE commands SET status = ?, results = ?, answered_us = ? WHERE version = ?"
+            " AND device_id = (SELECT id FROM devices WHERE name = ?)",
+            ("applied" if ok else "refused", safe_dumps(dict(results)), now_us, version, device),
+        )
+        return bool(cur.rowcount == 1)
+
+
+def _event_ts(event: Mapping[str, Any], default: int) -> int:
+    ts = event.get("ts_us")
+    if isinstance(ts, int) and not isinstance(ts, bool) and -(1 << 62) < ts < 1 << 62:
+        return ts
+    return default

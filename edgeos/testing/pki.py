@@ -1,7 +1,0 @@
-"""Test PKI: re-exports :mod:`edgeos.receiver.pki` (the CA the receiver itself uses)."""
-
-from __future__ import annotations
-
-from edgeos.receiver.pki import CertificateAuthority, IssuedCertificate
-
-__all__ = ["CertificateAuthority", "IssuedCertificate"]

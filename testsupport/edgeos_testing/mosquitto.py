@@ -1,0 +1,334 @@
+"""A real Mosquitto broker for tests, benchmarks and HIL rigs (never a mock, never the internet).
+
+API::
+
+    from edgeos_testing.mosquitto import MosquittoBroker
+
+    async with MosquittoBroker(tmp_path, tls=True, acl=True) as broker:   # or `with ...:`
+        broker.host, broker.port, broker.url         # "mqtts://127.0.0.1:PORT" ("mqtt://" plain)
+        broker.ca                                    # the test CertificateAuthority (TLS mode)
+        creds = broker.credentials("dev-1")          # issues CN=dev-1 on first use:
+        creds.ca_file, creds.cert_file, creds.key_file
+        broker.receiver_credentials                  # CN = broker.receiver_identity
+        async with broker.client("dev-1") as client: # aiomqtt.Client with those credentials
+            await client.publish("edgeos/v1/dev-1/batch", b"...", qos=1)
+        broker.stop(); broker.start()                # orderly stop / start on the same port
+        broker.kill()                                # SIGKILL (crash); restart() = stop + start
+        broker.revoke("dev-1")                       # revoke in the CRL and restart the broker
+
+* ``tls=True``: listener on 127.0.0.1 with a server certificate from a fresh test CA,
+  ``require_certificate true`` and ``use_identity_as_username true`` (the client certificate's
+  CN is the MQTT username), a CRL (``crlfile``). ``tls=False``: plain listener, anonymous
+  clients allowed (``client(identity)`` still sends the identity as username, so ACLs apply).
+* ``acl=True``: a device ``D`` may publish ``edgeos/v1/D/batch``, ``…/status``,
+  ``…/cmd/result`` and subscribe ``edgeos/v1/D/ack`` and ``…/cmd``; receiver identities
+  (``receivers=``) may read every device's uplink topics (plain or through ``$share/<g>/…``)
+  and publish every device's ``ack`` and ``cmd``. Anything else is denied.
+* ``ca=`` reuses an existing :class:`~edgeos_cloud.receiver.pki.CertificateAuthority` (e.g. the
+  receiver's own) instead of creating one under ``directory/ca``.
+
+The broker's log is ``directory/mosquitto.log``; start failures include its tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from edgeos_cloud.receiver.pki import CertificateAuthority
+from edgeos_testing.net import free_port
+
+__all__ = ["MOSQUITTO", "ClientCredentials", "MosquittoBroker", "device_acl", "mosquitto_path"]
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+def mosquitto_path() -> str | None:
+    """Path of the mosquitto binary, or None when it is not installed."""
+    if os.access(MOSQUITTO, os.X_OK):
+        return MOSQUITTO
+    return shutil.which("mosquitto")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCredentials:
+    """Files a TLS client needs: the CA to trust, its certificate and private key."""
+
+    identity: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def device_acl(receivers: Iterable[str] = ("receiver",), prefix: str = "edgeos/v1") -> str:
+    """The ACL file text: per-device patterns (``%u`` = CN) and the receivers' rights."""
+    lines = [
+        "# Devices: their own uplink topics only (%u is the certificate CN).",
+        f"pattern write {prefix}/%u/batch",
+        f"pattern write {prefix}/%u/status",
+        f"pattern write {prefix}/%u/cmd/result",
+        f"pattern read {prefix}/%u/ack",
+        f"pattern read {prefix}/%u/cmd",
+        "",
+    ]
+    for name in receivers:
+        lines += [
+            f"user {name}",
+            f"topic read {prefix}/+/batch",
+            f"topic read {prefix}/+/status",
+            f"topic read {prefix}/+/cmd/result",
+            f"topic write {prefix}/+/ack",
+            f"topic write {prefix}/+/cmd",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+class MosquittoBroker:
+    """A Mosquitto subprocess with its own config, port, PKI and ACLs (see module docs)."""
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        tls: bool = True,
+        acl: bool = True,
+        ca: CertificateAuthority | None = None,
+        receivers: Iterable[str] = ("receiver",),
+        port: int | None = None,
+        extra_config: str = "",
+        start_timeout: float = 10.0,
+    ) -> None:
+        binary = mosquitto_path()
+        if binary is None:
+            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        self._binary = binary
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
+        self.acl = acl
+        self.receivers = tuple(receivers)
+        self.receiver_identity = self.receivers[0] if self.receivers else "receiver"
+        self.port = port if port is not None else free_port()
+        self.extra_config = extra_config
+        self.start_timeout = start_timeout
+        self.config_file = self.directory / "mosquitto.conf"
+        self.log_file = self.directory / "mosquitto.log"
+        self._creds: dict[str, ClientCredentials] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ca = ca
+        if tls and self._ca is None:
+            self._ca = CertificateAuthority.open_or_create(self.directory / "ca", "edgeos test CA")
+        if tls:
+            assert self._ca is not None
+            self._server = self._ca.issue_server(out_dir=self.directory / "server")
+        self._write_config()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        """The CA behind the broker's and clients' certificates (TLS mode only)."""
+        if self._ca is None:
+            raise RuntimeError("a plain (tls=False) broker has no CA")
+        return self._ca
+
+    @property
+    def url(self) -> str:
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def credentials(self, identity: str) -> ClientCredentials:
+        """Client certificate (``CN = identity``) and key, issued on first use."""
+        found = self._creds.get(identity)
+        if found is not None:
+            return found
+        issued = self.ca.issue_client(identity, self.directory / "clients")
+        assert issued.cert_file is not None and issued.key_file is not None
+        creds = ClientCredentials(identity, self.ca.ca_file, issued.cert_file, issued.key_file)
+        self._creds[identity] = creds
+        return creds
+
+    @property
+    def receiver_credentials(self) -> ClientCredentials:
+        return self.credentials(self.receiver_identity)
+
+    def client(self, identity: str, **kwargs: Any) -> Any:
+        """An ``aiomqtt.Client`` connected as ``identity`` (use it as ``async with``)."""
+        import aiomqtt
+
+        if self.tls:
+            creds = self.credentials(identity)
+            kwargs.setdefault(
+                "tls_params",
+                aiomqtt.TLSParameters(
+                    ca_certs=str(creds.ca_file),
+                    certfile=str(creds.cert_file),
+                    keyfile=str(creds.key_file),
+                ),
+            )
+        else:
+            kwargs.setdefault("username", identity)
+        kwargs.setdefault("identifier", f"{identity}-{os.urandom(4).hex()}")
+        return aiomqtt.Client(self.host, self.port, **kwargs)
+
+    # ------------------------------------------------------------------ config
+
+    def _write_config(self) -> None:
+        lines = [
+            "per_listener_settings false",
+            "persistence false",
+            f"log_dest file {self.log_file}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "max_packet_size 33554432",
+            f"allow_anonymous {'false' if self.tls else 'true'}",
+        ]
+        if os.geteuid() == 0:
+            # As root Mosquitto would switch to the `mosquitto` user, which cannot read the
+            # test's 0600 key files; "root" tells it to stay who it is.
+            lines.append("user root")
+        if self.acl:
+            acl_file = self.directory / "acl"
+            acl_file.write_text(device_acl(self.receivers), encoding="utf-8")
+            lines.append(f"acl_file {acl_file}")
+        lines.append(f"listener {self.port} {self.host}")
+        if self.tls:
+            ca = self.ca
+            lines += [
+                f"cafile {ca.ca_file}",
+                f"certfile {self._server.cert_file}",
+                f"keyfile {self._server.key_file}",
+                f"crlfile {ca.crl_file}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                "tls_version tlsv1.2",
+            ]
+        if self.extra_config:
+            lines.append(self.extra_config)
+        self.config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the broker and wait until it accepts TCP connections on its port."""
+        if self.running:
+            return
+        with open(self.log_file, "ab") as log:
+            log.write(b"--- start ---\n")
+        self._proc = subprocess.Popen(
+            [self._binary, "-c", str(self.config_file)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                self._proc = None
+                raise RuntimeError(f"mosquitto exited at start: {err}\n{self.log_tail()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.2),
+            ):
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"mosquitto did not listen on {self.port}\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after ``timeout``)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def kill(self) -> None:
+        """Kill the broker at once (SIGKILL), as a crash would."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (re-reads the config, ACL and CRL)."""
+        self.stop()
+        self.start()
+
+    def revoke(self, identity: str) -> None:
+        """Revoke every certificate of ``identity`` and restart so the broker loads the CRL."""
+        self.ca.revoke(identity)
+        self._creds.pop(identity, None)
+        if self.running:
+            self.restart()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_file.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # ------------------------------------------------------------------ context managers
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
