@@ -27,7 +27,6 @@ UNITS = (
     "edgeos-commit.service",
     "edgeos-update.service",
     "edgeos-update.timer",
-    "edgeos-receiver.service",
 )
 
 

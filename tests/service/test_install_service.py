@@ -28,6 +28,8 @@ def test_install_service_into_a_root(tmp_path: Path) -> None:
     units = root / "etc/systemd/system"
     assert (units / "edgeos.service").read_text().count("Type=notify") == 1
     assert (units / "multi-user.target.wants/edgeos.service").is_symlink()
+    # The gateway installs nothing of the cloud: the receiver's unit ships with edgeos-cloud.
+    assert sorted(p.name for p in units.glob("edgeos-receiver*")) == []
     config = root / "etc/edgeos/edgeos.toml"
     assert config.read_text() == template.read_text()
     assert (config.stat().st_mode & 0o777) == 0o640

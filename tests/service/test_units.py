@@ -10,14 +10,20 @@ from pathlib import Path
 
 import pytest
 
-UNITS = Path(__file__).resolve().parents[2] / "systemd"
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = ROOT / "systemd"
+CLOUD_UNITS = ROOT / "cloud" / "systemd"
 MAX_EXPOSURE = 2.0
 
 
 def _unit(name: str) -> configparser.RawConfigParser:
+    return _parse(UNITS / name)
+
+
+def _parse(path: Path) -> configparser.RawConfigParser:
     parser = configparser.RawConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read(UNITS / name)
+    parser.read(path)
     return parser
 
 
@@ -34,11 +40,22 @@ def test_runtime_unit_is_notify_with_watchdog_and_boot_check() -> None:
     assert int(unit["Unit"]["StartLimitBurst"]) >= 3
 
 
+def _unit_path(name: str) -> Path:
+    """Gateway units live in systemd/, the cloud's in cloud/systemd/ (named ``cloud/<unit>``)."""
+    return CLOUD_UNITS / name.removeprefix("cloud/") if name.startswith("cloud/") else UNITS / name
+
+
+def test_receiver_unit_runs_the_cloud_distribution_with_a_memory_bound() -> None:
+    unit = _parse(CLOUD_UNITS / "edgeos-receiver.service")
+    assert "edgeos-cloud run" in unit["Service"]["ExecStart"]
+    assert unit["Service"]["MemoryMax"]
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "edgeos.service",
-        "edgeos-receiver.service",
+        "cloud/edgeos-receiver.service",
         "edgeos-recovery.service",
         "edgeos-commit.service",
         "edgeos-update.service",
@@ -49,7 +66,7 @@ def test_exposure_is_at_most_two(name: str) -> None:
     if tool is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd) — cannot measure")
     out = subprocess.run(
-        [tool, "security", "--offline=true", "--no-pager", str(UNITS / name)],
+        [tool, "security", "--offline=true", "--no-pager", str(_unit_path(name))],
         capture_output=True,
         text=True,
         check=False,
