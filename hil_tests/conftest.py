@@ -12,15 +12,9 @@ from typing import Any
 import pytest
 
 from edgeos_testing.mosquitto import mosquitto_path
-from edgeos_testing.rig import (
-    Credentials,
-    Outcome,
-    Rig,
-    RigSpec,
-    load_rig,
-    parse_duration,
-    write_report,
-)
+from edgeos_testing.report import Outcome, write_report
+from edgeos_testing.rig import Credentials, Rig
+from edgeos_testing.rigspec import RigSpec, load_rig, parse_duration
 
 HERE = Path(__file__).parent
 pytest_plugins = ["edgeos_testing.leaks"]

@@ -14,13 +14,9 @@ import pytest
 
 from edgeos_cloud.receiver.storage import open_storage
 from edgeos_testing.clockjump import WallClock
-from edgeos_testing.rig import (
-    LocalDut,
-    Outcome,
-    Rig,
-    finish,
-    spool_quota_options,
-)
+from edgeos_testing.dut import LocalDut
+from edgeos_testing.report import Outcome
+from edgeos_testing.rig import Rig, finish, spool_quota_options
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -18,7 +18,8 @@ import pytest
 from edgeos.control import ControlError
 from edgeos.control import request as control_request
 from edgeos.memory import compare_snapshots
-from edgeos_testing.rig import LocalDut, finish
+from edgeos_testing.dut import LocalDut
+from edgeos_testing.rig import finish
 from edgeos_testing.soak import soak_problems, soak_summary
 
 

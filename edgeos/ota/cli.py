@@ -348,7 +348,8 @@ def _ota_boot_check(args: argparse.Namespace, dev: _Device) -> int:
 
 
 def _ota_commit(args: argparse.Namespace, dev: _Device) -> int:
-    from edgeos.ota.slots import HealthFile, TrialMonitor, TrialOutcome
+    from edgeos.ota.health import HealthFile
+    from edgeos.ota.trial import TrialMonitor, TrialOutcome
 
     slots = _slots(dev)
     if args.now:

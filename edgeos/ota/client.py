@@ -32,7 +32,8 @@ from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig  # type: ignore[attr-defined]
 
 from edgeos.errors import UpdateError
-from edgeos.ota.slots import InstallResult, SlotManager
+from edgeos.ota.slots import SlotManager
+from edgeos.ota.state import InstallResult
 from edgeos_protocol.bundle import BundleKind, ProgressCallback, channel_path
 from edgeos_protocol.outcome import FetchError, Reason, Rejected, Version
 

@@ -1,4 +1,5 @@
-"""Verify an installed slot tree against its manifest, and install a full bundle's wheelhouse.
+"""Verify an installed slot tree against its manifest, install a full bundle's wheelhouse, and
+compose a config bundle's slot.
 
 This is the gateway's half of the bundle format (:mod:`edgeos_protocol.bundle`): the cloud builds
 and publishes bundles, the gateway unpacks them into a slot, installs their wheels and checks the
@@ -8,14 +9,16 @@ tree at every boot.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import stat
 from pathlib import Path
 
-from edgeos_protocol.bundle import MANIFEST_NAME, Manifest
-from edgeos_protocol.fsutil import sha256_file
+from edgeos_protocol.bundle import MANIFEST_NAME, FileEntry, Manifest, extract_bundle
+from edgeos_protocol.fsutil import atomic_write_json, fsync_dir, rmtree_quiet, sha256_file
 from edgeos_protocol.outcome import InstallError, Reason, Rejected
 
-__all__ = ["GENERATED_NAME", "install_wheelhouse", "verify_tree"]
+__all__ = ["GENERATED_NAME", "compose_config_slot", "install_wheelhouse", "verify_tree"]
 
 
 def verify_tree(root: Path, *, full: bool = True) -> tuple[Manifest | None, list[str]]:
@@ -135,3 +138,59 @@ def _verify_generated(root: Path, *, full: bool) -> list[str]:
         if len(problems) >= 20:
             break
     return problems
+
+
+def compose_config_slot(
+    bundle: Path,
+    staging: Path,
+    *,
+    active: Path,
+    unpack: Path,
+    expected_digest: str | None,
+    quota_bytes: int | None,
+) -> Manifest:
+    """Build a slot in ``staging`` = the ``active`` slot's runtime + the bundle's new config/.
+
+    A config change is trialled exactly like a code change, so a bad config rolls back on its
+    own. The bundle is unpacked into ``unpack`` first (removed afterwards).
+    """
+    base, problems = verify_tree(active)
+    if base is None or problems:
+        raise InstallError(Reason.CORRUPT_SLOT, f"active slot is not intact: {problems[:3]}")
+    rmtree_quiet(unpack)
+    try:
+        cfg = extract_bundle(
+            bundle, unpack, expected_digest=expected_digest, quota_bytes=quota_bytes
+        )
+        staging.mkdir()
+        files: list[FileEntry] = []
+        for entry in base.files:
+            if entry.path.startswith("config/"):
+                continue
+            dst = staging / entry.path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(active / entry.path, dst)
+            files.append(entry)
+        for entry in cfg.files:
+            dst = staging / entry.path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(unpack / entry.path, dst)
+            files.append(entry)
+        composed = Manifest(
+            kind="full",
+            version=base.version,
+            target=base.target,
+            created=cfg.created,
+            files=tuple(sorted(files, key=lambda f: f.path)),
+            entry=base.entry,
+            components={**base.components, "config": cfg.version},
+        )
+        atomic_write_json(staging / MANIFEST_NAME, composed.to_json())
+        _, problems = verify_tree(staging)
+        if problems:
+            raise InstallError(Reason.IO_ERROR, f"composed slot does not verify: {problems}")
+        for dirpath, _d, _f in os.walk(staging, topdown=False):
+            fsync_dir(Path(dirpath))
+        return composed
+    finally:
+        rmtree_quiet(unpack)

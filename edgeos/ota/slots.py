@@ -28,29 +28,27 @@ it, so an old release cannot come back even if its bytes are still on disk.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
-from edgeos.clock import Clock, SystemClock
-from edgeos.ota.install import install_wheelhouse, verify_tree
-from edgeos_protocol.bundle import (
-    MANIFEST_NAME,
-    FileEntry,
-    Manifest,
-    ProgressCallback,
-    extract_bundle,
-    read_manifest,
+from edgeos.ota.health import HealthFile, HealthReport
+from edgeos.ota.install import compose_config_slot, install_wheelhouse, verify_tree
+from edgeos.ota.state import (
+    HISTORY,
+    BootDecision,
+    InstallResult,
+    SlotName,
+    SlotState,
+    now_iso,
+    other_slot,
 )
+from edgeos_protocol.bundle import Manifest, ProgressCallback, extract_bundle, read_manifest
 from edgeos_protocol.fsutil import (
     atomic_write_json,
     crash_point,
@@ -61,113 +59,11 @@ from edgeos_protocol.fsutil import (
 )
 from edgeos_protocol.outcome import InstallError, Reason, Rejected, Version
 
-__all__ = [
-    "BootDecision",
-    "HealthFile",
-    "HealthReport",
-    "HealthSink",
-    "InstallResult",
-    "ModelsHook",
-    "SlotManager",
-    "SlotName",
-    "SlotState",
-    "TrialMonitor",
-    "TrialOutcome",
-]
+# HealthFile and HealthReport stay importable from here for the runtime (edgeos.app).
+__all__ = ["HealthFile", "HealthReport", "ModelsHook", "SlotManager"]
 
-SlotName = Literal["a", "b"]
-STATE_FORMAT = 1
-_HISTORY = 20
 #: Called with the directory of freshly installed models (the inference engine's hook).
 ModelsHook = Callable[[Path], None]
-
-
-def _other(slot: SlotName) -> SlotName:
-    return "b" if slot == "a" else "a"
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True, slots=True)
-class SlotState:
-    """Contents of ``state.json``; every change is one atomic replace of the whole file."""
-
-    active: SlotName = "a"
-    trial: SlotName | None = None
-    attempts: int = 0
-    trial_version: str | None = None
-    committed_version: str | None = None
-    #: Lowest version each kind may still have (``full``, ``config``, ``models``); only rises.
-    floors: dict[str, str] = field(default_factory=dict)
-    #: ``kind:version`` pairs that failed a trial here; not installed again unless forced.
-    failed: tuple[str, ...] = ()
-    last_failure: str | None = None
-    #: Latest outcome for the campaign report: ``{"outcome", "version", "reason", "at"}``.
-    last_outcome: dict[str, str] | None = None
-    outcome_reported: bool = True
-    models_version: str | None = None
-    history: tuple[dict[str, str], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["format"] = STATE_FORMAT
-        out["failed"] = list(self.failed)
-        out["history"] = list(self.history)
-        return out
-
-    @classmethod
-    def from_json(cls, raw: Any) -> SlotState:
-        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
-            raise ValueError("not an OTA state file")
-        if raw["active"] not in ("a", "b") or raw.get("trial") not in (None, "a", "b"):
-            raise ValueError("bad slot name in state")
-        return cls(
-            active=raw["active"],
-            trial=raw.get("trial"),
-            attempts=int(raw.get("attempts", 0)),
-            trial_version=raw.get("trial_version"),
-            committed_version=raw.get("committed_version"),
-            floors={str(k): str(v) for k, v in dict(raw.get("floors") or {}).items()},
-            failed=tuple(str(x) for x in raw.get("failed") or ()),
-            last_failure=raw.get("last_failure"),
-            last_outcome=raw.get("last_outcome"),
-            outcome_reported=bool(raw.get("outcome_reported", True)),
-            models_version=raw.get("models_version"),
-            history=tuple(raw.get("history") or ()),
-        )
-
-    def with_event(self, event: str, **fields: str | None) -> SlotState:
-        record = {"at": _now_iso(), "event": event}
-        record.update({k: v for k, v in fields.items() if v is not None})
-        return replace(self, history=(*self.history, record)[-_HISTORY:])
-
-
-@dataclass(frozen=True, slots=True)
-class BootDecision:
-    """What the boot check decided: which slot to start, and what happened on the way."""
-
-    ok: bool
-    slot: SlotName | None
-    path: Path | None
-    version: str | None
-    trial: bool
-    attempt: int
-    entry: str | None
-    #: Human-readable account: "booting b on trial (attempt 2/3)", "rolled back: …".
-    events: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class InstallResult:
-    """Outcome of a successful install."""
-
-    kind: str
-    version: str
-    slot: SlotName | None
-    path: Path
-    restart_required: bool
 
 
 class SlotManager:
@@ -279,7 +175,7 @@ class SlotManager:
                         "version": f"{kind}:{version or '?'}",
                         "reason": str(reason),
                         "detail": detail,
-                        "at": _now_iso(),
+                        "at": now_iso(),
                     },
                     outcome_reported=False,
                 ).with_event("rejected", version=version, reason=f"{reason}: {detail}")
@@ -378,15 +274,20 @@ class SlotManager:
         quota_bytes: int | None,
         progress: ProgressCallback | None,
     ) -> InstallResult:
-        target: SlotName = _other(state.active)
+        target: SlotName = other_slot(state.active)
         self.slots_dir.mkdir(parents=True, exist_ok=True)
         crash_point("install.begin")
         self._clean_leftovers()
         staging = self.slots_dir / f".staging-{target}"
         try:
             if manifest.kind == "config":
-                composed = self._compose_config(
-                    bundle, staging, state, expected_digest, quota_bytes
+                composed = compose_config_slot(
+                    bundle,
+                    staging,
+                    active=self.slot_path(state.active),
+                    unpack=self.slots_dir / ".staging-config",
+                    expected_digest=expected_digest,
+                    quota_bytes=quota_bytes,
                 )
             else:
                 composed = extract_bundle(
@@ -428,59 +329,6 @@ class SlotManager:
         self._write_state(new_state)
         crash_point("install.switched")
         return InstallResult(manifest.kind, manifest.version, target, final, True)
-
-    def _compose_config(
-        self,
-        bundle: Path,
-        staging: Path,
-        state: SlotState,
-        expected_digest: str | None,
-        quota_bytes: int | None,
-    ) -> Manifest:
-        """Build a slot = active slot's runtime + the new config/ (a config change is trialled
-        exactly like a code change, so a bad config rolls back on its own)."""
-        active = self.slot_path(state.active)
-        base, problems = verify_tree(active)
-        if base is None or problems:
-            raise InstallError(Reason.CORRUPT_SLOT, f"active slot is not intact: {problems[:3]}")
-        unpack = self.slots_dir / ".staging-config"
-        rmtree_quiet(unpack)
-        try:
-            cfg = extract_bundle(
-                bundle, unpack, expected_digest=expected_digest, quota_bytes=quota_bytes
-            )
-            staging.mkdir()
-            files: list[FileEntry] = []
-            for entry in base.files:
-                if entry.path.startswith("config/"):
-                    continue
-                dst = staging / entry.path
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(active / entry.path, dst)
-                files.append(entry)
-            for entry in cfg.files:
-                dst = staging / entry.path
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(unpack / entry.path, dst)
-                files.append(entry)
-            composed = Manifest(
-                kind="full",
-                version=base.version,
-                target=base.target,
-                created=cfg.created,
-                files=tuple(sorted(files, key=lambda f: f.path)),
-                entry=base.entry,
-                components={**base.components, "config": cfg.version},
-            )
-            atomic_write_json(staging / MANIFEST_NAME, composed.to_json())
-            _, problems = verify_tree(staging)
-            if problems:
-                raise InstallError(Reason.IO_ERROR, f"composed slot does not verify: {problems}")
-            for dirpath, _d, _f in os.walk(staging, topdown=False):
-                fsync_dir(Path(dirpath))
-            return composed
-        finally:
-            rmtree_quiet(unpack)
 
     def _install_models(
         self,
@@ -531,7 +379,7 @@ class SlotManager:
                 last_outcome={
                     "outcome": "committed",
                     "version": f"models:{version}",
-                    "at": _now_iso(),
+                    "at": now_iso(),
                 },
                 outcome_reported=False,
             ).with_event("models_updated", version=version)
@@ -609,7 +457,7 @@ class SlotManager:
             manifest, problems = self._verify(active)
             if manifest is None or problems:
                 events.append(f"active slot {active} does not verify: {problems[:3]}")
-                other = _other(active)
+                other = other_slot(active)
                 other_manifest, other_problems = self._verify(other)
                 floor = state.floors.get("full")
                 allowed = other_manifest is not None and (
@@ -666,14 +514,14 @@ class SlotManager:
             trial=None,
             attempts=0,
             trial_version=None,
-            failed=(*state.failed, kind_version)[-_HISTORY:],
+            failed=(*state.failed, kind_version)[-HISTORY:],
             last_failure=failure,
             last_outcome={
                 "outcome": "rolled_back",
                 "version": version,
                 "reason": reason.value,
                 "detail": detail,
-                "at": _now_iso(),
+                "at": now_iso(),
             },
             outcome_reported=False,
         ).with_event("rolled_back", slot=state.trial, version=version, reason=failure)
@@ -709,7 +557,7 @@ class SlotManager:
                 last_outcome={
                     "outcome": "committed",
                     "version": manifest.version,
-                    "at": _now_iso(),
+                    "at": now_iso(),
                 },
                 outcome_reported=False,
             ).with_event("committed", slot=state.trial, version=manifest.version)
@@ -731,180 +579,3 @@ class SlotManager:
             state = self.read_state()
             if not state.outcome_reported:
                 self._write_state(replace(state, outcome_reported=True))
-
-
-# --------------------------------------------------------------------------- health
-
-
-@dataclass(frozen=True, slots=True)
-class HealthReport:
-    """One snapshot of runtime health, fed to :meth:`TrialMonitor.report`.
-
-    A slot is healthy when the service said it is ready, the watchdog task is alive, every
-    enabled driver is connected and the receiver acknowledges batches (``acks_flowing``;
-    the runtime passes ``True`` when the uplink is disabled).
-    """
-
-    service_ready: bool
-    watchdog_alive: bool
-    drivers_connected: int = 0
-    drivers_total: int = 0
-    acks_flowing: bool = True
-    detail: str = ""
-
-    @property
-    def healthy(self) -> bool:
-        return not self.problems()
-
-    def problems(self) -> list[str]:
-        out = []
-        if not self.service_ready:
-            out.append("service not ready")
-        if not self.watchdog_alive:
-            out.append("watchdog not alive")
-        if self.drivers_connected < self.drivers_total:
-            out.append(f"{self.drivers_connected}/{self.drivers_total} drivers connected")
-        if not self.acks_flowing:
-            out.append("receiver not acknowledging batches")
-        return out
-
-
-class HealthSink(Protocol):
-    """What the runtime feeds health into (a :class:`TrialMonitor` or a :class:`HealthFile`)."""
-
-    def report(self, health: HealthReport) -> None: ...
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class HealthFile:
-    """Health written to a file by the runtime and read by a separate watcher.
-
-    The file carries the writer's pid, boot id and ``CLOCK_MONOTONIC`` time. A reader treats
-    it as unhealthy when the pid is gone or the stamp is older than ``max_age_s``, so a
-    runtime that crashed or hung cannot leave a "healthy" file behind that keeps counting.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def report(self, health: HealthReport) -> None:
-        """Write one report atomically (call every few seconds from the runtime)."""
-        atomic_write_json(
-            self.path,
-            {
-                "pid": os.getpid(),
-                "boot_id": _boot_id(),
-                "monotonic": time.monotonic(),
-                "health": asdict(health),
-            },
-            # Rewritten every few seconds: no fsync (flash wear), the rename keeps it whole.
-            durable=False,
-        )
-
-    def read(self, *, max_age_s: float) -> HealthReport | None:
-        """The latest report, or ``None`` when missing, stale, or its writer is dead."""
-        try:
-            raw = read_json(self.path)
-            if raw["boot_id"] != _boot_id() or not _pid_alive(int(raw["pid"])):
-                return None
-            if time.monotonic() - float(raw["monotonic"]) > max_age_s:
-                return None
-            return HealthReport(**raw["health"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-
-class TrialOutcome(StrEnum):
-    COMMITTED = "committed"
-    FAILED = "failed"
-    NOT_ON_TRIAL = "not_on_trial"
-
-
-class TrialMonitor:
-    """Commits the trial slot once it has been healthy for ``health_window_s`` without a break.
-
-    Health comes from :meth:`report` (the runtime, in process) and/or a ``poll`` callable
-    (e.g. :meth:`HealthFile.read` in a watcher process). A report older than
-    ``stale_after_s`` counts as unhealthy (a hung runtime stops reporting). If the slot is not
-    committed within ``trial_timeout_s`` the trial fails, :meth:`SlotManager.fail_trial`
-    records why, and :meth:`run` returns ``FAILED``; the caller then exits non-zero so the
-    supervisor restarts into the previous slot.
-    """
-
-    def __init__(
-        self,
-        slots: SlotManager,
-        *,
-        health_window_s: float,
-        trial_timeout_s: float | None = None,
-        stale_after_s: float = 15.0,
-        clock: Clock | None = None,
-        poll: Callable[[], HealthReport | None] | None = None,
-        poll_interval_s: float = 1.0,
-    ) -> None:
-        self._slots = slots
-        self._window = health_window_s
-        self._timeout = trial_timeout_s if trial_timeout_s is not None else 3 * health_window_s
-        self._stale = stale_after_s
-        self._clock = clock or SystemClock()
-        self._poll = poll
-        self._interval = min(poll_interval_s, health_window_s / 4)
-        self._healthy_since: float | None = None
-        self._last_report: float | None = None
-        self._last_problems: list[str] = ["no health report yet"]
-
-    def report(self, health: HealthReport) -> None:
-        """Feed one health observation (cheap; call on every change or periodically)."""
-        now = self._clock.monotonic()
-        self._last_report = now
-        if health.healthy:
-            if self._healthy_since is None:
-                self._healthy_since = now
-        else:
-            self._healthy_since = None
-            self._last_problems = health.problems()
-
-    async def run(self) -> TrialOutcome:
-        """Watch the trial until it commits or fails; returns at once when not on trial."""
-        if self._slots.read_state().trial is None:
-            return TrialOutcome.NOT_ON_TRIAL
-        start = self._clock.monotonic()
-        while True:
-            if self._poll is not None:
-                observed = self._poll()
-                if observed is None:
-                    self._healthy_since = None
-                    self._last_problems = ["health file missing, stale, or its writer is dead"]
-                else:
-                    self.report(observed)
-            now = self._clock.monotonic()
-            if self._last_report is not None and now - self._last_report > self._stale:
-                self._healthy_since = None
-                self._last_problems = [f"no health report for {now - self._last_report:.0f} s"]
-            if self._healthy_since is not None and now - self._healthy_since >= self._window:
-                await asyncio.to_thread(self._slots.commit)
-                return TrialOutcome.COMMITTED
-            if now - start >= self._timeout:
-                detail = (
-                    f"not healthy for {self._window:g} s within {self._timeout:g} s: "
-                    + "; ".join(self._last_problems)
-                )
-                await asyncio.to_thread(self._slots.fail_trial, Reason.HEALTH, detail)
-                return TrialOutcome.FAILED
-            await self._clock.sleep_until(now + self._interval)

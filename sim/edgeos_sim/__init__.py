@@ -1,7 +1,8 @@
 """A simulated tyre-curing line served over real Modbus TCP and OPC UA servers.
 
 * :mod:`edgeos_sim.layout` — every tag: name, unit, Modbus register, OPC UA node id;
-* :mod:`edgeos_sim.physics` — the presses, the raw-material batches, the quality model;
+* :mod:`edgeos_sim.physics` — the presses and the raw-material batches;
+* :mod:`edgeos_sim.recipe` — the quality model: set-points, targets, the true optimum;
 * :mod:`edgeos_sim.servers` — :class:`SimLine`, the line on pymodbus and asyncua servers;
 * :mod:`edgeos_sim.truth` — the log of every served value and its reader;
 * :mod:`edgeos_sim.cli` — ``edgeos sim``.
@@ -15,9 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from edgeos_sim.layout import Layout, TagSpec, build_layout
-from edgeos_sim.physics import (
+from edgeos_sim.physics import LinePhysics
+from edgeos_sim.recipe import (
     CycleRecord,
-    LinePhysics,
     LineState,
     Setpoints,
     default_policy,

@@ -9,10 +9,11 @@ of, plus noise.
 
 The rubber compound arrives in batches. A batch has a hidden property ``p`` (≈ N(0, 1),
 drifting slowly while the batch is used) that moves the best cure recipe; a fresh batch also
-needs a hotter start for its first cycles. The plant's fixed recipe (:func:`default_policy`)
-is therefore *not* optimal: :func:`optimal_setpoints` knows the true optimum, which later
-model work can try to learn from the served data (``batch.mooney`` is the observable,
-noisy lab measurement of ``p``).
+needs a hotter start for its first cycles. The plant's fixed recipe
+(:func:`~edgeos_sim.recipe.default_policy`) is therefore *not* optimal:
+:func:`~edgeos_sim.recipe.optimal_setpoints` knows the true optimum, which later model work can
+try to learn from the served data (``batch.mooney`` is the observable, noisy lab measurement
+of ``p``).
 
 Time is compressed: all phase lengths and time constants are fractions of ``cycle_s``
 (default 40 s), so the same dynamics play at any speed. Everything is deterministic for a
@@ -22,7 +23,6 @@ given seed and sequence of :meth:`LinePhysics.step` calls.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -35,40 +35,31 @@ from edgeos_sim.layout import (
     CycleState,
     Layout,
 )
+from edgeos_sim.recipe import (
+    ELASTICITY_MAX,
+    ELASTICITY_MIN,
+    NOMINAL_CURE_F,
+    PRESSURE_TAU_F,
+    RESIDUAL_BAR,
+    CycleRecord,
+    LineState,
+    Setpoints,
+    quality,
+)
 
-__all__ = [
-    "ELASTICITY_MAX",
-    "ELASTICITY_MIN",
-    "CycleRecord",
-    "LinePhysics",
-    "LineState",
-    "Setpoints",
-    "default_policy",
-    "optimal_setpoints",
-    "quality",
-    "target_cure_s",
-    "target_pressure",
-    "target_temperature",
-]
+# ELASTICITY_* and CycleRecord stay importable from here (models/, tests/inference).
+__all__ = ["ELASTICITY_MAX", "ELASTICITY_MIN", "CycleRecord", "LinePhysics"]
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
-#: Specification window of the elastic modulus (MPa); outside it the tyre is a reject.
-ELASTICITY_MIN = 6.0
-ELASTICITY_MAX = 7.2
-#: Elastic modulus at the perfect recipe (MPa).
-_E_BEST = 6.7
 _E_NOISE = 0.06
 
 # Phase lengths as fractions of the nominal cycle; the cure length is the cure set-point.
 _LOAD_F, _COOL_F, _UNLOAD_F = 0.1, 0.2, 0.1
-_NOMINAL_CURE_F = 0.6
 # Time constants as fractions of the cycle (time compression keeps the shapes).
 _HEATER_TAU_F = 0.15
-_PRESSURE_TAU_F = 0.03
 _FAST_TAU_F = 0.05
-_RESIDUAL_BAR = 0.3
 #: Cycles over which a fresh batch's need for a hotter start fades (e-folding).
 _FRESH_CYCLES = 1.5
 
@@ -96,131 +87,6 @@ _FRESH_CYCLES = 1.5
     S_LAST_CYCLE,
 ) = range(KEY_TAG_COUNT)
 _WRITABLE_SLOTS = {S_HEATER_SP: "heater_c", S_PRESS_SP: "pressure_bar", S_CURE_SP: "cure_s"}
-
-
-@dataclass(frozen=True, slots=True)
-class Setpoints:
-    """Recipe of every nest: heater temperature (°C), bladder pressure (bar), cure time (s)."""
-
-    heater_c: F64
-    pressure_bar: F64
-    cure_s: F64
-
-
-@dataclass(frozen=True, slots=True)
-class LineState:
-    """What a policy may look at (copies; one entry per nest)."""
-
-    time_s: float
-    cycle_s: float
-    state: I64
-    batch_id: I64
-    #: Hidden true property of the loaded batch (a model only sees ``mooney``).
-    batch_property: F64
-    #: Measured Mooney viscosity of the loaded batch (MU), served as ``batch.mooney``.
-    mooney: F64
-    cycles_in_batch: I64
-    #: 1 for the first cycle of a batch, fading towards 0.
-    freshness: F64
-    setpoints: Setpoints
-
-
-@dataclass(frozen=True, slots=True)
-class CycleRecord:
-    """One finished tyre: what went in, what came out (ground truth for model work)."""
-
-    time_s: float
-    nest: int
-    cycle: int
-    batch_id: int
-    batch_property: float
-    freshness: float
-    mooney: float
-    heater_sp_c: float
-    pressure_sp_bar: float
-    cure_s: float
-    mean_temp_c: float
-    mean_pressure_bar: float
-    elasticity: float
-    ok: bool
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def target_temperature(batch_property: F64, freshness: F64) -> F64:
-    """Platen temperature giving the best tyre for this batch (°C)."""
-    return 162.0 + 3.0 * batch_property + 6.0 * freshness
-
-
-def target_pressure(batch_property: F64) -> F64:
-    """Mean bladder pressure during the cure giving the best tyre (bar)."""
-    return 15.5 + 1.0 * batch_property
-
-
-def target_cure_s(batch_property: F64, cycle_s: float) -> F64:
-    """Cure time giving the best tyre (s, compressed time)."""
-    return cycle_s * _NOMINAL_CURE_F * (1.04 + 0.04 * batch_property)
-
-
-def quality(
-    mean_temp_c: F64 | float,
-    mean_pressure_bar: F64 | float,
-    cure_s: F64 | float,
-    *,
-    batch_property: F64 | float,
-    freshness: F64 | float,
-    cycle_s: float,
-) -> F64:
-    """Expected elastic modulus (MPa, noise-free) of a tyre cured this way.
-
-    A smooth peak at the batch's optimum: temperature error counts per 10 °C, pressure error
-    per 3 bar, cure-time error per 10 % of the nominal cure.
-    """
-    p = np.asarray(batch_property, dtype=np.float64)
-    f = np.asarray(freshness, dtype=np.float64)
-    dt = (np.asarray(mean_temp_c) - target_temperature(p, f)) / 10.0
-    dp = (np.asarray(mean_pressure_bar) - target_pressure(p)) / 3.0
-    dc = (np.asarray(cure_s) - target_cure_s(p, cycle_s)) / (0.1 * _NOMINAL_CURE_F * cycle_s)
-    result: F64 = _E_BEST - 1.2 * dt**2 - 0.8 * dp**2 - 0.5 * dc**2
-    return result
-
-
-def _pressure_rise_factor(cure_s: F64, cycle_s: float) -> F64:
-    """Fraction of the pressure step lost to the first-order rise over a cure of ``cure_s``."""
-    tau = _PRESSURE_TAU_F * cycle_s
-    safe = np.maximum(cure_s, 1e-9)
-    factor: F64 = tau / safe * (1.0 - np.exp(-safe / tau))
-    return factor
-
-
-def default_policy(state: LineState) -> Setpoints:
-    """The plant's fixed recipe: 160 °C, 15 bar, 60 % of the cycle curing, for every batch."""
-    n = state.state.shape[0]
-    return Setpoints(
-        heater_c=np.full(n, 160.0),
-        pressure_bar=np.full(n, 15.0),
-        cure_s=np.full(n, state.cycle_s * _NOMINAL_CURE_F),
-    )
-
-
-def optimal_setpoints(state: LineState) -> Setpoints:
-    """The true best recipe for each nest's loaded batch (the simulator's secret).
-
-    The pressure set-point is raised just enough that the *mean* pressure over the cure,
-    including the bladder's rise time, hits the target. Set-points are clipped to the
-    writable limits of the tags.
-    """
-    p, f, cs = state.batch_property, state.freshness, state.cycle_s
-    cure = np.clip(target_cure_s(p, cs), 1.0, 600.0)
-    rise = _pressure_rise_factor(cure, cs)
-    pressure = (target_pressure(p) - _RESIDUAL_BAR * rise) / (1.0 - rise)
-    return Setpoints(
-        heater_c=np.clip(target_temperature(p, f), 120.0, 200.0),
-        pressure_bar=np.clip(pressure, 5.0, 30.0),
-        cure_s=cure,
-    )
-
 
 # --------------------------------------------------------------------------- the line
 
@@ -266,9 +132,9 @@ class LinePhysics:
         # Per-nest process state.
         self.heater_sp = np.full(n, 160.0)
         self.press_sp = np.full(n, 15.0)
-        self.cure_sp = np.full(n, cs * _NOMINAL_CURE_F)
+        self.cure_sp = np.full(n, cs * NOMINAL_CURE_F)
         self.heater_pv = self.heater_sp + rng.normal(0.0, 0.5, n) * noise
-        self.press_pv = np.full(n, _RESIDUAL_BAR)
+        self.press_pv = np.full(n, RESIDUAL_BAR)
         self.cool_temp = np.full(n, 35.0)
         self.bladder_temp = np.full(n, 90.0)
         self.steam = np.zeros(n)
@@ -445,8 +311,8 @@ class LinePhysics:
         self.heater_pv += rng.normal(0.0, 0.05, n) * np.sqrt(dt) * noise
 
         # Bladder pressure: held during the cure, vented otherwise.
-        p_eq = np.where(in_cure, self.press_sp * (1.0 - self.leak), _RESIDUAL_BAR)
-        a_p = 1.0 - np.exp(-dt / (_PRESSURE_TAU_F * cs))
+        p_eq = np.where(in_cure, self.press_sp * (1.0 - self.leak), RESIDUAL_BAR)
+        a_p = 1.0 - np.exp(-dt / (PRESSURE_TAU_F * cs))
         self.press_pv += (p_eq - self.press_pv) * a_p
         self.press_pv = np.maximum(self.press_pv, 0.0)
 
@@ -463,7 +329,7 @@ class LinePhysics:
         self._sum_p += np.where(in_cure, self.press_pv * dt, 0.0)
         self._cure_time += np.where(in_cure, dt, 0.0)
         rate = np.exp2((self.heater_pv - 163.0) / 10.0)
-        self._dose += np.where(in_cure, rate * dt / (_NOMINAL_CURE_F * cs), 0.0)
+        self._dose += np.where(in_cure, rate * dt / (NOMINAL_CURE_F * cs), 0.0)
         self.cure_elapsed = np.where(in_cure, self._cure_time, self.cure_elapsed)
         self.cure_state = 100.0 * (1.0 - np.exp(-3.0 * self._dose))
 
@@ -567,7 +433,7 @@ class LinePhysics:
             )
 
     def _update_alarms(self) -> None:
-        settled = self.phase_t > 3.0 * _PRESSURE_TAU_F * self.cycle_s
+        settled = self.phase_t > 3.0 * PRESSURE_TAU_F * self.cycle_s
         in_cure = self.state == CycleState.CURE
         bits = np.where(self.heater_pv > 195.0, int(Alarm.OVERTEMP), 0)
         bits |= np.where(

@@ -31,8 +31,8 @@ from edgeos.config import Limits, ModbusAddress, TagConfig
 from edgeos.inference.features import KEY_SUFFIXES, SAMPLE_PERIOD_S
 from edgeos_sim import physics as _physics
 from edgeos_sim.layout import KEY_TAG_COUNT, Layout, build_layout
-from edgeos_sim.physics import (
-    LinePhysics,
+from edgeos_sim.physics import LinePhysics
+from edgeos_sim.recipe import (
     Setpoints,
     default_policy,
     quality,

@@ -16,7 +16,7 @@ import pytest
 
 from edgeos_cloud.receiver.metrics import ReceiverMetrics
 from edgeos_sim.demo.dashboard import receiver_status, render_dashboard
-from edgeos_sim.demo.runner import MARKER, DemoError, prepare_state_dir
+from edgeos_sim.demo.state import MARKER, DemoError, prepare_state_dir
 
 DEMO = [sys.executable, "-m", "edgeos.cli", "demo"]
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from edgeos.ota.health import HealthFile
 from edgeos.ota.install import verify_tree
-from edgeos.ota.slots import HealthFile, SlotManager
+from edgeos.ota.slots import SlotManager
 from edgeos_protocol.fsutil import CRASH_ENV
 from edgeos_testing.ota import HARDWARE, MakeRelease, wait_for
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from edgeos.clock import VirtualClock
+from edgeos.ota.health import HealthFile, HealthReport
 from edgeos.ota.install import verify_tree
-from edgeos.ota.slots import HealthFile, HealthReport, SlotManager, TrialMonitor, TrialOutcome
+from edgeos.ota.slots import SlotManager
+from edgeos.ota.trial import TrialMonitor, TrialOutcome
 from edgeos_protocol.outcome import InstallError, Reason, Rejected
 from edgeos_testing.ota import HARDWARE, Device, MakeRelease
 
@@ -305,7 +307,7 @@ def test_health_file_from_dead_writer_is_ignored(tmp_path: Path) -> None:
     assert HealthFile(path).read(max_age_s=60) == GOOD
     # A writer process that reported healthy and then died must not count.
     code = (
-        "import sys; from pathlib import Path; from edgeos.ota.slots import HealthFile, HealthReport;"
+        "import sys; from pathlib import Path; from edgeos.ota.health import HealthFile, HealthReport;"
         "HealthFile(Path(sys.argv[1])).report(HealthReport(True, True))"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from edgeos.driver import Quality
 from edgeos.errors import AuthenticationFailed, MalformedBatch, UnsupportedVersion
 from edgeos_protocol import wire
-from edgeos_protocol.crypto import Epoch, Keyring, Suite, key_id_for
+from edgeos_protocol.crypto import Epoch, EpochKeyCache, Keyring, Suite, key_id_for
 from edgeos_protocol.wire import (
     MISSING,
     Batch,
@@ -169,6 +169,16 @@ def batches(draw: st.DrawFn) -> Batch:
         }
         groups.append(Group(times, np.array(cols, np.int32), vals, qual, text))
     return Batch(table, groups, [{"type": "alarm", "ts_us": 5}], {"k": [1, 2]})
+
+
+def test_epoch_key_for_with_a_cache_derives_the_same_key_once() -> None:
+    epoch = _epoch()
+    _, sealed = seal_batch(epoch, encode_body(_mixed_batch()), 42)
+    header = parse_header(sealed)
+    cache = EpochKeyCache()
+    first = epoch_key_for(header, KEY, cache=cache)
+    assert first == epoch_key_for(header, KEY) == epoch.key
+    assert epoch_key_for(header, bytes(32), cache=cache) == first  # served from the cache
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 
 from edgeos_sim.layout import Alarm, CycleState, build_layout
-from edgeos_sim.physics import (
-    ELASTICITY_MIN,
-    LinePhysics,
-    default_policy,
-    optimal_setpoints,
-    quality,
-)
+from edgeos_sim.physics import LinePhysics
+from edgeos_sim.recipe import ELASTICITY_MIN, default_policy, optimal_setpoints, quality
 
 
 def _line(nests: int = 4, **kw: float) -> LinePhysics:

@@ -9,7 +9,8 @@ import numpy as np
 
 from edgeos_sim.layout import build_layout
 from edgeos_sim.truth import GroundTruth, TruthLog
-from edgeos_testing.oracle import Figures, LedgerBatch, ReceiverData, StoredSample, evaluate
+from edgeos_testing.oracle import Figures, evaluate
+from edgeos_testing.receiverdb import LedgerBatch, ReceiverData, StoredSample
 
 LAYOUT = build_layout(1, 20)
 TAG = LAYOUT.tags[3]

@@ -4,12 +4,13 @@ Three sources of truth are compared:
 
 * the simulator's ground truth (:class:`~edgeos_sim.truth.GroundTruth`): every value it served,
   with the wall time it was served;
-* the device's spool (:func:`inspect_spool`, read-only, after each runtime exit): which batches
-  were *accepted* — a batch is accepted once it is in the spool, so after a kill -9 the spool
-  on disk says exactly which sequence numbers of the dead epoch existed (records still on disk,
-  plus the ack watermark for those already acknowledged and deleted);
-* the receiver's database (:func:`read_receiver`): the batch ledger ``(epoch, seq, created,
-  received, samples, meta)`` and every stored sample.
+* the device's spool (:func:`~edgeos_testing.spoolread.inspect_spool`, read-only, after each
+  runtime exit): which batches were *accepted* — a batch is accepted once it is in the spool,
+  so after a kill -9 the spool on disk says exactly which sequence numbers of the dead epoch
+  existed (records still on disk, plus the ack watermark for those already acknowledged and
+  deleted);
+* the receiver's database (:func:`~edgeos_testing.receiverdb.read_receiver`): the batch ledger
+  ``(epoch, seq, created, received, samples, meta)`` and every stored sample.
 
 :func:`evaluate` turns them into :class:`Figures`:
 
@@ -31,41 +32,26 @@ Three sources of truth are compared:
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import re
-import sqlite3
-import struct
-import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from edgeos_sim.truth import GroundTruth
+from edgeos_testing.receiverdb import (
+    DeviceTime,
+    LedgerBatch,
+    ReceiverData,
+    StoredSample,
+    to_real_time,
+)
 
-__all__ = [
-    "Figures",
-    "Incarnation",
-    "LedgerBatch",
-    "ReceiverData",
-    "SpoolInspection",
-    "StoredSample",
-    "evaluate",
-    "inspect_spool",
-    "merge_inspections",
-    "read_receiver",
-    "summary_markdown",
-]
+__all__ = ["Figures", "Incarnation", "evaluate"]
 
-_REC = struct.Struct(">4sIIQQ")
-_CRC_PART = struct.Struct(">IQQ")
-_RECORD_MAGIC = b"ESR1"
-_FILE_MAGIC = b"EOSSPL01"
 _QUALITY_USABLE = 16
 #: Scan rows are timed when the read *returned*, so the serve always came before (same clock).
 #: The slack only absorbs the wire format's rounding of times to whole µs. It was 2 ms once:
@@ -85,212 +71,6 @@ _CORRUPT_RADIUS_S = 3.0
 #: A hole in a tag's rows counts when longer than this many scan periods (and this long).
 _GAP_PERIODS = 2.5
 _GAP_MIN_S = 1.5
-
-
-# --------------------------------------------------------------------------- spool
-
-
-@dataclass(slots=True)
-class SpoolInspection:
-    """What a spool directory holds: per epoch, the records on disk and the ack watermark."""
-
-    records: dict[int, list[int]] = field(default_factory=dict)
-    watermarks: dict[int, int] = field(default_factory=dict)
-    torn_bytes: int = 0
-
-    def accepted(self) -> dict[int, set[int]]:
-        """Per epoch, every sequence number known to have been in the spool."""
-        out: dict[int, set[int]] = {}
-        for epoch in set(self.records) | set(self.watermarks):
-            seqs = set(self.records.get(epoch, ()))
-            seqs.update(range(1, self.watermarks.get(epoch, 0) + 1))
-            out[epoch] = seqs
-        return out
-
-    def pending(self) -> dict[int, set[int]]:
-        """Per epoch, records on disk above the ack watermark (not yet acknowledged)."""
-        return {
-            e: {s for s in seqs if s > self.watermarks.get(e, 0)}
-            for e, seqs in self.records.items()
-            if any(s > self.watermarks.get(e, 0) for s in seqs)
-        }
-
-
-def inspect_spool(directory: Path) -> SpoolInspection:
-    """Read a spool directory without changing it (the format is in ``edgeos.uplink.spool``).
-
-    Only records with a valid CRC count; a torn tail (an append interrupted by the kill, which
-    never returned to the batcher) is ignored, as the spool's own recovery does.
-    """
-    out = SpoolInspection()
-    try:
-        marks = json.loads((directory / "acked.json").read_text())
-        out.watermarks = {int(k): int(v) for k, v in marks.items()}
-    except (OSError, ValueError, AttributeError):
-        pass
-    for path in sorted(directory.glob("seg-*.spool")):
-        data = path.read_bytes()
-        if not data.startswith(_FILE_MAGIC):
-            continue
-        pos = len(_FILE_MAGIC)
-        while pos + _REC.size <= len(data):
-            magic, length, crc, epoch, seq = _REC.unpack_from(data, pos)
-            start = pos + _REC.size
-            if magic != _RECORD_MAGIC or start + length > len(data):
-                break
-            payload = memoryview(data)[start : start + length]
-            if zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(length, epoch, seq))) != crc:
-                break
-            out.records.setdefault(epoch, []).append(seq)
-            pos = start + length
-        out.torn_bytes += len(data) - pos
-    return out
-
-
-def merge_inspections(inspections: Iterable[SpoolInspection]) -> dict[int, set[int]]:
-    """Union of the accepted sequence numbers of several inspections (one per runtime exit)."""
-    out: dict[int, set[int]] = {}
-    for inspection in inspections:
-        for epoch, seqs in inspection.accepted().items():
-            out.setdefault(epoch, set()).update(seqs)
-    return out
-
-
-# --------------------------------------------------------------------------- receiver
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerBatch:
-    epoch: int
-    seq: int
-    created_us: int
-    received_us: int
-    samples: int
-    skip: tuple[tuple[int, int, int], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredSample:
-    tag: str
-    ts_us: int
-    value: float | None
-    quality: int
-
-
-@dataclass(slots=True)
-class ReceiverData:
-    """Everything one device has in the receiver's database."""
-
-    batches: list[LedgerBatch]
-    samples: list[StoredSample]
-    resolutions: dict[str, float]
-    #: ``epochs`` rows: epoch → (acked_seq, max_seq).
-    epochs: dict[int, tuple[int, int]]
-
-
-#: Maps device wall times (µs) to the rig's real times (µs): see ``edgeos_testing.clockjump``.
-DeviceTime = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.int64]]
-
-
-def to_real_time(data: ReceiverData, device_time: DeviceTime) -> ReceiverData:
-    """``data`` with sample and batch ``created`` times moved from the device's (stepped) wall
-    clock back to real time, samples re-sorted per tag in real time. Receive times are the
-    receiver's own clock and stay as they are."""
-    ts = device_time(np.array([s.ts_us for s in data.samples], np.int64))
-    samples = [
-        StoredSample(s.tag, int(t), s.value, s.quality)
-        for s, t in zip(data.samples, ts.tolist(), strict=True)
-    ]
-    samples.sort(key=lambda s: (s.tag, s.ts_us))
-    created = device_time(np.array([b.created_us for b in data.batches], np.int64))
-    batches = [
-        LedgerBatch(b.epoch, b.seq, int(c), b.received_us, b.samples, b.skip)
-        for b, c in zip(data.batches, created.tolist(), strict=True)
-    ]
-    return ReceiverData(batches, samples, data.resolutions, data.epochs)
-
-
-def _from_db_epoch(value: int) -> int:
-    return value & ((1 << 64) - 1)
-
-
-def read_receiver(storage_url: str, device: str) -> ReceiverData:
-    """The ledger, the epochs and every sample of ``device`` (SQLite or PostgreSQL).
-
-    Samples come through the storage API (``query_samples``, what ``edgeos-receiver query``
-    prints); the ledger (``batches``), ``epochs`` and ``tags`` tables are read directly
-    (``docs/receiver.md``, "Schema"): the storage API has no ledger query.
-    """
-    if storage_url.startswith("sqlite:///"):
-        conn: Any = sqlite3.connect(storage_url.removeprefix("sqlite:///"), timeout=30)
-        ph = "?"
-    else:
-        import psycopg
-
-        conn = psycopg.connect(storage_url)
-        ph = "%s"
-    try:
-        cur = conn.cursor()
-        cur.execute(f"SELECT id FROM devices WHERE name = {ph}", (device,))
-        row = cur.fetchone()
-        if row is None:
-            return ReceiverData([], [], {}, {})
-        dev_id = int(row[0])
-        cur.execute(
-            "SELECT epoch, seq, created_us, received_us, samples, meta FROM batches"
-            f" WHERE device_id = {ph} ORDER BY created_us",
-            (dev_id,),
-        )
-        batches = []
-        for epoch, seq, created, received, samples, meta in cur.fetchall():
-            skip: list[tuple[int, int, int]] = []
-            try:
-                doc = json.loads(meta) if isinstance(meta, str) else (meta or {})
-                for item in doc.get("skip", []) or []:
-                    skip.append((_from_db_epoch(int(item[0])), int(item[1]), int(item[2])))
-            except (ValueError, TypeError, AttributeError, IndexError):
-                pass
-            batches.append(
-                LedgerBatch(
-                    _from_db_epoch(int(epoch)),
-                    int(seq),
-                    int(created),
-                    int(received),
-                    int(samples),
-                    tuple(skip),
-                )
-            )
-        cur.execute(f"SELECT id, name, resolution FROM tags WHERE device_id = {ph}", (dev_id,))
-        names: dict[int, str] = {}
-        resolutions: dict[str, float] = {}
-        for tag_id, name, resolution in cur.fetchall():
-            names[int(tag_id)] = str(name)
-            if resolution is not None and math.isfinite(float(resolution)):
-                resolutions[str(name)] = float(resolution)
-        cur.execute(
-            f"SELECT epoch, acked_seq, max_seq FROM epochs WHERE device_id = {ph}", (dev_id,)
-        )
-        epochs = {_from_db_epoch(int(e)): (int(a), int(m)) for e, a, m in cur.fetchall()}
-    finally:
-        conn.close()
-    return ReceiverData(batches, _query_samples(storage_url, device), resolutions, epochs)
-
-
-def _query_samples(storage_url: str, device: str) -> list[StoredSample]:
-    """Every stored sample through the storage API (what ``edgeos-receiver query`` prints)."""
-    from edgeos_cloud.receiver.storage import open_storage
-
-    storage = open_storage(storage_url)
-    try:
-        rows = [
-            StoredSample(r.tag, r.ts_us, r.value if isinstance(r.value, float) else None, r.quality)
-            for r in storage.query_samples(device)
-        ]
-    finally:
-        storage.close()
-    rows.sort(key=lambda r: (r.tag, r.ts_us))
-    return rows
-
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -628,55 +408,3 @@ def _last_created_per_incarnation(
         if sealed:
             out.append((inc.started, max(sealed)))
     return out
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def summary_markdown(title: str, scenarios: Mapping[str, Mapping[str, Any]]) -> str:
-    """A short Markdown table of the figures of every scenario."""
-    lines = [
-        f"# {title}",
-        "",
-        "| scenario | ok | accepted | stored | gaps | pending | lost | dup | order | wrong "
-        "| window lost/unread/policy | coverage | latency p50/p99/max s | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, doc in scenarios.items():
-        f = doc.get("figures", {})
-        lat = "/".join(
-            "-" if f.get(k) is None else f"{f[k]:.2f}"
-            for k in ("latency_p50_s", "latency_p99_s", "latency_max_s")
-        )
-        notes = "; ".join(f"{k}={v}" for k, v in (doc.get("notes") or {}).items())
-        wrong = str(f.get("mismatched"))
-        if f.get("wrong_under_corruption"):
-            wrong += f" (+{f['wrong_under_corruption']} corrupted)"
-        lines.append(
-            f"| {name} | {'yes' if doc.get('passed') else 'NO'} | {f.get('accepted_batches')} "
-            f"| {f.get('stored_batches')} | {f.get('announced_gap_batches')} "
-            f"| {f.get('pending_on_disk_batches')} | {f.get('lost_batches')} "
-            f"| {f.get('duplicates')} | {f.get('order_violations')} | {wrong} "
-            f"| {f.get('window_lost')}/{f.get('window_unread')}/{f.get('window_policy')} "
-            f"| {f.get('coverage')} "
-            f"| {lat} | {notes} |"
-        )
-    lines.append("")
-    lines.append(
-        "accepted = batches that reached the spool; gaps = announced in meta.skip (refused or "
-        "dropped by the full policy); pending = still in the spool on disk at the end; wrong = "
-        "stored values never served (corrupted = while machine-link bytes were being corrupted "
-        "on purpose: Modbus TCP has no checksum); window lost = tag scans missing from the "
-        "stored rows while the runtime ran, up to its last accepted batch (unread = next to a "
-        "machine-link fault, policy = inside a gap announced in meta.skip); coverage ="
-        " Modbus responses served that reached the receiver; latency = "
-        "scan → received by the receiver."
-    )
-    return "\n".join(lines) + "\n"
-
-
-def write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Write ``doc`` as pretty JSON atomically."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -60,7 +60,7 @@ if log:
 if BEHAVIOUR == "crash":
     sys.exit(1)
 
-from edgeos.ota.slots import HealthFile, HealthReport
+from edgeos.ota.health import HealthFile, HealthReport
 
 health = HealthFile(Path(os.environ["EDGEOS_OTA_HEALTH"]))
 ok = BEHAVIOUR == "healthy"

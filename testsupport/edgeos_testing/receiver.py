@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PostgresUnavailable",
     "postgres_database",
+    "postgres_unreachable",
     "receiver_config_for",
     "running_receiver",
     "wait_for",
@@ -41,7 +42,8 @@ class PostgresUnavailable(Exception):
     """No PostgreSQL server (or no psycopg) to test against; the message says why."""
 
 
-def _try_connect(url: str) -> str | None:
+def postgres_unreachable(url: str) -> str | None:
+    """Why the PostgreSQL server at ``url`` cannot be used, or ``None`` when it answers."""
     try:
         import psycopg
     except ImportError:
@@ -87,10 +89,10 @@ def admin_url() -> str:
 def postgres_database(prefix: str = "edgeos_test") -> Iterator[str]:
     """Create a unique database and yield its URL; drop it afterwards."""
     url = admin_url()
-    problem = _try_connect(url)
+    problem = postgres_unreachable(url)
     if problem is not None and "psycopg is not installed" not in problem:
         started = _start_cluster()
-        problem = _try_connect(url)
+        problem = postgres_unreachable(url)
         if problem is not None and started:
             problem += f"; starting the cluster: {started}"
     if problem is not None:

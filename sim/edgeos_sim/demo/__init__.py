@@ -8,7 +8,9 @@ is doing, twice a second, until Ctrl-C or SIGTERM stops them all in order::
     edgeos demo                                   # until Ctrl-C
     edgeos demo --duration 25 --json             # CI: one JSON summary, exit 0 when data flowed
 
-* :mod:`edgeos_sim.demo.runner` — start order, ordered shutdown, the end-to-end check;
+* :mod:`edgeos_sim.demo.runner` — start order, ordered shutdown;
+* :mod:`edgeos_sim.demo.state` — options and the state directory;
+* :mod:`edgeos_sim.demo.summary` — the end-to-end check and the closing report;
 * :mod:`edgeos_sim.demo.dashboard` — the frame (``edgeos status`` screen + a receiver panel);
 * :mod:`edgeos_sim.demo.broker` — the embedded broker.
 
@@ -69,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgeos.errors import EdgeosError
     from edgeos.gcpolicy import new_event_loop
-    from edgeos_sim.demo.runner import DemoError, DemoOptions, DemoRun, print_error, report
+    from edgeos_sim.demo.runner import DemoRun, print_error
+    from edgeos_sim.demo.state import DemoError, DemoOptions
+    from edgeos_sim.demo.summary import report
 
     options = DemoOptions(
         state_dir=args.state_dir,

@@ -20,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -35,125 +33,25 @@ from rich.live import Live
 
 from edgeos_sim.demo.broker import EmbeddedBroker
 from edgeos_sim.demo.dashboard import RateMeter, receiver_status, render_dashboard
+from edgeos_sim.demo.state import (
+    MODEL_TASKS,
+    DemoError,
+    DemoOptions,
+    DemoPaths,
+    count_spooled,
+    find_models,
+    prepare_state_dir,
+)
+from edgeos_sim.demo.summary import summarize
 
 if TYPE_CHECKING:
     from edgeos.app import Runtime
     from edgeos.config import Config
     from edgeos_cloud.receiver.service import Receiver
 
-__all__ = [
-    "MARKER",
-    "DemoError",
-    "DemoOptions",
-    "DemoRun",
-    "find_models",
-    "prepare_state_dir",
-    "print_error",
-    "report",
-]
+__all__ = ["DemoRun", "print_error"]
 
 log = logging.getLogger("edgeos_sim.demo")
-
-#: Written into a state directory the demo created; only such a directory is ever wiped.
-MARKER = ".edgeos-demo"
-MODEL_TASKS = ("anomaly", "quality", "correction")
-
-
-class DemoError(Exception):
-    """The demo cannot start (the message says what to do); ``exit_code`` for the CLI."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass(frozen=True, slots=True)
-class DemoOptions:
-    """What to run. ``duration_s=None`` runs until Ctrl-C/SIGTERM."""
-
-    state_dir: Path = Path("demo-state")
-    keep: bool = False
-    nests: int = 8
-    tags_per_nest: int = 50
-    duration_s: float | None = None
-    as_json: bool = False
-    #: Press cycle (simulated seconds = wall seconds). The committed models were trained on
-    #: 40 s cycles; much shorter ones make every cure time look wrong to them.
-    cycle_s: float = 40.0
-    seed: int = 0
-    models_dir: Path | None = None
-    inference: bool = True
-    refresh_hz: float = 2.0
-    #: Longest wait, when stopping, for the receiver to acknowledge the last batches.
-    drain_s: float = 8.0
-
-
-def find_models(explicit: Path | None = None) -> Path | None:
-    """The folder holding the committed ``models/*.toml`` (a source checkout), if any."""
-    candidates = [explicit] if explicit is not None else []
-    candidates += [Path(__file__).resolve().parents[2] / "models", Path.cwd() / "models"]
-    for folder in candidates:
-        if folder is not None and all((folder / f"{t}.toml").is_file() for t in MODEL_TASKS):
-            return folder.resolve()
-    return None
-
-
-@dataclass(slots=True)
-class _Paths:
-    root: Path
-    gateway: Path = field(init=False)
-    receiver: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.gateway = self.root / "gateway"
-        self.receiver = self.root / "receiver"
-
-    @property
-    def config(self) -> Path:
-        return self.gateway / "edgeos.toml"
-
-    @property
-    def credentials(self) -> Path:
-        return self.gateway / "credentials"
-
-    @property
-    def receiver_config(self) -> Path:
-        return self.receiver / "receiver.toml"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "demo.log"
-
-
-def prepare_state_dir(root: Path, *, keep: bool) -> _Paths:
-    """Create (or, unless ``keep``, empty) the demo's state directory.
-
-    A directory is only emptied when the demo made it (it holds :data:`MARKER`) or it is
-    already empty, so ``--state-dir ~`` by mistake costs nothing.
-    """
-    root = root.expanduser().resolve()
-    if root.exists():
-        if not root.is_dir():
-            raise DemoError(f"{root} exists and is not a directory", exit_code=2)
-        owned = (root / MARKER).exists()
-        if any(root.iterdir()) and not owned:
-            raise DemoError(
-                f"{root} is not empty and was not made by `edgeos demo`; "
-                "choose another --state-dir",
-                exit_code=2,
-            )
-        if owned and not keep:
-            for child in root.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("state of `edgeos demo`; deleted on its next start\n")
-    paths = _Paths(root)
-    paths.gateway.mkdir(exist_ok=True)
-    paths.receiver.mkdir(exist_ok=True)
-    return paths
 
 
 @contextlib.asynccontextmanager
@@ -195,29 +93,6 @@ async def _first(*events: asyncio.Event, watch: Sequence[asyncio.Task[None]]) ->
         await asyncio.gather(*waiters, return_exceptions=True)
 
 
-def _count_spooled(spool_dir: Path, registry_dir: Path, device: str) -> tuple[int, int]:
-    """(batches, samples) still in a closed spool, opened with the device key (blocking)."""
-    if not spool_dir.exists():
-        return 0, 0
-    from edgeos.uplink.spool import Spool
-    from edgeos_cloud.receiver.ingest import BatchOpener, Rejected
-    from edgeos_cloud.receiver.registry import DeviceRegistry
-
-    opener = BatchOpener(DeviceRegistry(registry_dir))
-    batches = samples = 0
-    spool = Spool(spool_dir, fsync=False)
-    try:
-        for record in spool.pending():
-            batches += 1
-            try:
-                samples += opener.open(record.payload, 0, device).sample_count
-            except Rejected as exc:
-                log.warning("spooled batch %d does not open: %s", record.seq, exc)
-    finally:
-        spool.close()
-    return batches, samples
-
-
 def _short(path: Path) -> str:
     """``path`` relative to the working directory when it is below it (shorter hints)."""
     try:
@@ -237,11 +112,11 @@ class DemoRun:
         self.problems: list[str] = []
         self.started = time.monotonic()
         self.header: list[str] = []
-        self.paths: _Paths | None = None
+        self.paths: DemoPaths | None = None
         self.device = ""
         self._log_stream: IO[str] | None = None
         self._rates = {"samples": RateMeter(), "batches": RateMeter()}
-        self._last_gateway: dict[str, Any] | None = None
+        self.last_gateway: dict[str, Any] | None = None
         self.receiver: Receiver | None = None
         self.runtime: Runtime | None = None
 
@@ -287,7 +162,7 @@ class DemoRun:
                 loop.remove_signal_handler(sig)
             self._close_logging()
 
-    async def _run(self, paths: _Paths) -> dict[str, Any]:
+    async def _run(self, paths: DemoPaths) -> dict[str, Any]:
         from edgeos_sim import SimLine, SimOptions
 
         opts = self.options
@@ -305,7 +180,7 @@ class DemoRun:
             assert line.modbus_port is not None
             config = self._write_configs(paths, line.modbus_port, line.opcua_url, broker.url)
             self.device = config.device.id
-            before = await asyncio.to_thread(_count_spooled, spool_dir, registry_dir, self.device)
+            before = await asyncio.to_thread(count_spooled, spool_dir, registry_dir, self.device)
             self.header = [
                 f"edgeos demo · line: {opts.nests} presses × {opts.tags_per_nest} tags, "
                 f"Modbus TCP 127.0.0.1:{line.modbus_port} + OPC UA {line.opcua_url} (key tags)",
@@ -314,8 +189,8 @@ class DemoRun:
             if not self.stop.is_set():
                 clean = await self._run_services(paths, config)
             self._status("stopping the broker and the simulated line …")
-        after = await asyncio.to_thread(_count_spooled, spool_dir, registry_dir, self.device)
-        return self._summary(clean, before, after)
+        after = await asyncio.to_thread(count_spooled, spool_dir, registry_dir, self.device)
+        return summarize(self, clean, before, after)
 
     def _status(self, text: str) -> None:
         if not self.options.as_json:
@@ -323,10 +198,11 @@ class DemoRun:
 
     # ------------------------------------------------------------------ configuration
 
-    def _provision(self, paths: _Paths, device: str, broker_url: str) -> Path:
+    def _provision(self, paths: DemoPaths, device: str, broker_url: str) -> Path:
         """Register the device with the receiver and install its credentials (key 0600)."""
+        from edgeos.provision import install_bundle
         from edgeos_cloud.receiver.pki import CertificateAuthority
-        from edgeos_cloud.receiver.provisioning import create_device, install_bundle
+        from edgeos_cloud.receiver.provisioning import create_device
         from edgeos_cloud.receiver.registry import DeviceRegistry
 
         registry = DeviceRegistry(paths.receiver / "registry")
@@ -346,7 +222,7 @@ class DemoRun:
         return installed.key_file
 
     def _write_configs(
-        self, paths: _Paths, modbus_port: int, opcua_url: str | None, broker_url: str
+        self, paths: DemoPaths, modbus_port: int, opcua_url: str | None, broker_url: str
     ) -> Any:
         from edgeos.config import load_config
         from edgeos_sim.line import line_config
@@ -405,7 +281,7 @@ class DemoRun:
 
     # ------------------------------------------------------------------ the services
 
-    async def _run_services(self, paths: _Paths, config: Config) -> bool:
+    async def _run_services(self, paths: DemoPaths, config: Config) -> bool:
         """Receiver, then runtime; the dashboard; then stop them in reverse. True when clean."""
         from edgeos.app import Runtime
         from edgeos_cloud.receiver.config import load_receiver_config
@@ -441,7 +317,7 @@ class DemoRun:
                         self.problems.append(f"the {task.get_name()} stopped by itself")
                 runtime.request_stop()  # the cancellation _background sends next is meant
             # Stopped: the last status holds the final counters (the open batch is sealed).
-            self._last_gateway = runtime.status()
+            self.last_gateway = runtime.status()
         return len(self.problems) == problems_before
 
     def _deadline_left(self) -> float:
@@ -457,7 +333,7 @@ class DemoRun:
             "batches": self._rates["batches"].observe(rx["batches"], now),
         }
         gateway = runtime.status()
-        self._last_gateway = gateway
+        self.last_gateway = gateway
         assert self.paths is not None
         header = [
             *self.header,
@@ -521,124 +397,6 @@ class DemoRun:
                 await up.batcher.flush()
                 while len(up.spool) and self.signals < 2:  # noqa: ASYNC110 - spool has no event
                     await asyncio.sleep(0.05)
-
-    # ------------------------------------------------------------------ summary
-
-    def _summary(
-        self, clean: bool, before: tuple[int, int], after: tuple[int, int]
-    ) -> dict[str, Any]:
-        from edgeos_cloud.receiver.storage import open_storage
-
-        assert self.paths is not None
-        gateway = self._last_gateway or {}
-        up = gateway.get("uplink") or {}
-        receiver = self.receiver
-        rx = receiver_status(receiver.metrics.registry) if receiver is not None else {}
-        sealed = int(up.get("samples_sealed") or 0)
-        delivered = sealed + before[1] - after[1]
-        stored = int(rx.get("samples", 0))
-        in_db = None
-        db = self.paths.receiver / "receiver.db"
-        if db.exists():
-            storage = open_storage(f"sqlite:///{db}")
-            try:
-                for s in storage.device_summaries():
-                    if s.device == self.device:
-                        in_db = {"batches": s.batches, "samples": s.samples, "rejects": s.rejects}
-            finally:
-                storage.close()
-        rejects = dict(rx.get("rejects") or {})
-        bad_rejects = {k: v for k, v in rejects.items() if k != "replayed"}
-        if stored == 0:
-            self.problems.append("the receiver stored no samples")
-        # A replay (an ack lost, the batch sent again) is stored once: the sums then differ
-        # by the replayed batches, which is correct behaviour, not a loss.
-        if stored != delivered and not rejects.get("replayed"):
-            self.problems.append(
-                f"receiver stored {stored} samples but the runtime delivered {delivered}"
-            )
-        if bad_rejects:
-            self.problems.append(f"receiver rejected messages: {bad_rejects}")
-        groups = {
-            name: {
-                "period_ms": g.get("period_ms"),
-                "ticks": g.get("ticks"),
-                "skipped": g.get("skipped"),
-                "jitter_p99_ms": (g.get("jitter") or {}).get("p99_ms"),
-            }
-            for name, g in (gateway.get("scan_groups") or {}).items()
-        }
-        return {
-            "ok": clean and not self.problems,
-            "duration_s": round(time.monotonic() - self.started, 1),
-            "stopped_by": ("signal" if self.signals else "duration" if clean else "error"),
-            "state_dir": str(self.paths.root),
-            "device": self.device,
-            "line": {
-                "nests": self.options.nests,
-                "tags_per_nest": self.options.tags_per_nest,
-                "tags": (gateway.get("twin") or {}).get("tags"),
-            },
-            "connections": {
-                c.get("name", "?"): c.get("state") for c in gateway.get("connections") or []
-            },
-            "scan_groups": groups,
-            "runtime": {
-                "batches_sealed": up.get("batches_sealed"),
-                "samples_sealed": sealed,
-                "bytes_per_sample": up.get("bytes_per_sample"),
-                "acked": up.get("acked"),
-                "spooled_at_start": {"batches": before[0], "samples": before[1]},
-                "left_in_spool": {"batches": after[0], "samples": after[1]},
-                "samples_delivered": delivered,
-            },
-            "receiver": {
-                "samples_stored": stored,
-                "batches_stored": rx.get("batches", 0),
-                "acks": rx.get("acks", 0),
-                "rejects": rejects,
-                "ingest_lag_mean_s": rx.get("ingest_lag_mean_s"),
-                "database": in_db,
-            },
-            "verdicts": {
-                "continue": 0,
-                "correct": 0,
-                "scrap": 0,
-                **(gateway.get("gates") or {}).get("verdicts", {}),
-            },
-            "guard": gateway.get("guard") or {},
-            "inference": {
-                k: v
-                for k, v in (gateway.get("inference") or {}).items()
-                if isinstance(v, int | float | str | bool)
-            },
-            "problems": list(self.problems),
-        }
-
-
-def report(summary: dict[str, Any], console: Console) -> None:
-    """The few lines a person reads after the dashboard closed."""
-    rt = summary.get("runtime", {})
-    rx = summary.get("receiver", {})
-    v = summary.get("verdicts", {})
-    console.print(
-        f"runtime sealed {rt.get('samples_sealed', 0):,} samples in "
-        f"{rt.get('batches_sealed', 0)} batches "
-        f"({rt.get('bytes_per_sample') or 0:.3f} bytes/sample); "
-        f"receiver stored {rx.get('samples_stored', 0):,} in {rx.get('batches_stored', 0)} "
-        f"batches; {rt.get('left_in_spool', {}).get('samples', 0):,} left in the spool."
-    )
-    console.print(
-        f"verdicts: continue {v.get('continue', 0)} · correct {v.get('correct', 0)} · "
-        f"scrap {v.get('scrap', 0)}; guard: "
-        + (", ".join(f"{k} {val}" for k, val in summary.get("guard", {}).items()) or "-")
-    )
-    if summary.get("ok"):
-        console.print("[green]everything stopped cleanly; data flowed end to end.[/green]")
-    else:
-        for problem in summary.get("problems", []) or ["did not stop cleanly"]:
-            console.print(f"[red]problem:[/red] {problem}")
-        console.print(f"details: {summary.get('state_dir', '.')}/demo.log")
 
 
 def print_error(message: str) -> None:

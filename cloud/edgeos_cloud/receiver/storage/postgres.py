@@ -33,15 +33,10 @@ class PostgresStorage(SqlStorage):
 
         self._psycopg = psycopg
         self._conn = psycopg.connect(url, autocommit=True)
-        self._begin()
-        try:
+        with self._transaction():
             # Two receivers starting together must not both create the tables.
             self._conn.execute("SELECT pg_advisory_xact_lock(7408829463)")
             self._create_schema()
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._conn.execute(_PLACEHOLDER.sub("%s", sql), params)

@@ -1,4 +1,4 @@
-"""The storage logic both SQL back-ends share; subclasses supply the connection and bulk insert.
+"""The storage logic both SQL back-ends share (write side); subclasses supply the connection.
 
 SQL is written once with ``?`` placeholders (SQLite style); the PostgreSQL subclass rewrites
 them. Transactions are explicit (``BEGIN`` … ``COMMIT`` on an autocommit connection) so the
@@ -7,12 +7,13 @@ same code runs on both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import chain, repeat
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,9 @@ from edgeos_cloud.receiver.storage.base import (
     SCHEMA_VERSION,
     Command,
     DeviceStatus,
-    DeviceSummary,
     IngestBatch,
-    ReportedValue,
-    SampleRow,
     Shadow,
     StoreOutcome,
-    from_db_epoch,
     latest_per_tag,
     merge_ranges,
     new_command_id,
@@ -37,13 +34,8 @@ from edgeos_cloud.receiver.storage.base import (
     split_text,
     to_db_epoch,
 )
-from edgeos_cloud.receiver.storage.blocks import (
-    MAX_SPAN_US,
-    Block,
-    BlockMerger,
-    decode_block,
-    encode_blocks,
-)
+from edgeos_cloud.receiver.storage.blocks import Block, encode_blocks
+from edgeos_cloud.receiver.storage.queries import SqlQueries
 
 __all__ = ["SqlStorage"]
 
@@ -52,13 +44,11 @@ log = logging.getLogger("edgeos_cloud.receiver")
 _TagSig = tuple[list[str], bytes, list[str], bytes, bytes]
 
 
-class SqlStorage:
-    """Shared implementation of :class:`~edgeos_cloud.receiver.storage.base.Storage`."""
+class SqlStorage(SqlQueries):
+    """Shared implementation of :class:`~edgeos_cloud.receiver.storage.base.Storage`.
 
-    dialect = "sqlite"
-    #: Row lock suffix for read-modify-write selects (PostgreSQL); SQLite locks the database.
-    for_update = ""
-    greatest = "max"
+    The reads and the back-end hooks are :class:`SqlQueries`'; this class writes.
+    """
 
     def __init__(self) -> None:
         self._device_ids: dict[str, int] = {}
@@ -66,31 +56,22 @@ class SqlStorage:
         self._staged_devices: dict[str, int] = {}
         self._staged_tags: dict[int, tuple[_TagSig, npt.NDArray[np.int64]]] = {}
 
-    # ------------------------------------------------------------------ hooks
-
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        raise NotImplementedError
-
-    def _executemany(self, sql: str, rows: Any) -> None:
-        raise NotImplementedError
-
-    def _begin(self) -> None:
-        raise NotImplementedError
-
-    def _commit(self) -> None:
-        raise NotImplementedError
-
-    def _rollback(self) -> None:
-        raise NotImplementedError
-
-    def _iter_rows(
-        self, sql: str, params: Sequence[Any], batch_rows: int = 10_000
-    ) -> Iterator[Sequence[Any]]:
-        """Rows of a long result, fetched ``batch_rows`` at a time where the driver can."""
-        yield from self._execute(sql, params)
-
-    def close(self) -> None:
-        raise NotImplementedError
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction; the device and tag ids it creates are cached only once committed."""
+        self._staged_devices.clear()
+        self._staged_tags.clear()
+        self._begin()
+        try:
+            yield
+            self._commit()
+        except BaseException:
+            self._rollback()
+            self._staged_devices.clear()
+            self._staged_tags.clear()
+            raise
+        self._device_ids.update(self._staged_devices)
+        self._tag_cache.update(self._staged_tags)
 
     # ------------------------------------------------------------------ schema
 
@@ -154,20 +135,8 @@ class SqlStorage:
     def store(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
         if not batches:
             return []
-        self._staged_devices.clear()
-        self._staged_tags.clear()
-        self._begin()
-        try:
+        with self._transaction():
             outcomes = self._store_locked(batches)
-            self._commit()
-        except BaseException:
-            self._rollback()
-            self._staged_devices.clear()
-            self._staged_tags.clear()
-            raise
-        # Ids become visible to later transactions only once committed.
-        self._device_ids.update(self._staged_devices)
-        self._tag_cache.update(self._staged_tags)
         return outcomes
 
     def _store_locked(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
@@ -414,7 +383,7 @@ class SqlStorage:
         )
         shadow = shadows.get(device_id)
         if shadow is None:
-            shadow = self._load_shadow(device_id)
+            shadow = self._load_shadow(device_id, lock=True)
             shadows[device_id] = shadow
         last = latest_per_tag(tid_n, ts_n)
         shadow.merge(tid_n[last], ts_n[last], val_n[last], q_n[last], text_latest)
@@ -429,14 +398,6 @@ class SqlStorage:
             ],
         )
 
-    def _load_shadow(self, device_id: int) -> Shadow:
-        row = self._execute(
-            "SELECT tag_ids, ts, value, quality, text FROM shadows WHERE device_id = ?"
-            + self.for_update,
-            (device_id,),
-        ).fetchone()
-        return Shadow.empty() if row is None else Shadow.from_row(row)
-
     def _save_shadow(self, device_id: int, shadow: Shadow, now_us: int) -> None:
         self._execute(
             "INSERT INTO shadows (device_id, tag_ids, ts, value, quality, text, updated_us)"
@@ -449,25 +410,18 @@ class SqlStorage:
     def record_rejects(self, counts: Mapping[tuple[str, str], int], now_us: int) -> None:
         if not counts:
             return
-        self._begin()
-        try:
+        with self._transaction():
             self._executemany(
                 "INSERT INTO rejects (device, reason, count, last_us) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (device, reason) DO UPDATE SET count = rejects.count +"
                 " excluded.count, last_us = excluded.last_us",
                 [(dev, reason, n, now_us) for (dev, reason), n in sorted(counts.items())],
             )
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def record_statuses(self, statuses: Sequence[DeviceStatus]) -> None:
         if not statuses:
             return
-        self._staged_devices.clear()
-        self._begin()
-        try:
+        with self._transaction():
             for st in statuses:
                 # A repeated state (the retained message again after a reconnect) keeps the
                 # time it was first seen.
@@ -487,189 +441,11 @@ class SqlStorage:
                         st.received_us,
                     ),
                 )
-            self._commit()
-        except BaseException:
-            self._rollback()
-            self._staged_devices.clear()
-            raise
-        self._device_ids.update(self._staged_devices)
-
-    # ------------------------------------------------------------------ reading
-
-    def _lookup_device(self, device: str) -> int | None:
-        row = self._execute("SELECT id FROM devices WHERE name = ?", (device,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def _tag_names(self, device_id: int) -> dict[int, str]:
-        return {
-            int(i): str(n)
-            for i, n in self._execute(
-                "SELECT id, name FROM tags WHERE device_id = ?", (device_id,)
-            ).fetchall()
-        }
-
-    def query_samples(
-        self,
-        device: str,
-        tag: str | None = None,
-        since_us: int | None = None,
-        until_us: int | None = None,
-        limit: int | None = None,
-    ) -> Iterator[SampleRow]:
-        device_id = self._lookup_device(device)
-        if device_id is None or (limit is not None and limit <= 0):
-            return
-        names = self._tag_names(device_id)
-        tag_id = None
-        if tag is not None:
-            ids = [i for i, n in names.items() if n == tag]
-            if not ids:
-                return
-            tag_id = ids[0]
-        since = -(1 << 62) if since_us is None else since_us
-        until = 1 << 62 if until_us is None else until_us
-        merger = BlockMerger(since, until, tag_id)
-        # No block spans more than MAX_SPAN_US: the (device_id, t_first) index bounds the scan.
-        blocks = self._iter_rows(
-            "SELECT id, t_first, data FROM sample_blocks WHERE device_id = ? AND t_first >= ?"
-            " AND t_first < ? AND t_last >= ? ORDER BY t_first, id",
-            (device_id, since - MAX_SPAN_US, until, since),
-            batch_rows=16,
-        )
-        count = 0
-        for rows in chain(
-            (
-                merger.add(decode_block(data, int(t_first)), int(bid), int(t_first))
-                for bid, t_first, data in blocks
-            ),
-            (merger.finish(),),
-        ):
-            for ts, tid, value, quality in rows:
-                yield SampleRow(device, names.get(tid, f"#{tid}"), ts, value, quality)
-                count += 1
-                if limit is not None and count >= limit:
-                    return
-
-    def events(self, device: str, since_us: int | None = None) -> list[dict[str, Any]]:
-        device_id = self._lookup_device(device)
-        if device_id is None:
-            return []
-        rows = self._execute(
-            "SELECT ts, epoch, seq, body FROM events WHERE device_id = ? AND ts >= ? ORDER BY ts",
-            (device_id, since_us or -(1 << 62)),
-        ).fetchall()
-        return [
-            {"ts_us": int(ts), "epoch": from_db_epoch(int(ep)), "seq": int(seq), **json.loads(body)}
-            for ts, ep, seq, body in rows
-        ]
-
-    def device_summaries(self) -> list[DeviceSummary]:
-        rejects: dict[str, dict[str, int]] = {}
-        for dev, reason, count in self._execute(
-            "SELECT device, reason, count FROM rejects"
-        ).fetchall():
-            rejects.setdefault(str(dev), {})[str(reason)] = int(count)
-        skips: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for dev_id, epoch, first, last in self._execute(
-            "SELECT device_id, epoch, first_seq, last_seq FROM skips"
-        ).fetchall():
-            skips.setdefault((int(dev_id), int(epoch)), []).append((int(first), int(last)))
-        merged = {key: merge_ranges(ranges) for key, ranges in skips.items()}
-        skipped: dict[int, int] = {}
-        skipped_ranges: dict[int, list[tuple[int, int, int]]] = {}
-        for (dev_id, epoch), ranges in sorted(merged.items()):
-            for first, last in ranges:
-                # A number both announced and stored (sent, then dropped from the device's
-                # spool before the ack came) is not a gap.
-                skipped[dev_id] = skipped.get(dev_id, 0) + (last - first + 1)
-                skipped[dev_id] -= self._count_stored(dev_id, epoch, first, last)
-                skipped_ranges.setdefault(dev_id, []).append((from_db_epoch(epoch), first, last))
-        backlog: dict[int, int] = {}
-        for row in self._execute(
-            "SELECT device_id, epoch, acked_seq, max_seq FROM epochs WHERE max_seq > acked_seq"
-        ).fetchall():
-            dev_id, epoch, acked, max_seq = (int(v) for v in row)
-            missing = max_seq - acked - self._count_stored(dev_id, epoch, acked + 1, max_seq)
-            for first, last in merged.get((dev_id, epoch), []):
-                lo, hi = max(first, acked + 1), min(last, max_seq)
-                if lo <= hi:
-                    missing -= (hi - lo + 1) - self._count_stored(dev_id, epoch, lo, hi)
-            backlog[dev_id] = backlog.get(dev_id, 0) + missing
-        states = {
-            int(dev_id): (str(state), int(since))
-            for dev_id, state, since in self._execute(
-                "SELECT device_id, state, since_us FROM device_status"
-            ).fetchall()
-        }
-        out = []
-        seen = set()
-        for dev_id, name, first, last, batches, samples in self._execute(
-            "SELECT id, name, first_seen_us, last_seen_us, batches, samples FROM devices"
-            " ORDER BY name"
-        ).fetchall():
-            state, since = states.get(int(dev_id), (None, None))
-            seen.add(name)
-            out.append(
-                DeviceSummary(
-                    str(name),
-                    None if first is None else int(first),
-                    None if last is None else int(last),
-                    int(batches),
-                    int(samples),
-                    backlog.get(int(dev_id), 0),
-                    rejects.get(str(name), {}),
-                    skipped.get(int(dev_id), 0),
-                    tuple(skipped_ranges.get(int(dev_id), ())),
-                    state,
-                    since,
-                )
-            )
-        for name in sorted(set(rejects) - seen):
-            out.append(DeviceSummary(name, None, None, 0, 0, 0, rejects[name]))
-        return out
-
-    def _count_stored(self, device_id: int, db_epoch: int, first: int, last: int) -> int:
-        (count,) = self._execute(
-            "SELECT COUNT(*) FROM batches WHERE device_id = ? AND epoch = ? AND seq >= ?"
-            " AND seq <= ?",
-            (device_id, db_epoch, first, last),
-        ).fetchone()
-        return int(count)
-
-    def reported(self, device: str) -> dict[str, ReportedValue]:
-        device_id = self._lookup_device(device)
-        if device_id is None:
-            return {}
-        shadow = self._load_shadow_readonly(device_id)
-        names = self._tag_names(device_id)
-        out: dict[str, ReportedValue] = {}
-        for tid, ts, value, quality in zip(
-            shadow.tag_ids.tolist(),
-            shadow.ts.tolist(),
-            shadow.value.tolist(),
-            shadow.quality.tolist(),
-            strict=True,
-        ):
-            out[names.get(tid, f"#{tid}")] = ReportedValue(
-                ts, None if math.isnan(value) else value, quality
-            )
-        for tid, (ts, text, quality) in shadow.text.items():
-            out[names.get(tid, f"#{tid}")] = ReportedValue(ts, text, quality)
-        return dict(sorted(out.items()))
-
-    def _load_shadow_readonly(self, device_id: int) -> Shadow:
-        row = self._execute(
-            "SELECT tag_ids, ts, value, quality, text FROM shadows WHERE device_id = ?",
-            (device_id,),
-        ).fetchone()
-        return Shadow.empty() if row is None else Shadow.from_row(row)
 
     # ------------------------------------------------------------------ commands
 
     def enqueue_command(self, device: str, desired: Mapping[str, Any], now_us: int) -> Command:
-        self._staged_devices.clear()
-        self._begin()
-        try:
+        with self._transaction():
             device_id = self._device_id(device)
             row = self._execute(
                 "SELECT COALESCE(MAX(version), 0) FROM commands WHERE device_id = ?",
@@ -690,12 +466,6 @@ class SqlStorage:
                     now_us,
                 ),
             )
-            self._commit()
-        except BaseException:
-            self._rollback()
-            self._staged_devices.clear()
-            raise
-        self._device_ids.update(self._staged_devices)
         return command
 
     def _commands(self, where: str, params: Sequence[Any]) -> list[Command]:

@@ -38,13 +38,8 @@ class SqliteStorage(SqlStorage):
         # sample B-tree in memory.
         self._conn.execute("PRAGMA cache_size = -131072")
         self._conn.execute("PRAGMA temp_store = MEMORY")
-        self._begin()
-        try:
+        with self._transaction():
             self._create_schema()
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._conn.execute(sql, params)
