@@ -8,25 +8,13 @@ from typing import Any
 
 import pytest
 
+from edgeos_testing.receiver import postgres_unreachable
 from edgeos_testing.rig import DutSpec, ReceiverSpec, RigSpec, finish
-
-
-def _reachable(dsn: str) -> str | None:
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed"
-    try:
-        with psycopg.connect(dsn, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        return f"cannot connect to {dsn}: {exc}".strip()
-    return None
 
 
 @pytest.mark.postgres
 async def test_exactly_once_on_postgres(e2e_rig: Any, pg_dsn: str) -> None:
-    problem = await asyncio.to_thread(_reachable, pg_dsn)
+    problem = await asyncio.to_thread(postgres_unreachable, pg_dsn)
     if problem is not None:
         print(f"SKIP reason: {problem}")
         pytest.skip(f"PostgreSQL unreachable: {problem}")

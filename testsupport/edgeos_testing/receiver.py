@@ -47,7 +47,7 @@ def postgres_unreachable(url: str) -> str | None:
     try:
         import psycopg
     except ImportError:
-        return "psycopg is not installed (pip install 'edgeos[postgres]')"
+        return "psycopg is not installed (pip install './cloud[postgres]')"
     try:
         with psycopg.connect(url, connect_timeout=3) as conn:
             conn.execute("SELECT 1")

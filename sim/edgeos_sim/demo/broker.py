@@ -47,7 +47,7 @@ class EmbeddedBroker:
             from amqtt.broker import Broker
         except ImportError as exc:
             raise TransportError(
-                "the demo's embedded broker needs amqtt: pip install 'edgeos[demo]'"
+                "the demo's embedded broker needs amqtt: pip install ./sim (it depends on amqtt)"
             ) from exc
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
