@@ -145,8 +145,10 @@ def _checkout_copy(dest: Path) -> Path:
 
 def _wheel(project: Path, out: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
-        + ["--wheel-dir", str(out), str(project)],
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"),
+            *("--no-build-isolation", "--wheel-dir", str(out), str(project)),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -171,9 +173,10 @@ def _top_level_and_requires(wheel: Path) -> tuple[set[str], list[str]]:
 def _base_names(requires: list[str]) -> set[str]:
     out = set()
     for req in requires:
+        name = req
         for sep in "<>=!~ ":
-            req = req.split(sep, 1)[0]
-        out.add(req)
+            name = name.split(sep, 1)[0]
+        out.add(name)
     return out
 
 
