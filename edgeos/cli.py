@@ -138,6 +138,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: How much longer than ``twin set --wait`` the CLI waits for the runtime's answer.
+_ANSWER_MARGIN_S = 5.0
+
+
+def outcome_text(status: str | None, reason: str | None) -> str:
+    """``applied``, ``refused: <reason>``, ``timed out: <reason>``, ``pending`` (for people)."""
+    text = (status or "pending").replace("_", " ")
+    return f"{text}: {reason}" if reason else text
+
+
+def twin_row_text(row: dict[str, Any]) -> str:
+    """One line of ``edgeos twin get``: value, unit, quality, and the last desired change with
+    its outcome (a refused ``desired=9999`` must not read like a pending one)."""
+    shown = row.get("value")
+    if isinstance(shown, float):
+        shown = f"{shown:.6g}"
+    extra = ""
+    if row.get("desired") is not None:
+        outcome = outcome_text(row.get("desired_status"), row.get("desired_reason"))
+        extra = f"  desired={row['desired']} v{row.get('version', '?')} ({outcome})"
+    return (
+        f"{row['name']:<40} {shown!s:>14} {row.get('unit', ''):<6} {row.get('quality', '')}{extra}"
+    )
+
+
 def _cmd_twin(args: argparse.Namespace) -> int:
     if args.twin_command == "get":
         rows = _ask(args, "twin.get", pattern=args.pattern)
@@ -146,16 +171,7 @@ def _cmd_twin(args: argparse.Namespace) -> int:
             print(json.dumps(rows, indent=2, default=str))
             return EXIT_OK
         for row in rows:
-            shown = row.get("value")
-            if isinstance(shown, float):
-                shown = f"{shown:.6g}"
-            extra = ""
-            if "desired" in row and row["desired"] is not None:
-                extra = f"  desired={row['desired']} v{row.get('version', '?')}"
-            print(
-                f"{row['name']:<40} {shown!s:>14} {row.get('unit', ''):<6} "
-                f"{row.get('quality', '')}{extra}"
-            )
+            print(twin_row_text(row))
         return EXIT_OK
     value: object = args.value
     for cast in (int, float):
@@ -166,12 +182,19 @@ def _cmd_twin(args: argparse.Namespace) -> int:
             continue
     if args.value.lower() in ("true", "false"):
         value = args.value.lower() == "true"
-    change = _ask(args, "twin.set", tag=args.tag, value=value, wait_s=args.wait)
-    assert isinstance(change, dict)
-    print(
-        f"{change['name']} v{change['version']}: {change['status']}"
-        + (f" ({change['reason']})" if change.get("reason") else "")
+    # The runtime answers once the change has an outcome (at most --wait s): the socket must
+    # outlast that wait, not the default request timeout.
+    change = _ask(
+        args,
+        "twin.set",
+        tag=args.tag,
+        value=value,
+        wait_s=args.wait,
+        timeout_s=args.wait + _ANSWER_MARGIN_S,
     )
+    assert isinstance(change, dict)
+    outcome = outcome_text(change["status"], change["reason"])
+    print(f"{change['name']} v{change['version']}: {outcome}")
     return EXIT_OK if change["status"] == "applied" else EXIT_FAILURE
 
 

@@ -4,6 +4,11 @@ Protocol: one JSON object per line over a Unix stream socket. A request is
 ``{"op": "status"}`` or ``{"op": "twin.get", "pattern": "nest01.*"}``; the answer is
 ``{"ok": true, "result": …}`` or ``{"ok": false, "error": "…"}``. The socket is created with
 mode 0660 so only the service user and its group (operators) can use it.
+
+The twin's ops (:func:`twin_handlers`): ``twin.get`` (``pattern``) answers
+:meth:`edgeos.twin.Twin.query`; ``twin.set`` (``tag``, ``value``, ``wait_s``) requests the value
+as the operator and answers the change once it has an outcome, or after ``wait_s`` with its
+status then (``pending``). :func:`wait_outcome` is the same wait for other callers.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ControlError", "ControlServer", "request"]
+if TYPE_CHECKING:  # the CLI imports this module for `request`; keep numpy out of its start
+    from edgeos.twin import DesiredChange, Status, Twin
+
+__all__ = ["ControlError", "ControlServer", "request", "twin_handlers", "wait_outcome"]
 
 log = logging.getLogger("edgeos.control")
 
@@ -97,6 +105,32 @@ class ControlServer:
     async def _send(writer: asyncio.StreamWriter, doc: dict[str, Any]) -> None:
         writer.write(json.dumps(doc, default=str).encode() + b"\n")
         await writer.drain()
+
+
+async def wait_outcome(change: DesiredChange, timeout_s: float) -> Status:
+    """The change's final status, or its status after ``timeout_s`` (``pending``)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await change.wait()
+    except TimeoutError:
+        return change.status
+
+
+def twin_handlers(twin: Twin, *, default_wait_s: float = 15.0) -> dict[str, Handler]:
+    """``twin.get`` and ``twin.set`` for :class:`ControlServer`."""
+
+    async def get(req: dict[str, Any]) -> list[dict[str, Any]]:
+        return twin.query(str(req.get("pattern") or "*"))
+
+    async def set_(req: dict[str, Any]) -> dict[str, Any]:
+        wait_s = float(req.get("wait_s", default_wait_s))
+        if not wait_s >= 0:  # also NaN
+            raise ValueError(f"wait_s must be a number of seconds >= 0, got {req['wait_s']!r}")
+        change = twin.set_desired(str(req["tag"]), req["value"], source="operator")
+        await wait_outcome(change, wait_s)
+        return change.as_dict()
+
+    return {"twin.get": get, "twin.set": set_}
 
 
 def request(path: Path, op: str, /, *, timeout_s: float = 5.0, **params: Any) -> Any:

@@ -8,7 +8,9 @@ and then:
   continue/correct/scrap, ``.gate.confidence``, ``.gate.elasticity``, ``.gate.anomaly``), so they
   are queryable, snapshotted and shipped in batches like any tag;
 * sends the guard's set-points through the twin's desired-state path (hard limits and rate
-  limits are checked again there, and every outcome is recorded);
+  limits are checked again there, and every outcome is recorded); the guard measures
+  ``max_rate`` from the twin's record of writes (:attr:`~edgeos.twin.Twin.writes`), so both
+  checks see the same last write;
 * queues the engine's events (verdicts, guard decisions, model metrics, promotions) for the
   uplink.
 
@@ -107,8 +109,16 @@ class InferenceLoop:
             idx, vals, np.full(len(known), int(Quality.GOOD), np.uint8), np.full(len(known), now)
         )
 
+    def _share_writes(self) -> None:
+        # The engine creates its guard when a correction champion appears (at start or with a
+        # models update), so look each step; the check is one attribute compare.
+        guard = self.engine.guard
+        if guard is not None and guard.writes is not self.twin.writes:
+            guard.share_write_log(self.twin.writes)
+
     def step_once(self) -> None:
         """One engine step on the twin's current values (bad quality reaches it as NaN)."""
+        self._share_writes()
         values = self.twin.values[self._inputs].copy()
         bad = self.twin.quality[self._inputs] >= Quality.BAD
         values[bad] = np.nan

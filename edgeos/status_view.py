@@ -5,10 +5,11 @@ document (``Runtime.status()``; ``edgeos status --json`` prints it) has these ke
 
 ``device, version, state, uptime_s, status_line`` · ``connections``: list of supervisor stats ·
 ``scan_groups``: ``{name: {period_ms, ticks, skipped, timeouts, jitter: {p50_ms, p99_ms, max_ms},
-duration: {...}}}`` · ``twin``: ``{tags, by_quality, writable, history_mb}`` · ``uplink``:
-``{state, batches_sealed, acked, backlog_batches, spool_bytes, last_ack_age_s, bytes_per_sample,
-dropped}`` · ``gates``: ``{verdicts: {continue, correct, scrap}}`` · ``guard``: decisions by kind ·
-``ota``: ``{active_slot, trial_slot, version, committed_version}``.
+duration: {...}}}`` · ``twin``: ``{tags, by_quality, writable, history_mb, desired_pending,
+desired_outcomes}`` · ``uplink``: ``{state, batches_sealed, acked, backlog_batches, spool_bytes,
+last_ack_age_s, bytes_per_sample, dropped}`` · ``gates``: ``{verdicts: {continue, correct,
+scrap}}`` · ``guard``: decisions by kind · ``ota``: ``{active_slot, trial_slot, version,
+committed_version}``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from rich.text import Text
 __all__ = ["render_status"]
 
 _STATE_STYLE = {"up": "green", "degraded": "yellow", "connecting": "cyan", "down": "red"}
+
+
+def _desired(twin: Mapping[str, Any]) -> str:
+    """Desired changes in flight and their outcomes so far (a refusal must be visible)."""
+    outcomes: Mapping[str, Any] = twin.get("desired_outcomes") or {}
+    pending = int(twin.get("desired_pending") or 0)
+    if not outcomes and not pending:
+        return ""
+    done = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(outcomes.items()))
+    return f"{pending} pending" + (f"; {done}" if done else "")
 
 
 def _fmt_age(seconds: Any) -> str:
@@ -106,6 +117,9 @@ def render_status(doc: Mapping[str, Any]) -> RenderableType:
         side.append(("twin", f"{twin.get('tags', 0)} tags ({by_q})"))
         if "history_mb" in twin:
             side.append(("history", f"{float(twin['history_mb']):.1f} MB"))
+        desired = _desired(twin)
+        if desired:
+            side.append(("desired", desired))
     up = doc.get("uplink") or {}
     if up:
         side.append(("uplink", str(up.get("state", "?"))))

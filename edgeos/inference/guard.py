@@ -5,10 +5,13 @@ constraint of Wu et al., 2016): the plant's default policy gives baseline set-po
 correction model proposes its own, and the guard decides per station and tyre.
 
 **Hard safety.** Every value the guard emits passes :func:`edgeos.driver.check_write` for its
-tag: writable, finite, inside the hard ``limits``, and within ``max_rate`` against the last
-value the guard wrote to that tag (and when). A learned proposal that fails → the default
-recipe. A default value that would break ``max_rate`` is ramped (the largest allowed step
-towards it); one outside the hard limits is not written at all. Nothing unchecked leaves.
+tag: writable, finite, inside the hard ``limits``, and within ``max_rate`` against the tag's
+last write in a :class:`~edgeos.twin.WriteLog` (monotonic times). On the runtime that is the
+twin's own record (:meth:`ActuationGuard.share_write_log`), so the guard and the desired-state
+check measure the rate from the same write; standalone, the guard records its own decisions. A
+learned proposal that fails → the default recipe. A default value that would break
+``max_rate`` is ramped (the largest allowed step towards it); one outside the hard limits is
+not written at all. Nothing unchecked leaves.
 
 **Budget.** Rewards are per tyre, ``r(e) = E* − |e − E*|`` (MPa, ``E*`` = perfect modulus).
 Over the run so far the learned policy's realised reward may not fall more than ``α``
@@ -51,8 +54,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from edgeos.config import AnyTag, GuardConfig
-from edgeos.driver import check_write
 from edgeos.errors import WriteRefused
+from edgeos.twin.desired import WriteLog
 
 __all__ = ["ActuationGuard", "GuardDecision", "reward", "reward_bounds"]
 
@@ -139,10 +142,22 @@ class ActuationGuard:
         self.tyres = 0
         self.counts: Counter[str] = Counter()
         self._pending: dict[str, _Pending] = {}
-        self._last: dict[str, tuple[float, float]] = {}
+        #: Last write per tag, the reference for ``max_rate`` (monotonic times).
+        self.writes = WriteLog()
+        #: Standalone, a decided write counts as made; with a shared log its owner records.
+        self._record_decisions = True
         # Calibration: squared standardised residuals of measured learned tyres.
         self._z2_sum = 0.0
         self._z_n = 0
+
+    def share_write_log(self, writes: WriteLog) -> None:
+        """Check ``max_rate`` against the runtime's record of writes (the twin's).
+
+        Its owner records each write when it completes, so the guard stops recording its own
+        decisions: the guard and the desired-state check then measure from the same write.
+        """
+        self.writes = writes
+        self._record_decisions = False
 
     # ------------------------------------------------------------------ switches
 
@@ -261,14 +276,7 @@ class ActuationGuard:
             tag = self.tags.get(name)
             if tag is None:
                 raise WriteRefused(name, "no tag configuration (limits unknown)")
-            last = self._last.get(name)
-            checked = check_write(
-                tag,
-                value,
-                last_value=last[0] if last else None,
-                last_time=last[1] if last else None,
-                now=now,
-            )
+            checked = self.writes.check(tag, value, now)
             assert not isinstance(checked, str | bool)
             out[name] = float(checked)
         return out
@@ -283,22 +291,12 @@ class ActuationGuard:
             if tag is None:
                 self.counts["default_unconfigured"] += 1
                 continue
-            last = self._last.get(name)
-            target = float(value)
-            if last is not None and tag.max_rate is not None:
-                # Ramp: the largest step towards the default that max_rate allows.
-                step = tag.max_rate * max(now - last[1], 0.0)
-                if abs(target - last[0]) > step:
-                    target = last[0] + math.copysign(step, target - last[0])
-                    self.counts["default_ramped"] += 1
+            # Ramp: the largest step towards the default that max_rate allows.
+            target = self.writes.ramp(tag, float(value), now)
+            if target != float(value):
+                self.counts["default_ramped"] += 1
             try:
-                checked = check_write(
-                    tag,
-                    target,
-                    last_value=last[0] if last else None,
-                    last_time=last[1] if last else None,
-                    now=now,
-                )
+                checked = self.writes.check(tag, target, now)
             except WriteRefused:
                 self.counts["default_refused"] += 1
                 continue
@@ -307,8 +305,9 @@ class ActuationGuard:
         return out
 
     def _commit(self, writes: Mapping[str, float], now: float) -> None:
-        for name, value in writes.items():
-            self._last[name] = (value, now)
+        if self._record_decisions:
+            for name, value in writes.items():
+                self.writes.record(name, value, now)
 
     def confirm(self, station: str, in_force: Mapping[str, float]) -> bool | None:
         """The cure of ``station``'s tyre started with these set-points (full tag names).
@@ -332,8 +331,10 @@ class ActuationGuard:
         return ok
 
     def observe_written(self, name: str, value: float, now: float) -> None:
-        """Tell the guard about a write made by someone else (an operator, a recipe change)."""
-        self._last[name] = (value, now)
+        """Tell a standalone guard about a write made by someone else (an operator, a recipe
+        change); ``now`` is monotonic. With a shared write log its owner already knows."""
+        if self._record_decisions:
+            self.writes.record(name, value, now)
 
     # ------------------------------------------------------------------ outcomes
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgeos.twin.desired import FINAL, DesiredChange, Status, WritePath
+from edgeos.twin.desired import FINAL, DesiredChange, LastWrite, Status, WriteLog, WritePath
 from edgeos.twin.history import History
 from edgeos.twin.scanlog import ScanBatch, ScanLog, ScanRecord
 from edgeos.twin.store import Twin
@@ -11,10 +11,12 @@ __all__ = [
     "FINAL",
     "DesiredChange",
     "History",
+    "LastWrite",
     "ScanBatch",
     "ScanLog",
     "ScanRecord",
     "Status",
     "Twin",
+    "WriteLog",
     "WritePath",
 ]
