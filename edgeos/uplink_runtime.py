@@ -87,11 +87,6 @@ class UplinkRuntime:
         tg.create_task(self.batcher.run(), name="batcher")
         tg.create_task(self.publisher.run(), name="publisher")
 
-    def stop(self) -> None:
-        """Shutdown is coming: the publisher ends instead of reconnecting (see Publisher.stop)."""
-        if self.publisher is not None:
-            self.publisher.stop()
-
     async def close(self) -> None:
         """Seal what is still open into the spool, then close the spool."""
         if self.batcher is not None:

@@ -159,13 +159,10 @@ def _run(config: ReceiverConfig) -> int:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-
-        def stop() -> None:
-            receiver.stop()
-            task.cancel()
-
+        # A plain cancellation: the broker loop recognises one the MQTT client swallowed from
+        # Task.cancelling() (edgeos_protocol.aio), no stop flag needed.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
             await receiver.run()
 

@@ -18,6 +18,7 @@ import aiomqtt
 
 from edgeos.errors import WireError
 from edgeos_protocol.crypto import EpochKeyCache, Keyring
+from edgeos_protocol.topics import DEFAULT_PREFIX, TopicKind, subscription, topic
 from edgeos_protocol.wire import (
     Batch,
     ControlKind,
@@ -50,7 +51,7 @@ class Acker:
         client: aiomqtt.Client,
         keyrings: dict[str, Keyring],
         *,
-        prefix: str = "edgeos/v1",
+        prefix: str = DEFAULT_PREFIX,
         on_batch: Callable[[Header, Batch, float], None] | None = None,
     ) -> None:
         self.client = client
@@ -74,7 +75,7 @@ class Acker:
     async def run(self) -> None:
         """Subscribe and serve until the connection ends or the task is cancelled."""
         self._subscribed.clear()
-        await self.client.subscribe(f"{self.prefix}/+/batch", qos=1)
+        await self.client.subscribe(subscription(TopicKind.BATCH, self.prefix), qos=1)
         self._subscribed.set()
         async for message in self.client.messages:
             if isinstance(message.payload, bytes | bytearray):
@@ -139,7 +140,7 @@ class Acker:
             self._counter,
             key_id=ring.current_id,
         )
-        await self.client.publish(f"{self.prefix}/{device}/ack", message, qos=1)
+        await self.client.publish(topic(device, TopicKind.ACK, self.prefix), message, qos=1)
 
     def summary(self) -> dict[str, Any]:
         return {

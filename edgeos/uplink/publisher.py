@@ -1,6 +1,7 @@
 """The publisher: spooled batches → MQTT, deleted only when the receiver acknowledges them.
 
-Topics (``<p>`` = ``topic_prefix``, default ``edgeos/v1``)::
+Topics (built by :mod:`edgeos_protocol.topics`; ``<p>`` = ``topic_prefix``, default
+``edgeos/v1``)::
 
     <p>/<device>/batch       device → receiver   sealed batches, QoS 1
     <p>/<device>/ack         receiver → device   sealed ACK {epoch, seq} (contiguous, stored)
@@ -17,10 +18,17 @@ in the spool, oldest first) at most ``backlog_rate`` per second; re-sends and ba
 take the last slot of the ``inflight_window``, so fresh data keeps a bounded latency while an
 outage drains.
 
+Commands never hold up acknowledgements: each runs as a task of the session's task group,
+under its own ``command_timeout_s``, at most ``max_commands_in_flight`` at a time; a command
+beyond that is answered at once with a refusal saying the device is busy (never dropped).
+
 Structure (as in aiomqtt): :meth:`Publisher.session` is one async context manager per
 connection and :meth:`Session.serve` runs it until the connection fails; :meth:`Publisher.run`
-is the caller's reconnect loop with exponential backoff and jitter. Cancellation cancels the
-inner tasks and propagates.
+is the caller's reconnect loop (:class:`~edgeos_protocol.backoff.Backoff`, the policy in
+``PublisherOptions.reconnect``). Cancellation cancels the inner tasks and propagates; a
+cancellation the MQTT client turns into a connection error (or Python 3.11's ``wait_for``
+drops) is recognised from ``Task.cancelling()`` by :mod:`edgeos_protocol.aio`, and ``run()``
+ends instead of reconnecting.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,7 +52,10 @@ from edgeos.errors import ConnectError, WireError
 from edgeos.histogram import Histogram
 from edgeos.uplink.batcher import SealedBatch
 from edgeos.uplink.spool import Spool
+from edgeos_protocol.aio import in_own_task, reraise_lost_cancellation
+from edgeos_protocol.backoff import Backoff, BackoffPolicy
 from edgeos_protocol.crypto import Keyring, Suite
+from edgeos_protocol.topics import DEFAULT_PREFIX, device_topics
 from edgeos_protocol.wire import (
     ControlKind,
     ReplayGuard,
@@ -71,16 +81,26 @@ class PublisherOptions:
     broker: str = "mqtts://localhost:8883"
     tls: TlsConfig | None = None
     username: str | None = None
-    topic_prefix: str = "edgeos/v1"
+    topic_prefix: str = DEFAULT_PREFIX
     inflight_window: int = 16
     backlog_rate: float = 20.0
     #: Seconds without an ack before a sent batch is sent again.
     resend_after_s: float = 20.0
     keepalive_s: int = 30
-    #: Reconnect backoff: first delay, cap (seconds); each delay is jittered in [d/2, d].
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
+    #: Reconnect delays: exponential from 0.5 s to 30 s, each jittered into [d/2, d]; the
+    #: first retry after a connection that was up drops comes after 0.1 s.
+    reconnect: BackoffPolicy = field(default_factory=BackoffPolicy)
     suite: Suite = Suite.CHACHA20_POLY1305
+    #: Commands run at the same time; one more is refused at once with a "busy" result.
+    max_commands_in_flight: int = 4
+    #: A command's handler is given up after this long (its result says so).
+    command_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_commands_in_flight < 1:
+            raise ValueError("max_commands_in_flight must be >= 1")
+        if self.command_timeout_s <= 0:
+            raise ValueError("command_timeout_s must be > 0")
 
     @classmethod
     def from_config(cls, device: str, config: UplinkConfig, **overrides: Any) -> PublisherOptions:
@@ -108,6 +128,10 @@ class PublisherStats:
     acks: int = 0
     bad_control: int = 0
     commands: int = 0
+    #: Commands refused because ``max_commands_in_flight`` were running.
+    commands_busy: int = 0
+    #: Commands whose handler did not finish within ``command_timeout_s``.
+    commands_timed_out: int = 0
     last_ack_time: float | None = None
     #: Monotonic time of the last ack: ages are measured on it (a wall-clock step would make
     #: ``now - last_ack_time`` jump by hours and fail the OTA health check of a healthy slot).
@@ -126,6 +150,8 @@ class PublisherStats:
             "acks": self.acks,
             "bad_control": self.bad_control,
             "commands": self.commands,
+            "commands_busy": self.commands_busy,
+            "commands_timed_out": self.commands_timed_out,
             "last_ack_time": self.last_ack_time,
             "ack_latency": self.ack_latency.summary_ms(),
         }
@@ -159,15 +185,7 @@ class Publisher:
         self._commands = ReplayGuard()
         self._counter = 0
         self._tls: tuple[tuple[tuple[int, int], ...], ssl.SSLContext] | None = None
-        self._stopping = False
-        prefix = f"{options.topic_prefix}/{options.device}"
-        self.topics = {
-            "batch": f"{prefix}/batch",
-            "ack": f"{prefix}/ack",
-            "cmd": f"{prefix}/cmd",
-            "result": f"{prefix}/cmd/result",
-            "status": f"{prefix}/status",
-        }
+        self.topics = device_topics(options.device, options.topic_prefix)
 
     # ------------------------------------------------------------------ inputs
 
@@ -186,21 +204,6 @@ class Publisher:
         last = self.counters.last_ack_monotonic
         age = None if last is None else round(self.clock.monotonic() - last, 1)
         return {**self.counters.as_dict(), "backlog": self.backlog, "last_ack_age_s": age}
-
-    def stop(self) -> None:
-        """Say that the coming cancellation is meant (call it before cancelling ``run``).
-
-        A cancellation can get lost inside the MQTT client (a connection error raised in its
-        place, or Python 3.11's ``wait_for`` dropping it as an operation completes); ``run``
-        would take that for a lost connection and reconnect, and shutdown would hang until
-        systemd's SIGKILL. With this flag set, ``run`` ends instead of reconnecting.
-        """
-        self._stopping = True
-        self._wake.set()
-
-    def _check_stopping(self, cause: BaseException | None = None) -> None:
-        if self._stopping:
-            raise asyncio.CancelledError from cause
 
     # ------------------------------------------------------------------ connection
 
@@ -242,7 +245,7 @@ class Publisher:
         if url.scheme not in ("mqtt", "mqtts", "tcp", "ssl", "tls") or not url.hostname:
             raise ConnectError(f"broker URL {o.broker!r} is not mqtt://host:port or mqtts://…")
         tls_context = self.tls_context() if secure else None
-        will = aiomqtt.Will(self.topics["status"], self._status("offline"), qos=1, retain=True)
+        will = aiomqtt.Will(self.topics.status, self._status("offline"), qos=1, retain=True)
         client = aiomqtt.Client(
             url.hostname,
             url.port or (8883 if secure else 1883),
@@ -259,10 +262,12 @@ class Publisher:
         async with client:
             self.counters.connects += 1
             self.counters.state = "connected"
-            await client.subscribe(self.topics["ack"], qos=1)
-            await client.subscribe(self.topics["cmd"], qos=1)
-            await client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
-            self._check_stopping()
+            await client.subscribe(self.topics.ack, qos=1)
+            await client.subscribe(self.topics.command, qos=1)
+            await client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
+            # Python 3.11's wait_for (inside aiomqtt) can drop a cancellation that lands as an
+            # operation completes: do not start serving for a caller that gave up.
+            reraise_lost_cancellation()
             session = Session(self, client)
             self._connected = True
             self._fresh.clear()  # everything already spooled is backlog now
@@ -280,7 +285,7 @@ class Publisher:
                     # connection breaks, so say goodbye ourselves.
                     with contextlib.suppress(aiomqtt.MqttError):
                         await client.publish(
-                            self.topics["status"],
+                            self.topics.status,
                             self._status("offline"),
                             qos=1,
                             retain=True,
@@ -288,28 +293,33 @@ class Publisher:
                         )
 
     async def run(self) -> None:
-        """Connect, serve, and reconnect with exponential backoff + jitter, until cancelled."""
-        failures = 0
+        """Connect, serve, and reconnect (``options.reconnect``) until cancelled."""
+        backoff = Backoff(self.options.reconnect)
         lost = False
         while True:
+            served = False
             try:
                 async with self.session() as session:
                     if lost:
                         log.info("uplink connection recovered")
                     lost = False
-                    failures = 0
-                    await session.serve()
+                    served = True
+                    backoff.succeeded()
+                    # In a task of its own: the session's TaskGroup must not touch this task's
+                    # cancellation count, which tells a lost cancellation (edgeos_protocol.aio).
+                    await in_own_task(session.serve(), name="uplink-session")
             except (aiomqtt.MqttError, ConnectError, OSError) as exc:
-                self._check_stopping(exc)
+                # Cancelled, but the client raised a connection error in its place: stop.
+                reraise_lost_cancellation(exc)
                 self.counters.connect_failures += 1
                 self.counters.state = "disconnected"
+                if served:
+                    backoff.lost()
                 if not lost:
                     # Log state changes only (flash wear), not every failed attempt.
                     log.warning("uplink connection lost: %s", exc)
                     lost = True
-            delay = min(self.options.backoff_max_s, self.options.backoff_initial_s * 2**failures)
-            failures = min(failures + 1, 30)
-            await self.clock.sleep_until(self.clock.monotonic() + random.uniform(delay / 2, delay))
+            await self.clock.sleep_until(self.clock.monotonic() + backoff.next_delay())
 
     def _status(self, state: str) -> bytes:
         doc: dict[str, Any] = {
@@ -345,11 +355,14 @@ class Publisher:
 
 
 class Session:
-    """One live connection: a sender and a receiver task (see :meth:`serve`)."""
+    """One live connection: a sender, a receiver and the running commands (see :meth:`serve`)."""
 
     def __init__(self, publisher: Publisher, client: aiomqtt.Client) -> None:
         self.p = publisher
         self.client = client
+        self._tg: asyncio.TaskGroup | None = None
+        #: Commands whose handler is running (bounded by ``max_commands_in_flight``).
+        self.commands_running = 0
         #: Sent, not yet acknowledged: key → monotonic time sent.
         self.inflight: dict[Key, float] = {}
         self._resend: deque[Key] = deque()
@@ -358,11 +371,13 @@ class Session:
         self._last_refill = publisher.clock.monotonic()
 
     async def serve(self) -> None:
-        """Send and receive until the connection fails (raises ``aiomqtt.MqttError``)."""
+        """Send, receive and run commands until the connection fails (raises
+        ``aiomqtt.MqttError``); every task of the session is a child of one task group."""
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._receive())
-                tg.create_task(self._send(tg))
+                self._tg = tg
+                tg.create_task(self._receive(), name="uplink-receive")
+                tg.create_task(self._send(tg), name="uplink-send")
         except BaseExceptionGroup as group:
             # A lost connection fails several tasks at once; the caller wants one MqttError.
             match, rest = group.split((aiomqtt.MqttError, OSError))
@@ -372,6 +387,8 @@ class Session:
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
             raise first from group
+        finally:
+            self._tg = None
 
     # ------------------------------------------------------------------ receiving
 
@@ -384,7 +401,7 @@ class Session:
                 continue
             topic = message.topic.value
             try:
-                if topic == p.topics["ack"]:
+                if topic == p.topics.ack:
                     control = open_control(
                         bytes(payload),
                         p.keyring.keys,
@@ -392,7 +409,7 @@ class Session:
                         kinds=frozenset({ControlKind.ACK}),
                     )
                     self._on_ack(control.payload)
-                elif topic == p.topics["cmd"]:
+                elif topic == p.topics.command:
                     control = open_control(
                         bytes(payload),
                         p.keyring.keys,
@@ -400,7 +417,8 @@ class Session:
                         kinds=frozenset({ControlKind.COMMAND}),
                     )
                     if p._commands.check(control):
-                        await self._on_command(control.payload, control.key_id)
+                        # Never awaited here: acks arrive on this loop too.
+                        self._start_command(control.payload, control.key_id)
                     else:
                         p.counters.bad_control += 1
             except (WireError, KeyError, TypeError, ValueError) as exc:
@@ -417,18 +435,46 @@ class Session:
             del self.inflight[key]
         self.p._wake.set()
 
-    async def _on_command(self, payload: dict[str, Any], key_id: int) -> None:
+    def _start_command(self, payload: dict[str, Any], key_id: int) -> None:
         p = self.p
+        assert self._tg is not None, "commands arrive only while serve() runs"
         p.counters.commands += 1
+        limit = p.options.max_commands_in_flight
+        if self.commands_running >= limit:
+            p.counters.commands_busy += 1
+            log.warning("command %r refused: %d commands are running", payload.get("id"), limit)
+            busy = _refusal(payload, f"device busy: {limit} commands running; send it again later")
+            self._tg.create_task(self._send_result(busy, key_id), name="uplink-command-result")
+            return
+        self.commands_running += 1
+        self._tg.create_task(self._run_command(payload, key_id), name="uplink-command")
+
+    async def _run_command(self, payload: dict[str, Any], key_id: int) -> None:
+        try:
+            result = await self._command_result(payload)
+        finally:
+            self.commands_running -= 1
+        await self._send_result(result, key_id)
+
+    async def _command_result(self, payload: dict[str, Any]) -> dict[str, Any]:
+        p = self.p
         if p.on_command is None:
-            result = {
-                "id": payload.get("id"),
-                "version": payload.get("version"),
-                "ok": False,
-                "results": {"error": "this device does not accept commands"},
-            }
-        else:
-            result = await p.on_command(payload)
+            return _refusal(payload, "this device does not accept commands")
+        timeout_s = p.options.command_timeout_s
+        deadline = asyncio.timeout(timeout_s)
+        try:
+            async with deadline:
+                return await p.on_command(payload)
+        except Exception as exc:  # a failing handler must not end the session the acks use
+            if deadline.expired():
+                p.counters.commands_timed_out += 1
+                log.warning("command %r gave up after %g s", payload.get("id"), timeout_s)
+                return _refusal(payload, f"not finished within {timeout_s:g} s; given up")
+            log.exception("command %r failed", payload.get("id"))
+            return _refusal(payload, f"the device failed to apply it: {exc}")
+
+    async def _send_result(self, result: dict[str, Any], key_id: int) -> None:
+        p = self.p
         sealed = seal_control(
             ControlKind.COMMAND_RESULT,
             result,
@@ -439,7 +485,7 @@ class Session:
             suite=p.options.suite,
             created_us=int(p.clock.time() * 1e6),
         )
-        await self.client.publish(p.topics["result"], sealed, qos=1)
+        await self.client.publish(p.topics.command_result, sealed, qos=1)
 
     # ------------------------------------------------------------------ sending
 
@@ -449,7 +495,6 @@ class Session:
         # Re-sends and backlog leave the last slot to fresh data.
         slow_window = max(1, window - 1)
         while True:
-            p._check_stopping()
             p._wake.clear()
             now = p.clock.monotonic()
             self._expire(now)
@@ -480,7 +525,7 @@ class Session:
         return True
 
     async def _publish_one(self, payload: bytes) -> None:
-        await self.client.publish(self.p.topics["batch"], payload, qos=1)
+        await self.client.publish(self.p.topics.batch, payload, qos=1)
         self.p.counters.published += 1
 
     def _expire(self, now: float) -> None:
@@ -528,3 +573,13 @@ class Session:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, wake_at - now)):
                 await p._wake.wait()
+
+
+def _refusal(command: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A command result that applied nothing, saying why."""
+    return {
+        "id": command.get("id"),
+        "version": command.get("version"),
+        "ok": False,
+        "results": {"error": reason},
+    }

@@ -19,13 +19,16 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from edgeos.clock import SystemClock
 from edgeos.config import TlsConfig
 from edgeos.errors import ConnectError
 from edgeos.uplink.acker import Acker
 from edgeos.uplink.batcher import Batcher
-from edgeos.uplink.publisher import Publisher, PublisherOptions
+from edgeos.uplink.publisher import Publisher, PublisherOptions, Session
 from edgeos.uplink.spool import Spool
+from edgeos_protocol.backoff import BackoffPolicy
 from edgeos_protocol.crypto import Keyring
+from edgeos_protocol.topics import device_topics
 from edgeos_protocol.wire import ControlKind, open_control, seal_control
 from edgeos_testing.mosquitto import MosquittoBroker, mosquitto_path
 from edgeos_testing.uplink_synth import SyntheticLine
@@ -34,6 +37,8 @@ pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto not 
 
 DEVICE = "gw-1"
 RING = Keyring.of(bytes(range(32)))
+TOPICS = device_topics(DEVICE)
+FAST = BackoffPolicy(initial_s=0.05, max_s=0.5)
 
 
 async def _until(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
@@ -88,7 +93,7 @@ class Rig:
 def _options(broker: MosquittoBroker, **kw: object) -> PublisherOptions:
     creds = broker.credentials(DEVICE)
     tls = TlsConfig(ca_file=creds.ca_file, cert_file=creds.cert_file, key_file=creds.key_file)
-    defaults: dict[str, object] = {"backoff_initial_s": 0.05, "backoff_max_s": 0.5}
+    defaults: dict[str, object] = {"reconnect": FAST}
     return PublisherOptions(device=DEVICE, broker=broker.url, tls=tls, **{**defaults, **kw})  # type: ignore[arg-type]
 
 
@@ -224,7 +229,7 @@ async def test_forged_and_foreign_acks_never_drop_data(tmp_path: Path) -> None:
         )
         async with r.broker.client(r.broker.receiver_identity) as attacker:
             for message in (forged, other_device, b"garbage"):
-                await attacker.publish(f"edgeos/v1/{DEVICE}/ack", message, qos=1)
+                await attacker.publish(TOPICS.ack, message, qos=1)
         await _until(lambda: r.publisher.counters.bad_control == 3, "refused")
         assert len(r.spool) == 1
 
@@ -243,7 +248,7 @@ async def test_commands_get_sealed_results_and_replays_are_refused(tmp_path: Pat
         r.start_publisher()
         await _until(lambda: r.publisher.counters.state == "connected", "connected")
         async with r.broker.client(r.broker.receiver_identity) as receiver:
-            await receiver.subscribe(f"edgeos/v1/{DEVICE}/cmd/result", qos=1)
+            await receiver.subscribe(TOPICS.command_result, qos=1)
             cmd = seal_control(
                 ControlKind.COMMAND,
                 {"id": "c1", "version": 3, "desired": {"nest01.p000": 1.5}},
@@ -252,7 +257,7 @@ async def test_commands_get_sealed_results_and_replays_are_refused(tmp_path: Pat
                 10,
                 key_id=RING.current_id,
             )
-            await receiver.publish(f"edgeos/v1/{DEVICE}/cmd", cmd, qos=1)
+            await receiver.publish(TOPICS.command, cmd, qos=1)
             async with asyncio.timeout(30):
                 message = await anext(aiter(receiver.messages))
             assert isinstance(message.payload, bytes)
@@ -268,7 +273,7 @@ async def test_commands_get_sealed_results_and_replays_are_refused(tmp_path: Pat
                 "ok": True,
                 "results": {"applied": {"nest01.p000": 1.5}},
             }
-            await receiver.publish(f"edgeos/v1/{DEVICE}/cmd", cmd, qos=1)  # a replay
+            await receiver.publish(TOPICS.command, cmd, qos=1)  # a replay
             await _until(lambda: r.publisher.counters.bad_control == 1, "replay refused")
             assert r.publisher.counters.commands == 1
 
@@ -280,7 +285,7 @@ async def test_birth_and_orderly_death_are_retained(tmp_path: Path) -> None:
 
         async def status() -> dict[str, object]:
             async with r.broker.client(r.broker.receiver_identity) as c:
-                await c.subscribe(f"edgeos/v1/{DEVICE}/status", qos=1)
+                await c.subscribe(TOPICS.status, qos=1)
                 async with asyncio.timeout(30):
                     message = await anext(aiter(c.messages))
             assert message.retain and isinstance(message.payload, bytes)
@@ -337,7 +342,10 @@ async def test_reconnects_reuse_one_tls_context_until_a_credential_file_changes(
             key_file=own / creds.key_file.name,
         )
         options = PublisherOptions(
-            device=DEVICE, broker=broker.url, tls=tls, backoff_initial_s=0.05, backoff_max_s=0.2
+            device=DEVICE,
+            broker=broker.url,
+            tls=tls,
+            reconnect=BackoffPolicy(initial_s=0.05, max_s=0.2),
         )
         with Spool(tmp_path / "spool", fsync=False) as spool:
             publisher = Publisher(options, spool=spool, keyring=RING)
@@ -380,38 +388,208 @@ async def test_reconnects_reuse_one_tls_context_until_a_credential_file_changes(
         missing.spool.close()
 
 
-async def test_stop_then_cancel_ends_run_even_when_the_client_eats_the_cancellation(
+class _ScopedSleepClock(SystemClock):
+    """The system clock, sleeping through a timeout scope that fires: every backoff sleep of
+    ``run()`` then cancels and uncancels ``run()``'s own task (an inner timeout, not a stop)."""
+
+    async def sleep_until(self, deadline: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - self.monotonic())):
+                await asyncio.Event().wait()
+
+
+async def _restart_acker(r: Rig) -> None:
+    """The receiver's connection died with the broker: a new one takes over."""
+    r.acker.client = r.broker.client(r.broker.receiver_identity)
+    await r.acker.client.__aenter__()
+    r.start_acker()
+    await r.acker.subscribed()
+
+
+async def test_a_healthy_publisher_keeps_reconnecting_after_a_lost_connection(
     tmp_path: Path,
 ) -> None:
-    """The client may raise MqttError in place of CancelledError while a cancelled session
-    closes: without stop() run() takes it for a lost connection and reconnects; after stop()
-    (what the runtime's SIGTERM handler calls before cancelling) it ends."""
-    options = PublisherOptions(
-        device=DEVICE, broker="mqtt://127.0.0.1:1", backoff_initial_s=0.01, backoff_max_s=0.02
-    )
-    with Spool(tmp_path, fsync=False) as spool:
-        publisher = Publisher(options, spool=spool, keyring=RING)
+    """Why the first cancelling() guard was reverted: a lost connection fails the session's
+    task group while it waits to exit, and Python 3.11 then leaves the publisher's task
+    'cancelling' for good; the next failed reconnect stopped it. Inner timeout scopes (the
+    backoff sleeps here) fire meanwhile too. Neither may stop a publisher nobody cancelled."""
+    async with rig(tmp_path) as r:
+        r.publisher.clock = _ScopedSleepClock()
+        task = r.start_publisher()
+        await _until(lambda: r.publisher.counters.state == "connected", "connected")
+        await r.batch()
+        await _until(lambda: len(r.spool) == 0, "acked before the outage")
+        await asyncio.to_thread(r.broker.kill)
+        await _until(lambda: r.publisher.counters.state != "connected", "noticed the outage")
+        failures = r.publisher.counters.connect_failures
+        await _until(
+            lambda: r.publisher.counters.connect_failures >= failures + 2,
+            "failed reconnect attempts are retried",
+        )
+        assert not task.done()
+        await asyncio.to_thread(r.broker.start)
+        await _restart_acker(r)
+        await _until(lambda: r.publisher.counters.connects >= 2, "reconnected")
+        await r.batch()
+        await _until(lambda: len(r.spool) == 0, "acked after the reconnect")
+        assert not task.done()
+
+
+async def test_a_cancellation_the_client_turns_into_a_connection_error_ends_run(
+    tmp_path: Path,
+) -> None:
+    """aiomqtt may raise MqttError in place of CancelledError while a cancelled session closes:
+    run() recognises the cancellation from Task.cancelling() and ends at the first request."""
+    async with rig(tmp_path) as r:
+        real_session = r.publisher.session
         sessions = 0
 
         @contextlib.asynccontextmanager
-        async def session() -> AsyncIterator[None]:
+        async def converting_session() -> AsyncIterator[Session]:
             nonlocal sessions
-            sessions += 1
-            try:
-                await asyncio.Event().wait()  # "connected" until cancelled
-                yield None
-            except asyncio.CancelledError:
-                raise aiomqtt.MqttError("Disconnected during message iteration") from None
+            async with real_session() as session:
+                sessions += 1
+                try:
+                    yield session
+                except asyncio.CancelledError:
+                    raise aiomqtt.MqttError("Disconnected during message iteration") from None
 
-        publisher.session = session  # type: ignore[method-assign]
-        task = asyncio.create_task(publisher.run())
-        await _until(lambda: sessions == 1, "first session")
-        task.cancel()  # eaten: run() reconnects
-        await _until(lambda: sessions == 2, "reconnected after a lost cancellation")
-        assert not task.done()
-        publisher.stop()
+        r.publisher.session = converting_session  # type: ignore[method-assign]
+        task = r.start_publisher()
+        await _until(lambda: r.publisher.counters.state == "connected", "connected")
+        await r.batch()
+        await _until(lambda: len(r.spool) == 0, "serving")
         task.cancel()
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(10):
             with pytest.raises(asyncio.CancelledError):
                 await task
-        assert sessions == 2
+        assert sessions == 1
+        assert r.publisher.counters.connect_failures == 0
+
+
+async def test_shutdown_while_connecting_to_a_silent_broker_ends_run(tmp_path: Path) -> None:
+    """A broker that accepts the TCP connection and never answers CONNECT: a single
+    cancellation ends run() (no connect failure counted, no reconnect)."""
+    accepted = asyncio.Event()
+    peers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)
+        accepted.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    options = PublisherOptions(device=DEVICE, broker=f"mqtt://127.0.0.1:{port}", reconnect=FAST)
+    try:
+        with Spool(tmp_path, fsync=False) as spool:
+            publisher = Publisher(options, spool=spool, keyring=RING)
+            task = asyncio.create_task(publisher.run())
+            async with asyncio.timeout(30):
+                await accepted.wait()
+            task.cancel()
+            async with asyncio.timeout(10):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert publisher.counters.connects == 0
+            assert publisher.counters.connect_failures == 0
+    finally:
+        for writer in peers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def _command(command_id: str, version: int, counter: int) -> bytes:
+    return seal_control(
+        ControlKind.COMMAND,
+        {"id": command_id, "version": version, "desired": {"nest01.p000": 1.5}},
+        RING.current,
+        DEVICE,
+        counter,
+        key_id=RING.current_id,
+    )
+
+
+async def _next_result(cloud: aiomqtt.Client) -> dict[str, object]:
+    async with asyncio.timeout(30):
+        message = await anext(aiter(cloud.messages))
+    assert isinstance(message.payload, bytes)
+    control = open_control(
+        message.payload, RING.keys, device=DEVICE, kinds=frozenset({ControlKind.COMMAND_RESULT})
+    )
+    return control.payload
+
+
+class _StuckWrite:
+    """A command handler like a tag write to a PLC that does not answer, until released."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, payload: dict[str, object]) -> dict[str, object]:
+        self.entered.set()
+        await self.release.wait()
+        return {"id": payload["id"], "version": payload["version"], "ok": True, "results": {}}
+
+
+async def test_a_slow_command_does_not_delay_acks_of_batches_published_meanwhile(
+    tmp_path: Path,
+) -> None:
+    handler = _StuckWrite()
+    async with rig(tmp_path) as r:
+        r.publisher.on_command = handler
+        r.start_publisher()
+        await _until(lambda: r.publisher.counters.state == "connected", "connected")
+        async with r.broker.client(r.broker.receiver_identity) as cloud:
+            await cloud.subscribe(TOPICS.command_result, qos=1)
+            await cloud.publish(TOPICS.command, _command("slow", 1, 10), qos=1)
+            async with asyncio.timeout(30):
+                await handler.entered.wait()
+            for _ in range(3):
+                await r.batch()
+            await _until(lambda: len(r.spool) == 0, "acked while the command still runs")
+            assert not handler.release.is_set() and r.publisher.counters.acked == 3
+            handler.release.set()
+            result = await _next_result(cloud)
+        assert result == {"id": "slow", "version": 1, "ok": True, "results": {}}
+
+
+async def test_commands_beyond_the_limit_are_refused_with_a_busy_result(tmp_path: Path) -> None:
+    handler = _StuckWrite()
+    async with rig(tmp_path, max_commands_in_flight=1) as r:
+        r.publisher.on_command = handler
+        r.start_publisher()
+        await _until(lambda: r.publisher.counters.state == "connected", "connected")
+        async with r.broker.client(r.broker.receiver_identity) as cloud:
+            await cloud.subscribe(TOPICS.command_result, qos=1)
+            await cloud.publish(TOPICS.command, _command("first", 1, 10), qos=1)
+            async with asyncio.timeout(30):
+                await handler.entered.wait()
+            await cloud.publish(TOPICS.command, _command("second", 2, 11), qos=1)
+            busy = await _next_result(cloud)
+            assert busy["id"] == "second" and busy["ok"] is False
+            assert "busy" in str(busy["results"])
+            handler.release.set()
+            first = await _next_result(cloud)
+        assert first["id"] == "first" and first["ok"] is True
+        assert r.publisher.counters.commands == 2 and r.publisher.counters.commands_busy == 1
+
+
+async def test_a_command_that_outlives_its_timeout_is_answered_as_given_up(
+    tmp_path: Path,
+) -> None:
+    handler = _StuckWrite()  # never released
+    async with rig(tmp_path, command_timeout_s=0.2) as r:
+        r.publisher.on_command = handler
+        r.start_publisher()
+        await _until(lambda: r.publisher.counters.state == "connected", "connected")
+        async with r.broker.client(r.broker.receiver_identity) as cloud:
+            await cloud.subscribe(TOPICS.command_result, qos=1)
+            await cloud.publish(TOPICS.command, _command("stuck", 1, 10), qos=1)
+            result = await _next_result(cloud)
+        assert result["id"] == "stuck" and result["ok"] is False
+        assert "not finished within 0.2 s" in str(result["results"])
+        assert r.publisher.counters.commands_timed_out == 1
+        await r.batch()
+        await _until(lambda: len(r.spool) == 0, "the session carries on")

@@ -35,10 +35,13 @@ from pydantic import (
     Field,
     PositiveFloat,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
+from edgeos_protocol.backoff import BackoffPolicy
 from edgeos_protocol.errors import ConfigError, ConfigIssue
+from edgeos_protocol.topics import DEFAULT_PREFIX, TopicKind, subscription
 from edgeos_protocol.validation import format_validation_error
 
 __all__ = [
@@ -83,10 +86,13 @@ class BrokerConfig(_Model):
         ),
     ] = "receivers"
     client_id: str = ""
-    topic_prefix: str = "edgeos/v1"
+    topic_prefix: str = DEFAULT_PREFIX
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
-    #: Seconds between reconnect attempts after the broker connection is lost.
+    #: Reconnect delay after a failed attempt: starts here, doubles up to ``reconnect_max_s``,
+    #: each jittered into [d/2, d]. The first retry after a connection that was up drops comes
+    #: sooner (0.1 s, or ``reconnect_s`` if that is smaller): most drops are a broker restart.
     reconnect_s: PositiveFloat = 2.0
+    reconnect_max_s: PositiveFloat = 30.0
 
     @field_validator("url")
     @classmethod
@@ -101,6 +107,23 @@ class BrokerConfig(_Model):
         if not parts.hostname or port in (-1, 0) or parts.path not in ("", "/"):
             raise ValueError(f"broker url {url!r} must be mqtt[s]://host[:port]")
         return url
+
+    @field_validator("reconnect_max_s")
+    @classmethod
+    def _check_reconnect_max(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("reconnect_s")
+        if low is not None and value < low:
+            raise ValueError(f"must be >= reconnect_s ({low})")
+        return value
+
+    @property
+    def reconnect_policy(self) -> BackoffPolicy:
+        """The broker link's :class:`~edgeos_protocol.backoff.BackoffPolicy`."""
+        return BackoffPolicy(
+            initial_s=self.reconnect_s,
+            max_s=self.reconnect_max_s,
+            first_retry_s=min(0.1, self.reconnect_s),
+        )
 
     @property
     def host(self) -> str:
@@ -117,10 +140,9 @@ class BrokerConfig(_Model):
     def uses_tls(self) -> bool:
         return self.url.startswith("mqtts://")
 
-    def topic(self, suffix: str, *, shared: bool = True) -> str:
-        """The subscription filter ``<prefix>/+/<suffix>``, through the shared group if any."""
-        plain = f"{self.topic_prefix}/+/{suffix}"
-        return f"$share/{self.group}/{plain}" if shared and self.group else plain
+    def topic(self, kind: TopicKind, *, shared: bool = True) -> str:
+        """The subscription filter ``<prefix>/+/<kind>``, through the shared group if any."""
+        return subscription(kind, self.topic_prefix, group=self.group if shared else "")
 
 
 class StorageConfig(_Model):

@@ -15,6 +15,11 @@ One asyncio loop, one root TaskGroup with three children:
   key, re-sending unanswered ones; device answers arrive through ``mqtt`` and are stored.
 
 Blocking work (crypto, zstd, msgpack, SQL) runs only in the writer thread.
+
+Reconnecting to the broker and retrying storage follow :class:`edgeos_protocol.backoff.Backoff`
+(``broker.reconnect_s``/``reconnect_max_s``; storage from 0.5 s to 30 s). A cancellation the
+MQTT client turns into a connection error is recognised from ``Task.cancelling()``
+(:mod:`edgeos_protocol.aio`): the broker loop ends instead of reconnecting.
 """
 
 from __future__ import annotations
@@ -42,12 +47,24 @@ from edgeos_cloud.receiver.storage import (
     StoreOutcome,
     open_storage,
 )
+from edgeos_protocol.aio import reraise_lost_cancellation
+from edgeos_protocol.backoff import Backoff, BackoffPolicy
+from edgeos_protocol.topics import TopicError, TopicKind, parse_topic, topic
 from edgeos_protocol.wire import ControlKind, ReplayGuard, counter_from_time, seal_control
 
 __all__ = ["Receiver"]
 
 log = logging.getLogger("edgeos_cloud.receiver")
 T = TypeVar("T")
+
+#: Storage retries after a failed transaction (nothing was acked: devices re-send meanwhile).
+STORAGE_RETRY = BackoffPolicy(initial_s=0.5, max_s=30.0, first_retry_s=None)
+
+_KINDS = {
+    TopicKind.BATCH: "batch",
+    TopicKind.COMMAND_RESULT: "result",
+    TopicKind.STATUS: "status",
+}
 
 
 @dataclass(slots=True)
@@ -95,18 +112,9 @@ class Receiver:
         self._pending_rejects: dict[tuple[str, str], int] = {}
         # Rejects are counted on the loop (bad topics) and in the writer thread.
         self._reject_lock = threading.Lock()
-        prefix = config.broker.topic_prefix
-        self._prefix_parts = len(prefix.split("/"))
-        self._topic_prefix = prefix
-        self._stopping = False
+        self._topic_prefix = config.broker.topic_prefix
 
     # ------------------------------------------------------------------ lifecycle
-
-    def stop(self) -> None:
-        """Say that the coming cancellation is meant (the signal handler calls it first): a
-        cancellation lost inside the MQTT client then ends the broker loop instead of making
-        it reconnect (see ``Publisher.stop``)."""
-        self._stopping = True
 
     async def run(self) -> None:
         """Serve until cancelled; storage, metrics endpoint and writer thread are closed."""
@@ -166,18 +174,27 @@ class Receiver:
         b = self.config.broker
         # Status is retained, and brokers send no retained messages to shared subscriptions:
         # every receiver reads every status (recording it twice is harmless).
-        return [b.topic("batch"), b.topic("cmd/result"), b.topic("status", shared=False)]
+        return [
+            b.topic(TopicKind.BATCH),
+            b.topic(TopicKind.COMMAND_RESULT),
+            b.topic(TopicKind.STATUS, shared=False),
+        ]
 
     async def _mqtt_loop(self) -> None:
         b = self.config.broker
+        backoff = Backoff(b.reconnect_policy)
         was_connected = True
         while True:
+            served = False
             try:
                 async with aiomqtt.Client(b.host, b.port, **self._client_kwargs()) as client:
-                    for topic in self.subscriptions:
-                        await client.subscribe(topic, qos=1)
-                    if self._stopping:
-                        raise asyncio.CancelledError
+                    for subscribed in self.subscriptions:
+                        await client.subscribe(subscribed, qos=1)
+                    # Python 3.11's wait_for (inside aiomqtt) can drop a cancellation that
+                    # lands as an operation completes: do not serve for a caller that gave up.
+                    reraise_lost_cancellation()
+                    backoff.succeeded()
+                    served = True
                     self._client = client
                     self.metrics.connected.set(1)
                     if not was_connected:
@@ -187,8 +204,10 @@ class Receiver:
                     async for message in client.messages:
                         await self._dispatch(str(message.topic), message.payload)
             except aiomqtt.MqttError as exc:
-                if self._stopping:
-                    raise asyncio.CancelledError from exc
+                # Cancelled, but the client raised a connection error in its place: stop.
+                reraise_lost_cancellation(exc)
+                if served:
+                    backoff.lost()
                 if was_connected:
                     log.warning("broker connection lost or refused (%s): %s", b.url, exc)
                 was_connected = False
@@ -196,30 +215,29 @@ class Receiver:
                 self._client = None
                 self.metrics.connected.set(0)
                 self.ready.clear()
-            await asyncio.sleep(b.reconnect_s)
+            await asyncio.sleep(backoff.next_delay())
 
     async def _dispatch(self, topic: str, payload: Any) -> None:
         now_us = int(time.time() * 1e6)
-        parts = topic.split("/")
-        rest = parts[self._prefix_parts :]
         data = payload if isinstance(payload, bytes) else bytes(payload or b"")
-        if len(rest) == 2 and rest[1] in ("batch", "status"):
-            kind = rest[1]
-            if kind == "status" and not data:
-                return  # a retained status being cleared
-        elif len(rest) == 3 and rest[1:] == ["cmd", "result"]:
-            kind = "result"
-        else:
+        try:
+            parsed = parse_topic(topic, self._topic_prefix)
+        except TopicError:
+            parsed = None
+        kind = None if parsed is None else _KINDS.get(parsed.kind)
+        if parsed is None or kind is None:
             self._reject("topic", "", f"unexpected topic {topic!r}")
             return
-        await self._queue.put(_Message(kind, rest[0], data, now_us))
+        if kind == "status" and not data:
+            return  # a retained status being cleared
+        await self._queue.put(_Message(kind, parsed.device, data, now_us))
         self.metrics.queue_depth.set(self._queue.qsize())
 
     # ------------------------------------------------------------------ writer
 
     async def _writer_loop(self) -> None:
         limit = self.config.storage.max_batches_per_transaction
-        backoff = 0.5
+        backoff = Backoff(STORAGE_RETRY)
         while True:
             items = [await self._queue.get()]
             while len(items) < limit and not self._queue.empty():
@@ -231,11 +249,10 @@ class Receiver:
                 self.metrics.storage_errors.inc()
                 if self._log_once.should_log(("storage", type(exc).__name__), time.time()):
                     log.error("storage failed; %d messages not acknowledged: %s", len(items), exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                await asyncio.sleep(backoff.next_delay())
                 await self._reopen_storage()
                 continue
-            backoff = 0.5
+            backoff.succeeded()
             for device, key_id, epoch, seq in result.acks:
                 await self._publish_ack(device, key_id, epoch, seq)
 
@@ -390,7 +407,7 @@ class Receiver:
             key_id=key_id,
         )
         try:
-            await client.publish(f"{self._topic_prefix}/{device}/ack", message, qos=1)
+            await client.publish(topic(device, TopicKind.ACK, self._topic_prefix), message, qos=1)
             self.metrics.acks.inc()
         except aiomqtt.MqttError:
             self.metrics.acks_dropped.inc()
@@ -426,7 +443,9 @@ class Receiver:
             created_us=int(time.time() * 1e6),
         )
         try:
-            await client.publish(f"{self._topic_prefix}/{device}/cmd", message, qos=1)
+            await client.publish(
+                topic(device, TopicKind.COMMAND, self._topic_prefix), message, qos=1
+            )
         except aiomqtt.MqttError:
             return
         self.metrics.commands_sent.inc()

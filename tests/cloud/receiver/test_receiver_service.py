@@ -9,11 +9,19 @@ from pathlib import Path
 import pytest
 
 from edgeos_cloud.cli import main
-from edgeos_cloud.receiver.config import BrokerConfig, LimitsConfig
+from edgeos_cloud.receiver.config import (
+    BrokerConfig,
+    LimitsConfig,
+    MetricsConfig,
+    ReceiverConfig,
+    RegistryConfig,
+    StorageConfig,
+)
 from edgeos_cloud.receiver.registry import DeviceRegistry
 from edgeos_cloud.receiver.service import Receiver
 from edgeos_cloud.receiver.storage import open_storage
 from edgeos_protocol.crypto import Epoch, Keyring
+from edgeos_protocol.topics import TopicKind, subscription, topic
 from edgeos_testing.devsim import SimDevice, simple_batch
 from edgeos_testing.mosquitto import MosquittoBroker
 from edgeos_testing.receiver import receiver_config_for, running_receiver, wait_for
@@ -152,23 +160,61 @@ async def test_receiver_survives_broker_restart(tmp_path: Path) -> None:
         assert receiver.metrics.value("edgeos_receiver_batches_total") == 2
 
 
-async def test_after_stop_a_lost_connection_ends_the_broker_loop_instead_of_reconnecting(
-    tmp_path: Path,
-) -> None:
-    """stop() (the signal handler calls it before cancelling) makes a connection error end
-    the broker loop: a cancellation lost inside the MQTT client cannot keep it reconnecting."""
+async def test_a_cancelled_receiver_stops_while_its_broker_is_down(tmp_path: Path) -> None:
+    """One cancellation ends the broker loop while it is reconnecting (no stop flag: the rule
+    of edgeos_protocol.aio), and a lost connection alone never stopped it (test above)."""
     async with MosquittoBroker(tmp_path / "mq") as broker:
         config = receiver_config_for(broker, tmp_path, f"sqlite:///{tmp_path / 'r.db'}")
         receiver = Receiver(config, registry=DeviceRegistry(config.registry.dir))
-        async with running_receiver(receiver):
-            receiver.stop()
+        task = asyncio.create_task(receiver.run())
+        try:
+            async with asyncio.timeout(30):
+                await receiver.ready.wait()
             broker.kill()
-            await wait_for(lambda: not receiver.ready.is_set())
-            broker.start()
-            # Without the flag the loop reconnects within reconnect_s (the test above).
-            await asyncio.sleep(max(2.0, 4 * config.broker.reconnect_s))
-            assert not receiver.ready.is_set()
-            assert receiver.metrics.value("edgeos_receiver_connected") == 0
+            async with asyncio.timeout(30):
+                await wait_for(lambda: not receiver.ready.is_set())
+        finally:
+            task.cancel()
+            async with asyncio.timeout(10):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        assert receiver.metrics.value("edgeos_receiver_connected") == 0
+
+
+async def test_shutdown_while_connecting_to_a_silent_broker_stops_the_receiver(
+    tmp_path: Path,
+) -> None:
+    """A broker that accepts the TCP connection and never answers CONNECT."""
+    accepted = asyncio.Event()
+    peers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)
+        accepted.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = ReceiverConfig(
+        broker=BrokerConfig(url=f"mqtt://127.0.0.1:{port}", username="receiver", reconnect_s=0.2),
+        storage=StorageConfig(url=f"sqlite:///{tmp_path / 'r.db'}"),
+        registry=RegistryConfig(dir=tmp_path / "registry"),
+        metrics=MetricsConfig(listen=""),
+    )
+    receiver = Receiver(config, registry=DeviceRegistry(config.registry.dir))
+    try:
+        task = asyncio.create_task(receiver.run())
+        async with asyncio.timeout(30):
+            await accepted.wait()
+        task.cancel()
+        async with asyncio.timeout(10):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert not receiver.ready.is_set()
+    finally:
+        for writer in peers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 def _status(device: str, state: str, ts: float = 1.7e9) -> bytes:
@@ -195,13 +241,15 @@ async def test_plain_broker_plain_subscription_and_device_status(
         registry = DeviceRegistry(config.registry.dir)
         key = registry.add("gw1").current_key
         receiver = Receiver(config, registry=registry)
-        assert receiver.subscriptions == [
-            "edgeos/v1/+/batch",
-            "edgeos/v1/+/cmd/result",
-            "edgeos/v1/+/status",
+        assert receiver.subscriptions == [  # plain: no "$share/<group>/"
+            subscription(TopicKind.BATCH),
+            subscription(TopicKind.COMMAND_RESULT),
+            subscription(TopicKind.STATUS),
         ]
         async with broker.client("gw1") as client:  # retained before the receiver starts
-            await client.publish("edgeos/v1/gw1/status", _status("gw1", "online"), retain=True)
+            await client.publish(
+                topic("gw1", TopicKind.STATUS), _status("gw1", "online"), retain=True
+            )
 
         def online() -> float:
             return receiver.metrics.value("edgeos_receiver_device_online", device="gw1")
@@ -210,7 +258,7 @@ async def test_plain_broker_plain_subscription_and_device_status(
             await wait_for(lambda: online() == 1)
             await dev.publish(dev.seal(simple_batch({"a": [1.0]}, [T0])))
             assert await dev.wait_acked(dev.epoch.epoch, 1) == 1
-            status_topic = "edgeos/v1/gw1/status"
+            status_topic = topic("gw1", TopicKind.STATUS)
             await dev.client.publish(status_topic, b"{not json", qos=1)
             await dev.client.publish(status_topic, _status("gw2", "online"), qos=1)
             await dev.client.publish(status_topic, _status("gw1", "offline"), qos=1, retain=True)
