@@ -141,7 +141,7 @@ async def _bench_modbus(endpoint: str, scans: int, connections: int) -> dict[str
         name="line", driver="modbus_tcp", endpoint=endpoint, options={"connections": connections}
     )
     clock = SystemClock()
-    driver = ModbusTcpDriver(conn, tags, clock=clock)
+    driver = ModbusTcpDriver(conn.driver_context(tags, clock=clock))
     await driver.connect()
     scan_times = Histogram()
     good = 0

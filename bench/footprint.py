@@ -109,8 +109,18 @@ def idle_rss_mb(python: Path, tree: Path, work: Path, settle_s: float) -> float:
     (work / "state").mkdir()
     edgeos = [str(python), "-m", "edgeos"]
     sim = subprocess.Popen(
-        [*edgeos, "sim", "--nests", "4", "--tags-per-nest", "20"]
-        + ["--modbus-port", str(modbus), "--opcua-port", str(opcua)],
+        [
+            *edgeos,
+            "sim",
+            "--nests",
+            "4",
+            "--tags-per-nest",
+            "20",
+            "--modbus-port",
+            str(modbus),
+            "--opcua-port",
+            str(opcua),
+        ],
         cwd=tree,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

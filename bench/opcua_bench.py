@@ -200,7 +200,7 @@ async def run(
                 for i in range(share)
             ]
             first += share
-            driver = OpcUaDriver(conn, tags, clock=clock)
+            driver = OpcUaDriver(conn.driver_context(tags, clock=clock))
             driver.set_subscription_sink(counter)
             drivers.append(driver)
         setup_started = time.perf_counter()

@@ -17,8 +17,6 @@ on disk before the process exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
 import signal
 import time
@@ -26,11 +24,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from edgeos import __version__
 from edgeos.clock import Clock, SystemClock
 from edgeos.clockwatch import ClockWatch
 from edgeos.config import Config
-from edgeos.control import ControlServer
+from edgeos.control import ControlServer, twin_handlers, wait_outcome
 from edgeos.driver import ReadResult, TagBinding, Value, load_driver_class
 from edgeos.errors import (
     ConfigError,
@@ -43,10 +43,11 @@ from edgeos.gcpolicy import GcPolicy
 from edgeos.memory import process_figures
 from edgeos.metrics import MetricsServer, make_registry
 from edgeos.scheduler import Scheduler
-from edgeos.supervisor import ConnectionSupervisor
+from edgeos.supervisor import Backoff, ConnectionSupervisor, Timeouts
 from edgeos.systemd import Notifier, watchdog_interval_s
 from edgeos.twin import Twin
 from edgeos.uplink_runtime import UplinkRuntime
+from edgeos_protocol.validation import format_validation_error
 
 if TYPE_CHECKING:
     from edgeos.inference_runtime import InferenceLoop
@@ -131,30 +132,38 @@ class Runtime:
         by_conn: dict[str, list[TagBinding]] = {}
         for b in self.bindings:
             by_conn.setdefault(b.tag.connection, []).append(b)
+        scan_periods_ms = {g.name: g.period_ms for g in config.scan_groups}
         for conn in config.connections:
             if not conn.enabled:
                 continue
             bindings = by_conn.get(conn.name, [])
             cls = load_driver_class(conn.driver)
-            extra: dict[str, Any] = {}
-            # Drivers that sample on the server side (OPC UA) want the scan periods.
-            if "scan_periods_ms" in inspect.signature(cls).parameters:
-                extra["scan_periods_ms"] = {g.name: g.period_ms for g in config.scan_groups}
-            driver = cls(conn, bindings, clock=self.clock, **extra)
+            try:
+                context = conn.driver_context(
+                    bindings, clock=self.clock, scan_periods_ms=scan_periods_ms
+                )
+            except ValidationError as exc:
+                prefix = f"connections[{config.connections.index(conn)}].options"
+                raise ConfigError(format_validation_error(exc, prefix=prefix)) from exc
+            driver = cls(context)
             driver.set_subscription_sink(self._on_notification)
-            timeout = float(conn.options.get("request_timeout_s", 2.0))
             self.supervisors[conn.name] = ConnectionSupervisor(
-                conn.name, driver, bindings, clock=self.clock, request_timeout_s=timeout
+                conn.name,
+                driver,
+                bindings,
+                clock=self.clock,
+                timeouts=Timeouts(
+                    request_s=context.options.request_timeout_s,
+                    scan_s=conn.scan_timeout_s,
+                    connect_s=context.options.connect_timeout_s,
+                ),
+                backoff=Backoff(conn.reconnect.policy()),
             )
 
         self.gc = GcPolicy()
         self.scheduler = Scheduler(self.clock, config.scan_groups, gc_policy=self.gc)
         for name, sup in self.supervisors.items():
-            polled = {
-                b.tag.scan_group
-                for b in by_conn.get(name, [])
-                if b.tag.opcua is None or b.tag.opcua.mode == "poll"
-            }
+            polled = {b.tag.scan_group for b in by_conn.get(name, []) if b.tag.polled}
             for group in sorted(polled):
                 self.scheduler.add_job(group, name, self._scan_job(sup, group))
 
@@ -211,7 +220,7 @@ class Runtime:
             except KeyError:
                 results[str(name)] = {"status": "refused", "reason": "unknown tag"}
         for name, change in changes.items():
-            await self._wait_done(change, 15.0)
+            await wait_outcome(change, 15.0)
             results[name] = {
                 "status": change.status,
                 "reason": change.reason,
@@ -224,13 +233,6 @@ class Runtime:
             "ok": ok,
             "results": results,
         }
-
-    @staticmethod
-    async def _wait_done(change: Any, timeout_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while not change.done:  # noqa: ASYNC110 - a change has no event to await
-                    await asyncio.sleep(0.05)
 
     # --------------------------------------------------------------- control
 
@@ -249,9 +251,6 @@ class Runtime:
             top=int(req.get("top", 20)),
             dump=Path(str(dump)) if dump is not None else None,
         )
-
-    async def _op_twin_get(self, req: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.twin.query(str(req.get("pattern") or "*"))
 
     async def _op_learning(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.inference is None:
@@ -281,11 +280,6 @@ class Runtime:
             return {}
         st = guard.stats()
         return {"learning": st["learning"], "slack": st["slack"], **st["counts"]}
-
-    async def _op_twin_set(self, req: dict[str, Any]) -> dict[str, Any]:
-        change = self.twin.set_desired(str(req["tag"]), req["value"], source="operator")
-        await self._wait_done(change, float(req.get("wait_s", 15.0)))
-        return change.as_dict()
 
     # ---------------------------------------------------------------- health
 
@@ -366,8 +360,7 @@ class Runtime:
                     self.uplink.start(tg)
                 handlers = {
                     "status": self._op_status,
-                    "twin.get": self._op_twin_get,
-                    "twin.set": self._op_twin_set,
+                    **twin_handlers(self.twin),
                     "inference.learning": self._op_learning,
                     "models.updated": self._op_models_updated,
                     "debug.memory": self._op_debug_memory,
@@ -390,11 +383,12 @@ class Runtime:
             await asyncio.shield(self._shutdown())
 
     def request_stop(self) -> None:
-        """SIGTERM/SIGINT: tell the parts that reconnect on errors that the cancellation that
-        follows is meant, so a cancellation lost inside a client cannot keep them running."""
+        """Report ``stopping`` ahead of the cancellation that stops :meth:`run`.
+
+        Only the reported state: shutdown does not depend on it. A cancellation lost inside an
+        MQTT client is recognised from ``Task.cancelling()`` (``edgeos_protocol.aio``).
+        """
         self.state = "stopping"
-        if self.uplink is not None:
-            self.uplink.stop()
 
     def ota_root(self) -> Path:
         root = self.config.ota.slots_dir
@@ -492,13 +486,8 @@ def run_forever(config: Config) -> int:
         )
         return 2
     main = loop.create_task(runtime.run(), name="runtime")
-
-    def stop() -> None:
-        runtime.request_stop()
-        main.cancel()
-
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, main.cancel)
     try:
         loop.run_until_complete(main)
     except asyncio.CancelledError:

@@ -1,44 +1,66 @@
-"""The driver contract: what a protocol driver gives the core, and how drivers are found.
+"""The driver SDK: what a protocol driver declares and gets, and how drivers are found.
 
-A driver translates one connection's protocol into columnar :class:`ReadResult` blocks. It owns
-no retries, timeouts or reconnect policy (the supervisor in :mod:`edgeos.supervisor` does), and
-it never lets a library exception escape: connection problems are raised as
+A driver is a class registered in the ``edgeos.drivers`` entry-point group; the entry point's
+name is the ``driver`` key of a connection in the configuration. The class declares, as class
+attributes, everything the core needs before it builds one (see :class:`Driver`):
+
+* ``options_model`` — a pydantic model (subclass of :class:`DriverOptions`) for the
+  connection's ``options`` table; the core validates it with key paths in every error;
+* ``address_key`` and ``address_model`` — the key a tag's address is written under
+  (``modbus = {…}``) and the pydantic model that validates it; the model's instances satisfy
+  :class:`~edgeos.tags.TagAddress`, the driver-neutral view the core reads;
+* ``check_endpoint`` — what is wrong with an endpoint string, or ``None``;
+* ``title`` — the protocol's name in messages ("connection 'plc' is Modbus TCP").
+
+An instance is built from one frozen :class:`DriverContext` (connection name, endpoint, the
+validated options, tag bindings, scan periods, clock) and never touches the network there.
+It owns no retries, reconnect policy or scan deadlines (the supervisor in
+:mod:`edgeos.supervisor` does); it applies ``options.request_timeout_s`` to each request on the
+wire, sets :attr:`Driver.connection_lost` when it notices between calls that the link died, and
+never lets a library exception escape: connection problems are raised as
 :class:`~edgeos.errors.TransportError`, per-tag problems become a bad quality with a reason.
-
-Drivers register in the ``edgeos.drivers`` entry-point group; the name is the ``driver`` key of a
-connection in the configuration.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgeos.clock import Clock
-from edgeos.config import AnyTag, ConnectionConfig
 from edgeos.errors import WriteRefused
+from edgeos.tags import INTEGER_TYPES, TagSpec
 from edgeos_protocol.quality import Quality
 
 __all__ = [
     "Driver",
+    "DriverContext",
+    "DriverOptions",
     "DriverStats",
+    "LossSignal",
     "Quality",
     "ReadResult",
     "TagBinding",
     "Value",
+    "address_models",
     "available_drivers",
     "check_write",
+    "clear_driver_caches",
     "load_driver_class",
 ]
+
+log = logging.getLogger("edgeos.driver")
 
 Value = float | int | bool | str
 
@@ -48,7 +70,104 @@ class TagBinding:
     """A configured tag and its column in the twin."""
 
     index: int
-    tag: AnyTag
+    tag: TagSpec
+
+
+class DriverOptions(BaseModel):
+    """Base of every driver's ``options_model``: the settings the core reads too.
+
+    A driver subclasses it, adds its own keys and may change the defaults (Modbus answers in
+    milliseconds, an OPC UA server with thousands of nodes may need seconds).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    #: Deadline of ONE request on the wire (seconds). The driver applies it to every request;
+    #: the supervisor applies it to a write (one request). A whole scan has its own deadline,
+    #: ``scan_timeout_s`` of the connection.
+    request_timeout_s: float = Field(default=3.0, gt=0, le=600)
+    #: Deadline of opening the connection (sockets, handshakes, subscriptions), in seconds.
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
+
+
+_O = TypeVar("_O", bound=DriverOptions)
+
+
+@dataclass(frozen=True, slots=True)
+class DriverContext:
+    """Everything a driver is built from; frozen, validated before it gets here."""
+
+    #: Connection name (for messages and logs).
+    connection: str
+    endpoint: str
+    #: The connection's ``options``, validated by the driver's ``options_model``.
+    options: DriverOptions
+    bindings: tuple[TagBinding, ...]
+    clock: Clock
+    #: Period of every scan group (ms): drivers that sample on the server side use it.
+    scan_periods_ms: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def for_driver(
+        cls,
+        driver: type[Driver],
+        *,
+        connection: str,
+        endpoint: str,
+        bindings: Sequence[TagBinding],
+        clock: Clock,
+        options: Mapping[str, Any] | None = None,
+        scan_periods_ms: Mapping[str, float] | None = None,
+    ) -> DriverContext:
+        """Validate raw ``options`` with ``driver.options_model`` and build a context.
+
+        Raises pydantic's ``ValidationError`` on bad options.
+        """
+        return cls(
+            connection,
+            endpoint,
+            driver.options_model.model_validate(dict(options or {})),
+            tuple(bindings),
+            clock,
+            MappingProxyType(dict(scan_periods_ms or {})),
+        )
+
+    def options_as(self, model: type[_O]) -> _O:
+        """The options as the driver's own model (a driver calls this with its model)."""
+        if not isinstance(self.options, model):
+            raise TypeError(
+                f"connection {self.connection!r}: options are {type(self.options).__name__}, "
+                f"expected {model.__name__}"
+            )
+        return self.options
+
+
+class LossSignal:
+    """Set by a driver when it notices, between calls, that its link died; cleared at connect.
+
+    The supervisor waits on it so a dropped link is reconnected at once rather than at the
+    next scan, and logs :attr:`reason` as what happened.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.reason = ""
+
+    def set(self, reason: str = "") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+        self.reason = ""
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> str:
+        await self._event.wait()
+        return self.reason
 
 
 @dataclass(slots=True)
@@ -109,20 +228,32 @@ SubscriptionSink = Callable[[ReadResult], None]
 
 @runtime_checkable
 class Driver(Protocol):
-    """What every protocol driver implements.
+    """What every protocol driver declares and implements.
 
     Construction never touches the network. ``connect`` may be called again after ``close`` or
     after a :class:`~edgeos.errors.TransportError`; the driver re-creates whatever it needs
-    (sockets, sessions, subscriptions) there.
+    (sockets, sessions, subscriptions) there and clears :attr:`connection_lost`.
     """
 
+    #: The protocol's name in messages ("Modbus TCP", "OPC UA").
+    title: ClassVar[str]
     #: Pydantic model validating ``connection.options``.
-    options_model: ClassVar[type[BaseModel]]
-    stats: DriverStats
+    options_model: ClassVar[type[DriverOptions]]
+    #: The key a tag's address is written under (``modbus``, ``opcua``, …).
+    address_key: ClassVar[str]
+    #: Pydantic model validating that address; instances satisfy ``edgeos.tags.TagAddress``.
+    address_model: ClassVar[type[BaseModel]]
 
-    def __init__(
-        self, connection: ConnectionConfig, tags: Sequence[TagBinding], *, clock: Clock
-    ) -> None: ...
+    stats: DriverStats
+    #: Set when the link is found dead outside a call; cleared by ``connect``.
+    connection_lost: LossSignal
+
+    def __init__(self, context: DriverContext) -> None: ...
+
+    @staticmethod
+    def check_endpoint(endpoint: str) -> str | None:
+        """What is wrong with ``endpoint`` for this driver, or ``None``."""
+        ...
 
     async def connect(self) -> None:
         """Open the connection (and re-create subscriptions); raise ``TransportError``."""
@@ -159,8 +290,34 @@ def load_driver_class(name: str) -> type[Driver]:
     return cls
 
 
+@cache
+def address_models() -> Mapping[str, type[BaseModel]]:
+    """Address key → address model, over every installed driver that loads.
+
+    Drivers sharing a key (``modbus_tcp`` and ``modbus_rtu``) share its model; the first by
+    driver name wins otherwise. A driver that fails to load is skipped here (and named as
+    broken where a connection uses it).
+    """
+    models: dict[str, type[BaseModel]] = {}
+    for name in sorted(available_drivers()):
+        try:
+            cls = load_driver_class(name)
+        except Exception as exc:  # a broken plugin must not break every other driver
+            log.debug("driver %r failed to load: %r", name, exc)
+            continue
+        models.setdefault(cls.address_key, cls.address_model)
+    return MappingProxyType(models)
+
+
+def clear_driver_caches() -> None:
+    """Forget the installed drivers (after installing one at run time, e.g. in tests)."""
+    available_drivers.cache_clear()
+    load_driver_class.cache_clear()
+    address_models.cache_clear()
+
+
 def check_write(
-    tag: AnyTag,
+    tag: TagSpec,
     value: Value,
     *,
     last_value: float | None = None,
@@ -170,7 +327,9 @@ def check_write(
     """Validate a value against a tag's declared limits before it goes on the wire.
 
     Returns the value coerced to the tag's type; raises :class:`WriteRefused` with a reason.
-    ``max_rate`` is checked against the last written (or read) value and when it was seen.
+    ``max_rate`` is checked against the tag's last write, ``last_value`` at ``last_time``;
+    ``last_time`` and ``now`` are monotonic seconds, never wall time (the twin's
+    :class:`edgeos.twin.WriteLog` keeps that record; without it, limits and type only).
     """
     if not tag.writable:
         raise WriteRefused(tag.name, "tag is not writable")
@@ -207,6 +366,6 @@ def check_write(
                 f"change {number - last_value:+g} in {elapsed:.3g} s exceeds max_rate "
                 f"{tag.max_rate:g}/s",
             )
-    if dtype in ("int16", "uint16", "int32", "uint32", "int64"):
-        return number if tag.modbus is not None and tag.modbus.scale != 1.0 else round(number)
+    if dtype in INTEGER_TYPES:
+        return number if tag.scale != 1.0 else round(number)
     return number

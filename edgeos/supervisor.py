@@ -11,7 +11,14 @@ task (a child of the runtime's root TaskGroup) keeps the connection up; the sche
 
 A read while the connection is not up never waits: it returns the group's tags with quality
 ``BAD_COMM`` at once, so a dead PLC costs nothing on the scan loop. State changes are logged
-once; failed polls are counted, not logged.
+once ("up -> down (connection lost: the peer closed the connection)"); failed polls and
+failed reconnect attempts are counted, not logged.
+
+Deadlines (:class:`Timeouts`): a write is one request (``request_timeout_s`` of the driver's
+options); a read of a scan group is a whole scan (``scan_timeout_s`` of the connection);
+opening the connection has ``connect_timeout_s``. Reconnects follow the connection's
+:class:`~edgeos_protocol.backoff.BackoffPolicy` (``[connections.reconnect]``): the first retry
+after a connection that had been up is fast, repeated failures walk up the ladder.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,8 +38,9 @@ from edgeos.driver import Driver, Quality, ReadResult, TagBinding, Value, check_
 from edgeos.errors import TimeoutError_, TransportError
 from edgeos.histogram import Histogram
 from edgeos.logs import StateLog
+from edgeos_protocol.backoff import Backoff, BackoffPolicy
 
-__all__ = ["Backoff", "ConnState", "ConnectionSupervisor"]
+__all__ = ["Backoff", "BackoffPolicy", "ConnState", "ConnectionSupervisor", "Timeouts"]
 
 log = logging.getLogger("edgeos.supervisor")
 
@@ -45,23 +52,16 @@ class ConnState(enum.StrEnum):
     DOWN = "down"
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter (AWS-style): sleep ∈ [base, min(cap, base·2^n)]."""
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The deadlines of one connection, read from its validated configuration."""
 
-    base_s: float = 0.5
-    cap_s: float = 30.0
-    rng: random.Random | None = None
-    _attempt: int = 0
-
-    def next_delay(self) -> float:
-        draw: float = (self.rng or random).random()
-        ceiling = min(self.cap_s, self.base_s * (2.0**self._attempt))
-        self._attempt = min(self._attempt + 1, 32)
-        return self.base_s + draw * max(0.0, ceiling - self.base_s)
-
-    def reset(self) -> None:
-        self._attempt = 0
+    #: One request on the wire (a write): the driver option ``request_timeout_s``.
+    request_s: float
+    #: One read of a whole scan group: the connection's ``scan_timeout_s``.
+    scan_s: float
+    #: Opening the connection: the driver option ``connect_timeout_s``.
+    connect_s: float
 
 
 class ConnectionSupervisor:
@@ -74,17 +74,17 @@ class ConnectionSupervisor:
         bindings: Sequence[TagBinding],
         *,
         clock: Clock,
-        request_timeout_s: float = 2.0,
-        connect_timeout_s: float = 5.0,
-        backoff: Backoff | None = None,
+        timeouts: Timeouts,
+        backoff: Backoff,
         on_state: Callable[[str, ConnState], None] | None = None,
     ) -> None:
         self.name = name
         self.driver = driver
         self.clock = clock
-        self.request_timeout_s = request_timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.backoff = backoff or Backoff()
+        self.request_timeout_s = timeouts.request_s
+        self.scan_timeout_s = timeouts.scan_s
+        self.connect_timeout_s = timeouts.connect_s
+        self.backoff = backoff
         self._on_state = on_state
         self.state = ConnState.CONNECTING
         self.since = clock.monotonic()
@@ -94,6 +94,7 @@ class ConnectionSupervisor:
         self.errors: Counter[str] = Counter()
         self.latency = Histogram()
         self._lost = asyncio.Event()
+        self._lost_reason = ""
         self._up = asyncio.Event()
         self._state_log = StateLog(log, repeat_s=3600)
         self._by_name = {b.tag.name: b for b in bindings}
@@ -129,7 +130,8 @@ class ConnectionSupervisor:
         kind = getattr(exc, "kind", type(exc).__name__)
         self.errors[kind] += 1
         self.last_error = f"{kind}: {exc}"
-        if self.is_up:
+        if self.is_up and not self._lost.is_set():
+            self._lost_reason = str(exc)
             self._lost.set()
 
     async def wait_up(self) -> None:
@@ -156,26 +158,32 @@ class ConnectionSupervisor:
                     self.last_error = str(exc)
                     await self.driver.close()
                     self._set(ConnState.DOWN, str(exc))
-                    await self.clock.sleep_until(self.clock.monotonic() + self.backoff.next_delay())
+                    await self._pause()
                     continue
                 self.connects += 1
                 if self.connects > 1:
                     self.reconnects += 1
                 self._lost.clear()
-                self.backoff.reset()
+                connected_at = self.clock.monotonic()
                 self._set(ConnState.UP)
-                await self._wait_lost()
+                reason = await self._wait_lost()
                 await self.driver.close()
-                self._set(ConnState.DOWN, self.last_error)
-                await self.clock.sleep_until(self.clock.monotonic() + self.backoff.next_delay())
+                self._set(ConnState.DOWN, f"connection lost: {reason}")
+                # A link that stayed up at least as long as the policy's first delay had
+                # really been up: retry fast. One that dropped sooner (a peer that accepts and
+                # closes at once) keeps climbing the ladder instead of being hammered.
+                if self.clock.monotonic() - connected_at >= self.backoff.policy.initial_s:
+                    self.backoff.lost()
+                await self._pause()
         finally:
             await asyncio.shield(self.driver.close())
 
-    async def _wait_lost(self) -> None:
-        driver_lost: asyncio.Event | None = getattr(self.driver, "connection_lost", None)
-        if driver_lost is None:
-            await self._lost.wait()
-            return
+    async def _pause(self) -> None:
+        await self.clock.sleep_until(self.clock.monotonic() + self.backoff.next_delay())
+
+    async def _wait_lost(self) -> str:
+        """Wait until a call failed or the driver saw the link die; say what happened."""
+        driver_lost = self.driver.connection_lost
         waiters = {
             asyncio.ensure_future(self._lost.wait()),
             asyncio.ensure_future(driver_lost.wait()),
@@ -186,9 +194,14 @@ class ConnectionSupervisor:
             for w in waiters:
                 w.cancel()
             await asyncio.gather(*waiters, return_exceptions=True)
-        if driver_lost.is_set() and not self._lost.is_set():
-            self.errors["lost"] += 1
-            self.last_error = "lost: the driver reported the connection lost"
+        if driver_lost.is_set():
+            # The driver's account is the cause; a read failing at the same moment with
+            # "not connected" is only its consequence.
+            if not self._lost.is_set():
+                self.errors["lost"] += 1
+            self.last_error = driver_lost.reason or "the driver reported the connection lost"
+            return self.last_error
+        return self._lost_reason
 
     # ------------------------------------------------------------ operations
 
@@ -216,10 +229,15 @@ class ConnectionSupervisor:
             return self.bad_result(scan_group)
         start = self.clock.monotonic()
         try:
-            async with asyncio.timeout(self.request_timeout_s):
+            async with asyncio.timeout(self.scan_timeout_s):
                 result = await self.driver.read(scan_group)
         except TimeoutError:
-            self._mark_lost(TimeoutError_(f"read took longer than {self.request_timeout_s} s"))
+            self._mark_lost(
+                TimeoutError_(
+                    f"a scan of {scan_group!r} took longer than scan_timeout_s "
+                    f"({self.scan_timeout_s} s)"
+                )
+            )
             return self.bad_result(scan_group)
         except TransportError as exc:
             self._mark_lost(exc)
@@ -234,19 +252,14 @@ class ConnectionSupervisor:
             self._set(ConnState.UP)
         return result
 
-    async def write(
-        self,
-        tag_name: str,
-        value: Value,
-        *,
-        last_value: float | None = None,
-        last_time: float | None = None,
-    ) -> None:
-        """Check limits, then write; raises WriteRefused or TransportError."""
+    async def write(self, tag_name: str, value: Value) -> None:
+        """Check type and hard limits, then write; raises WriteRefused or TransportError.
+
+        ``max_rate`` is not checked here: the twin's desired state owns each tag's last write
+        (:class:`edgeos.twin.WriteLog`, monotonic clock) and checks it before queuing a change.
+        """
         binding = self._by_name[tag_name]
-        checked = check_write(
-            binding.tag, value, last_value=last_value, last_time=last_time, now=self.clock.time()
-        )
+        checked = check_write(binding.tag, value)
         if not self.is_up:
             raise TransportError(f"connection {self.name} is {self.state.value}")
         try:

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from edgeos.driver import DriverOptions
 
 __all__ = [
     "ModbusRtuOptions",
@@ -18,9 +20,7 @@ __all__ = [
 ]
 
 
-class _CommonOptions(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
+class _CommonOptions(DriverOptions):
     #: Registers of unused gap that may be read to merge two ranges into one request. Set 0 for
     #: devices that answer exception 2 when a request spans an unmapped register.
     max_gap: Annotated[int, Field(ge=0, le=124)] = 8
@@ -33,10 +33,9 @@ class _CommonOptions(BaseModel):
     #: Use function 16 (write multiple registers) even for one register; for devices that do
     #: not implement function 6.
     always_write_multiple: bool = False
-    #: Backstop for one request when the caller sets no deadline (seconds). The supervisor's
-    #: own ``asyncio.timeout`` normally fires first.
+    #: Deadline of one request on the wire (seconds): pymodbus's own timeout.
     request_timeout_s: Annotated[float, Field(gt=0, le=60)] = 3.0
-    #: Time allowed to open the connection (seconds).
+    #: Time allowed to open the connection(s) (seconds).
     connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = 3.0
 
 

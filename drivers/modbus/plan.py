@@ -21,9 +21,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from edgeos.config import AnyModbus
 from edgeos.driver import Quality, ReadResult, TagBinding, Value
 from edgeos.errors import WriteRefused
+
+from .address import AnyModbus, ModbusAddress, ModbusRef
 
 __all__ = [
     "ReadRequest",
@@ -168,8 +169,8 @@ def build_plans(
     """
     by_group: dict[str, dict[tuple[int, str], list[_Item]]] = {}
     for b in bindings:
-        addr = b.tag.modbus
-        if addr is None:
+        addr = b.tag.address
+        if not isinstance(addr, ModbusRef | ModbusAddress):
             continue
         key = (addr.unit, addr.table)
         by_group.setdefault(b.tag.scan_group, {}).setdefault(key, []).append(_Item(b, addr))

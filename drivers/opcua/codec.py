@@ -15,7 +15,7 @@ from edgeos.errors import WriteRefused
 
 from .errors import quality_of, status_name
 
-__all__ = ["VARIANT_TYPES", "decode_datavalues", "to_variant"]
+__all__ = ["VARIANT_TYPES", "concat", "decode_datavalues", "to_variant"]
 
 #: The variant type each declared data type is written with.
 VARIANT_TYPES: dict[str, ua.VariantType] = {
@@ -133,3 +133,24 @@ def to_variant(tag_name: str, dtype: str, value: Value) -> ua.Variant:
     if dtype == "float32" and abs(number) > _FLOAT32_MAX:
         raise WriteRefused(tag_name, f"value {number:g} does not fit float32")
     return ua.Variant(number, vtype)
+
+
+def concat(parts: list[ReadResult]) -> ReadResult:
+    """One block of several (the parts of a scan read in chunks)."""
+    if not parts:
+        return ReadResult.empty()
+    if len(parts) == 1:
+        return parts[0]
+    text: dict[int, str] = {}
+    reasons: Counter[str] = Counter()
+    for part in parts:
+        text.update(part.text)
+        reasons.update(part.bad_reasons)
+    return ReadResult(
+        np.concatenate([p.indices for p in parts]),
+        np.concatenate([p.values for p in parts]),
+        np.concatenate([p.quality for p in parts]),
+        np.concatenate([p.source_ts for p in parts]),
+        text,
+        reasons,
+    )

@@ -18,22 +18,20 @@ driver sets :attr:`OpcUaDriver.connection_lost`, calls :attr:`OpcUaDriver.on_con
 and raises the stored :class:`~edgeos.errors.TransportError` from the next read or write. The
 supervisor then calls :meth:`~OpcUaDriver.close` and :meth:`~OpcUaDriver.connect`, which
 builds fresh sessions and re-creates every subscription.
+
+Planning lives in :mod:`drivers.opcua.plan`, credentials in :mod:`drivers.opcua.security`,
+value conversion in :mod:`drivers.opcua.codec`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
-import os
-import stat
-import struct
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,16 +39,11 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.crypto import security_policies
 from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.ua_binary import nodeid_to_binary
-from asyncua.ua.uaerrors import UaError
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from edgeos.clock import Clock
-from edgeos.config import ConnectionConfig
 from edgeos.driver import (
+    DriverContext,
     DriverStats,
+    LossSignal,
     Quality,
     ReadResult,
     SubscriptionSink,
@@ -63,21 +56,22 @@ from edgeos.errors import (
     DeviceException,
     EdgeosError,
     ProtocolError,
-    ProvisioningError,
     TransportError,
     WriteRefused,
 )
 from edgeos.histogram import Histogram
 
-from .codec import decode_datavalues, to_variant
+from .address import OpcUaAddress
+from .codec import concat, decode_datavalues, to_variant
 from .errors import Phase, describe_status, quality_of, status_name, translate_errors
 from .options import OpcUaOptions, check_endpoint
+from .plan import DEFAULT_SAMPLING_INTERVAL_MS, ConnectionPlan, ReadChunk
+from .security import Credentials, check_pinned, load_credentials, with_user
 
 __all__ = ["OpcUaDriver", "OpcUaStats"]
 
 _log = logging.getLogger(__name__)
 
-_DEFAULT_APPLICATION_URI = "urn:edgeos:opcua:client"
 #: A polite CloseSession must not hold up a reconnect when the peer is gone.
 _CLOSE_BUDGET_S = 2.0
 _SEVERITY_BAD = 0x80000000
@@ -113,33 +107,6 @@ class OpcUaStats(DriverStats):
 
 
 @dataclass(slots=True)
-class _ReadChunk:
-    """One Read request, prepared once: its handles (twin indices) and encoded parameters."""
-
-    handles: list[int]
-    params: ua.ReadParameters
-
-
-@dataclass(slots=True)
-class _SubscriptionPlan:
-    session: int
-    publishing_interval_ms: float
-    items: list[ua.MonitoredItemCreateRequest]
-    handles: list[int]
-    #: Server-assigned id of the live subscription (None until created on this session).
-    subscription_id: int | None = None
-
-
-@dataclass(slots=True)
-class _Credentials:
-    password: str | None = None
-    certificate_der: bytes | None = None
-    private_key_der: bytes | None = None
-    server_certificate_der: bytes | None = None
-    application_uri: str = _DEFAULT_APPLICATION_URI
-
-
-@dataclass(slots=True)
 class _Session:
     client: Client
     index: int
@@ -149,41 +116,37 @@ class _Session:
 class OpcUaDriver:
     """An OPC UA client for one server endpoint (``opc.tcp://host:port/path``).
 
-    Construction never touches the network. ``scan_periods_ms`` (scan group → period) gives
-    subscribed tags without ``sampling_interval_ms`` their group's period; without it they
-    sample at :data:`DEFAULT_SAMPLING_INTERVAL_MS`.
+    Construction never touches the network. The context's ``scan_periods_ms`` (scan group →
+    period) gives subscribed tags without ``sampling_interval_ms`` their group's period;
+    without it they sample at :data:`DEFAULT_SAMPLING_INTERVAL_MS`.
     """
 
+    title: ClassVar[str] = "OPC UA"
     options_model: ClassVar[type[OpcUaOptions]] = OpcUaOptions
+    address_key: ClassVar[str] = "opcua"
+    address_model: ClassVar[type[OpcUaAddress]] = OpcUaAddress
     #: Sampling interval of a subscribed tag when neither the tag nor its group gives one.
-    DEFAULT_SAMPLING_INTERVAL_MS: ClassVar[float] = 1000.0
+    DEFAULT_SAMPLING_INTERVAL_MS: ClassVar[float] = DEFAULT_SAMPLING_INTERVAL_MS
 
     stats: OpcUaStats
     #: Round-trip time of every request (reads, writes, subscription set-up), in seconds.
     latency: Histogram
     #: Set when the session is found dead; cleared by :meth:`connect`.
-    connection_lost: asyncio.Event
+    connection_lost: LossSignal
     #: Called once per loss with the error the next read/write will raise.
     on_connection_lost: Callable[[TransportError], None] | None
 
-    def __init__(
-        self,
-        connection: ConnectionConfig,
-        tags: Sequence[TagBinding],
-        *,
-        clock: Clock,
-        scan_periods_ms: Mapping[str, float] | None = None,
-    ) -> None:
-        problem = check_endpoint(connection.endpoint)
+    def __init__(self, context: DriverContext) -> None:
+        problem = check_endpoint(context.endpoint)
         if problem is not None:
             raise ValueError(problem)
-        self.connection = connection
-        self.options = OpcUaOptions.model_validate(connection.options)
-        self.endpoint = connection.endpoint
-        self._clock = clock
+        self.name = context.connection
+        self.options = context.options_as(OpcUaOptions)
+        self.endpoint = context.endpoint
+        self._clock = context.clock
         self.stats = OpcUaStats()
         self.latency = Histogram()
-        self.connection_lost = asyncio.Event()
+        self.connection_lost = LossSignal()
         self.on_connection_lost = None
         self._sink: SubscriptionSink | None = None
         self._sessions: list[_Session] = []
@@ -193,139 +156,26 @@ class OpcUaDriver:
         self._last_write: dict[int, tuple[float, float]] = {}
         #: Blocks reporting monitored items the server refused, waiting for a sink.
         self._undelivered: list[ReadResult] = []
-
-        self._bindings: dict[int, TagBinding] = {}
-        self._node_ids: dict[int, ua.NodeId] = {}
-        #: Tags whose node id does not parse: never sent, always BAD_CONFIG.
-        self._invalid: dict[int, str] = {}
-        self._string_handles: frozenset[int] = frozenset(
-            b.index for b in tags if b.tag.data_type == "string"
+        plan = ConnectionPlan.build(
+            self.name, self.options, context.bindings, context.scan_periods_ms
         )
-        polled: dict[str, list[int]] = {}
-        subscribed: list[tuple[float, TagBinding]] = []
-        periods = scan_periods_ms or {}
-        for binding in tags:
-            address = binding.tag.opcua
-            if address is None:
-                raise ValueError(f"tag {binding.tag.name!r} has no 'opcua' address")
-            if binding.index in self._bindings:
-                raise ValueError(f"twin index {binding.index} is bound twice")
-            self._bindings[binding.index] = binding
-            try:
-                node_id = ua.NodeId.from_string(address.node_id)
-                # Encoding once here catches what parsing lets through (ns > 65535, i > 2^32).
-                nodeid_to_binary(node_id)
-                self._node_ids[binding.index] = node_id
-            except (ValueError, TypeError, OverflowError, struct.error, UaError) as exc:
-                self._invalid[binding.index] = f"node id {address.node_id!r}: {exc}"
-            if address.mode == "poll":
-                polled.setdefault(binding.tag.scan_group, []).append(binding.index)
-            else:
-                interval = address.sampling_interval_ms or periods.get(
-                    binding.tag.scan_group, self.DEFAULT_SAMPLING_INTERVAL_MS
-                )
-                subscribed.append((float(interval), binding))
-        self._read_plans: dict[str, list[_ReadChunk]] = {}
-        self._invalid_by_group: dict[str, list[int]] = {}
-        for group, handles in polled.items():
-            self._read_plans[group], self._invalid_by_group[group] = self._plan_reads(handles)
-        self._subscriptions = self._plan_subscriptions(subscribed)
-        self._subscribed_handles: frozenset[int] = frozenset(
-            h for plan in self._subscriptions for h in plan.handles
-        )
-        self._invalid_subscribed = [b.index for _, b in subscribed if b.index in self._invalid]
-
-    # --- config hooks ---------------------------------------------------------------------
+        self._plan = plan
+        self._bindings = plan.bindings
+        self._node_ids = plan.node_ids
+        self._invalid = plan.invalid
+        self._string_handles = plan.string_handles
+        self._read_plans = plan.read_plans
+        self._invalid_by_group = plan.invalid_by_group
+        self._subscriptions = plan.subscriptions
+        self._subscribed_handles = plan.subscribed_handles
+        self._invalid_subscribed = plan.invalid_subscribed
 
     @staticmethod
     def check_endpoint(endpoint: str) -> str | None:
         """Error text when ``endpoint`` is not ``opc.tcp://host[:port][/path]``, else None."""
         return check_endpoint(endpoint)
 
-    # --- planning (construction time, no network) -----------------------------------------
-
-    def _plan_reads(self, handles: list[int]) -> tuple[list[_ReadChunk], list[int]]:
-        valid = [h for h in handles if h not in self._invalid]
-        invalid = [h for h in handles if h in self._invalid]
-        size = self.options.max_items_per_read
-        chunks = []
-        for start in range(0, len(valid), size):
-            part = valid[start : start + size]
-            params = ua.ReadParameters(
-                MaxAge=self.options.read_max_age_ms,
-                TimestampsToReturn=ua.TimestampsToReturn.Both,
-                NodesToRead=[
-                    ua.ReadValueId(NodeId=self._node_ids[h], AttributeId=AttributeIds.Value)
-                    for h in part
-                ],
-            )
-            chunks.append(_ReadChunk(part, params))
-        return chunks, invalid
-
-    def _plan_subscriptions(
-        self, subscribed: list[tuple[float, TagBinding]]
-    ) -> list[_SubscriptionPlan]:
-        opts = self.options
-        # Items with similar sampling intervals share a subscription, so its publishing
-        # interval (the fastest of its items) does not make slow items publish too often.
-        ordered = sorted(
-            (item for item in subscribed if item[1].index not in self._invalid),
-            key=lambda item: (item[0], item[1].index),
-        )
-        plans: list[_SubscriptionPlan] = []
-        size = opts.max_items_per_subscription
-        for start in range(0, len(ordered), size):
-            part = ordered[start : start + size]
-            fastest = part[0][0]
-            plans.append(
-                _SubscriptionPlan(
-                    session=len(plans) % opts.sessions,
-                    publishing_interval_ms=opts.publishing_interval_ms or fastest,
-                    items=[self._monitored_item(interval, b) for interval, b in part],
-                    handles=[b.index for _, b in part],
-                )
-            )
-        per_session = Counter(plan.session for plan in plans)
-        worst = max(per_session.values(), default=0)
-        if worst > opts.max_subscriptions:
-            raise ValueError(
-                f"connection {self.connection.name!r}: {len(ordered)} subscribed tags need "
-                f"{worst} subscriptions per session, above max_subscriptions="
-                f"{opts.max_subscriptions}; raise max_items_per_subscription, "
-                "max_subscriptions or sessions"
-            )
-        return plans
-
-    def _monitored_item(
-        self, interval_ms: float, binding: TagBinding
-    ) -> ua.MonitoredItemCreateRequest:
-        address = binding.tag.opcua
-        assert address is not None
-        mfilter: Any = None
-        deadband = binding.tag.deadband
-        if self.options.server_deadband and deadband > 0 and binding.tag.data_type != "string":
-            mfilter = ua.DataChangeFilter(
-                Trigger=ua.DataChangeTrigger.StatusValue,
-                DeadbandType=ua.DeadbandType.Absolute,
-                DeadbandValue=deadband,
-            )
-        return ua.MonitoredItemCreateRequest(
-            ItemToMonitor=ua.ReadValueId(
-                NodeId=self._node_ids[binding.index], AttributeId=AttributeIds.Value
-            ),
-            MonitoringMode=ua.MonitoringMode.Reporting,
-            RequestedParameters=ua.MonitoringParameters(
-                # The twin index is the client handle: notifications need no lookup table.
-                ClientHandle=binding.index,
-                SamplingInterval=interval_ms,
-                Filter=mfilter,
-                QueueSize=address.queue_size,
-                DiscardOldest=True,
-            ),
-        )
-
     # --- Driver protocol --------------------------------------------------------------------
-
     @property
     def connected(self) -> bool:
         """True between a successful :meth:`connect` and :meth:`close` or a detected loss."""
@@ -348,7 +198,7 @@ class OpcUaDriver:
         await self.close()
         self.connection_lost.clear()
         self._lost = None
-        credentials = self._load_credentials()
+        credentials = load_credentials(self.options)
         try:
             for index in range(self.options.sessions):
                 self._sessions.append(await self._open_session(index, credentials))
@@ -386,7 +236,7 @@ class OpcUaDriver:
             parts = await self._read_parallel(chunks)
         if invalid:
             parts.append(self._bad_block(invalid, "BadNodeIdInvalid"))
-        return _concat(parts)
+        return concat(parts)
 
     async def write(self, binding: TagBinding, value: Value) -> None:
         """Write one value with the tag's variant type.
@@ -442,29 +292,7 @@ class OpcUaDriver:
 
     # --- sessions -----------------------------------------------------------------------------
 
-    def _load_credentials(self) -> _Credentials:
-        opts = self.options
-        creds = _Credentials(application_uri=opts.application_uri or _DEFAULT_APPLICATION_URI)
-        if opts.password_file is not None:
-            text = _read_secret(opts.password_file, "password_file").decode("utf-8")
-            creds.password = text.splitlines()[0] if text else ""
-        if opts.client_certificate is not None and opts.client_private_key is not None:
-            cert = _load_certificate(opts.client_certificate, "client_certificate")
-            creds.certificate_der = cert.public_bytes(serialization.Encoding.DER)
-            key = _load_private_key(opts.client_private_key)
-            creds.private_key_der = key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            if opts.application_uri is None:
-                creds.application_uri = _certificate_uri(cert) or _DEFAULT_APPLICATION_URI
-        if opts.server_certificate is not None:
-            server = _load_certificate(opts.server_certificate, "server_certificate")
-            creds.server_certificate_der = server.public_bytes(serialization.Encoding.DER)
-        return creds
-
-    async def _open_session(self, index: int, creds: _Credentials) -> _Session:
+    async def _open_session(self, index: int, creds: Credentials) -> _Session:
         opts = self.options
         client = Client(
             self.endpoint,
@@ -474,7 +302,7 @@ class OpcUaDriver:
         )
         client.application_uri = creds.application_uri
         client.name = opts.application_name
-        client.description = f"{opts.application_name} ({self.connection.name}#{index})"
+        client.description = f"{opts.application_name} ({self.name}#{index})"
         client.session_timeout = int(opts.session_timeout_s * 1000)
         if opts.username is not None:
             client.set_user(opts.username)
@@ -491,7 +319,9 @@ class OpcUaDriver:
                         # A server holding another key cannot decrypt our handshake and
                         # stays silent; compare certificates first to say so plainly.
                         offered = await client.connect_and_get_server_endpoints()
-                        self._check_pinned(offered, creds.server_certificate_der)
+                        check_pinned(
+                            self.endpoint, opts.security_mode, offered, creds.server_certificate_der
+                        )
                     await client.set_security(
                         security_policies.SecurityPolicyBasic256Sha256,
                         certificate=creds.certificate_der,
@@ -504,37 +334,12 @@ class OpcUaDriver:
             self._count_error(exc)
             await self._close_session(session)
             if isinstance(exc, ConnectError) and opts.username is not None:
-                raise _with_user(exc, opts.username) from exc.__cause__
+                raise with_user(exc, opts.username) from exc.__cause__
             raise
         self.stats.responses += 1
         self._record_latency(started)
         client.connection_lost_callback = self._make_loss_callback(index)
         return session
-
-    def _check_pinned(self, endpoints: list[ua.EndpointDescription], pinned: bytes) -> None:
-        policy_uri = security_policies.SecurityPolicyBasic256Sha256.URI
-        mode = getattr(ua.MessageSecurityMode, self.options.security_mode)
-        matching = [
-            e for e in endpoints if e.SecurityPolicyUri == policy_uri and e.SecurityMode == mode
-        ]
-        if not matching:
-            offered = sorted(
-                {
-                    f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}"
-                    for e in endpoints
-                }
-            )
-            raise ConnectError(
-                f"{self.endpoint}: connect: the server offers no Basic256Sha256/"
-                f"{self.options.security_mode} endpoint (it offers: {', '.join(offered)})"
-            )
-        presented = _first_certificate(matching[0].ServerCertificate or b"")
-        if presented != pinned:
-            raise ConnectError(
-                f"{self.endpoint}: connect: the server presents certificate "
-                f"{_thumbprint(presented)}, not the pinned server_certificate "
-                f"{_thumbprint(pinned)}; replace the pinned file if the server was re-keyed"
-            )
 
     async def _close_session(self, session: _Session) -> None:
         client = session.client
@@ -588,7 +393,7 @@ class OpcUaDriver:
                 task.cancel()
         # Logged on the state change only: a dead link must not log once per poll.
         _log.warning("%s", error)
-        self.connection_lost.set()
+        self.connection_lost.set(str(error))
         callback = self.on_connection_lost
         if callback is not None:
             try:
@@ -632,7 +437,7 @@ class OpcUaDriver:
 
     # --- reads ----------------------------------------------------------------------------
 
-    async def _read_chunk(self, chunk: _ReadChunk) -> ReadResult:
+    async def _read_chunk(self, chunk: ReadChunk) -> ReadResult:
         session = self._pick_session()
         async with self._request("read"):
             values = await session.client.uaclient.session.read(chunk.params)
@@ -645,10 +450,10 @@ class OpcUaDriver:
             raise error
         return decode_datavalues(chunk.handles, values, self._string_handles, self._clock.time())
 
-    async def _read_parallel(self, chunks: list[_ReadChunk]) -> list[ReadResult]:
+    async def _read_parallel(self, chunks: list[ReadChunk]) -> list[ReadResult]:
         limit = asyncio.Semaphore(self.options.max_parallel_reads)
 
-        async def one(chunk: _ReadChunk) -> ReadResult:
+        async def one(chunk: ReadChunk) -> ReadResult:
             async with limit:
                 return await self._read_chunk(chunk)
 
@@ -781,26 +586,6 @@ class OpcUaDriver:
                 _log.exception("%s: subscription sink failed", self.endpoint)
 
 
-def _concat(parts: list[ReadResult]) -> ReadResult:
-    if not parts:
-        return ReadResult.empty()
-    if len(parts) == 1:
-        return parts[0]
-    text: dict[int, str] = {}
-    reasons: Counter[str] = Counter()
-    for part in parts:
-        text.update(part.text)
-        reasons.update(part.bad_reasons)
-    return ReadResult(
-        np.concatenate([p.indices for p in parts]),
-        np.concatenate([p.values for p in parts]),
-        np.concatenate([p.quality for p in parts]),
-        np.concatenate([p.source_ts for p in parts]),
-        text,
-        reasons,
-    )
-
-
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
@@ -809,77 +594,3 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
         else:
             out.append(exc)
     return out
-
-
-def _with_user(exc: ConnectError, username: str) -> ConnectError:
-    """Name the user in a login failure so the message says what to check."""
-    if "login refused" in str(exc):
-        return ConnectError(f"{exc} (user {username!r}; check username and password_file)")
-    return exc
-
-
-def _read_secret(path: Path, key: str) -> bytes:
-    """Read a credential file; refuse one that group or others can read."""
-    try:
-        mode = os.stat(path).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ProvisioningError(
-                f"{key} {str(path)!r} is accessible by group/others "
-                f"(mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}"
-            )
-        return path.read_bytes()
-    except OSError as exc:
-        raise ProvisioningError(f"{key} {str(path)!r} cannot be read: {exc.strerror}") from exc
-
-
-def _load_certificate(path: Path, key: str) -> x509.Certificate:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ProvisioningError(f"{key} {str(path)!r} cannot be read: {exc.strerror}") from exc
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
-        raise ProvisioningError(f"{key} {str(path)!r} is not a PEM/DER certificate") from exc
-
-
-def _load_private_key(path: Path) -> PrivateKeyTypes:
-    data = _read_secret(path, "client_private_key")
-    try:
-        if b"-----BEGIN" in data:
-            return serialization.load_pem_private_key(data, password=None)
-        return serialization.load_der_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ProvisioningError(
-            f"client_private_key {str(path)!r} is not an unencrypted PEM/DER private key"
-        ) from exc
-
-
-def _first_certificate(chain: bytes) -> bytes:
-    """The leaf certificate of a DER chain (servers may send the chain concatenated)."""
-    if len(chain) < 4 or chain[0] != 0x30:
-        return chain
-    # DER SEQUENCE: 0x30, then a short or long-form length.
-    first = chain[1]
-    if first < 0x80:
-        end = 2 + first
-    else:
-        size = first & 0x7F
-        end = 2 + size + int.from_bytes(chain[2 : 2 + size], "big")
-    return chain[:end]
-
-
-def _thumbprint(der: bytes) -> str:
-    digest = hashlib.sha256(der).hexdigest()
-    return f"sha256:{digest[:16]}…"
-
-
-def _certificate_uri(cert: x509.Certificate) -> str | None:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return None
-    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris[0] if uris else None

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import Field, PositiveFloat, model_validator
+
+from edgeos.driver import DriverOptions
 
 __all__ = ["DEFAULT_PORT", "OpcUaOptions", "check_endpoint"]
 
@@ -14,14 +16,12 @@ __all__ = ["DEFAULT_PORT", "OpcUaOptions", "check_endpoint"]
 DEFAULT_PORT = 4840
 
 
-class OpcUaOptions(BaseModel):
+class OpcUaOptions(DriverOptions):
     """Driver options; validated by the config loader with key paths in every error.
 
     Secrets never live in the configuration file: the password is read from
     ``password_file`` (which must not be readable by group or others) at every connect.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     # --- security -----------------------------------------------------------------------
     security_policy: Literal["None", "Basic256Sha256"] = "None"
@@ -44,9 +44,9 @@ class OpcUaOptions(BaseModel):
 
     # --- session ------------------------------------------------------------------------
     session_timeout_s: Annotated[float, Field(ge=1, le=86_400)] = 60.0
-    #: Timeout hint sent with every request and asyncua's own guard on an answer. The
-    #: supervisor's deadline scopes stay the authority; this only keeps asyncua from waiting
-    #: forever on a peer that went silent.
+    #: Deadline of one request on the wire: the timeout hint sent with every request and
+    #: asyncua's own guard on its answer. A whole scan's deadline is the connection's
+    #: ``scan_timeout_s``; opening the sessions has ``connect_timeout_s`` (default 5 s).
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     #: How often the session is probed (ServerStatus read) to detect a dead peer even when
     #: only subscriptions are configured.

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edgeos.config import Limits, ModbusAddress, TagConfig
+from drivers.modbus import ModbusAddress
+from edgeos.config import Limits, TagConfig
 from edgeos.inference.features import KEY_SUFFIXES, SAMPLE_PERIOD_S
 from edgeos_sim import physics as _physics
 from edgeos_sim.layout import KEY_TAG_COUNT, Layout, build_layout

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from drivers.modbus import ModbusRef
+from drivers.opcua import OpcUaAddress
 from edgeos.config import load_config, parse_config
 from edgeos.errors import ConfigError
+from edgeos_protocol.backoff import BackoffPolicy
 
 BASE = """
 [device]
@@ -110,11 +113,11 @@ def test_equipment_templates_expand_with_stride_units_and_node_ids() -> None:
     config = parse_config(text, check_drivers=False)
     tags = {t.name: t for t in config.all_tags}
     assert len(tags) == 8
-    assert tags["nest03.temp"].modbus is not None
-    assert tags["nest03.temp"].modbus.address == 4
-    assert tags["nest03.temp"].modbus.unit == 3
-    assert tags["nest02.flow"].opcua is not None
-    assert tags["nest02.flow"].opcua.node_id == "ns=2;s=Line/nest02/flow"
+    temp, flow = tags["nest03.temp"], tags["nest02.flow"]
+    assert temp.address_key == "modbus" and isinstance(temp.address, ModbusRef)
+    assert (temp.address.address, temp.address.unit) == (4, 3)
+    assert flow.address_key == "opcua" and isinstance(flow.address, OpcUaAddress)
+    assert flow.address.node_id == "ns=2;s=Line/nest02/flow"
     assert tags["nest02.flow"].scan_group == "fast"
 
 
@@ -325,3 +328,47 @@ def test_run_refuses_an_unusable_state_dir_with_a_message(tmp_path: Path) -> Non
     res = _cli("run", "--config", str(config))
     assert res.returncode == 2
     assert "state directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_reconnect_policy_and_scan_timeout_are_per_connection_with_defaults() -> None:
+    text = BASE.replace(
+        'endpoint = "tcp://127.0.0.1:5020"',
+        'endpoint = "tcp://127.0.0.1:5020"\nscan_timeout_s = 4\n'
+        "reconnect = { initial_s = 1, max_s = 60, first_retry_s = 0.2 }",
+    )
+    config = parse_config(text + GOOD_TAGS)
+    plc, ua = config.connection("plc"), config.connection("ua")
+    policy = plc.reconnect.policy()
+    assert (policy.initial_s, policy.max_s, policy.first_retry_s) == (1.0, 60.0, 0.2)
+    assert plc.scan_timeout_s == 4.0
+    # Defaults are the shared BackoffPolicy's, so every link of edgeos behaves alike.
+    assert ua.reconnect.policy() == BackoffPolicy()
+    assert ua.scan_timeout_s == 10.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "path", "words"),
+    [
+        ("reconnect = { initial_s = 0 }", "connections[0].reconnect.initial_s", "greater than 0"),
+        ("reconnect = { jitter = 2 }", "connections[0].reconnect.jitter", "less than or equal"),
+        ("reconnect = { initial_s = 9, max_s = 1 }", "connections[0].reconnect", "max_s"),
+        ("reconnect = { fast = true }", "connections[0].reconnect.fast", "unknown key"),
+        ("scan_timeout_s = 0", "connections[0].scan_timeout_s", "greater than 0"),
+        (
+            "scan_timeout_s = 1\noptions = { request_timeout_s = 3 }",
+            "connections[0].scan_timeout_s",
+            "shorter than one request",
+        ),
+        ("options = { request_timeout_s = 0 }", "connections[0].options.request_timeout_s", "0"),
+    ],
+)
+def test_connection_timeouts_and_reconnect_errors_name_the_key(
+    setting: str, path: str, words: str
+) -> None:
+    text = BASE.replace(
+        'endpoint = "tcp://127.0.0.1:5020"', f'endpoint = "tcp://127.0.0.1:5020"\n{setting}'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text + GOOD_TAGS)
+    issues = [str(i) for i in info.value.issues]
+    assert any(i.startswith(path + ":") and words in i for i in issues), issues

@@ -16,7 +16,7 @@ from edgeos.clock import SystemClock
 from edgeos.config import ConnectionConfig, TagConfig
 from edgeos.driver import Quality, TagBinding
 from edgeos.errors import WriteRefused
-from edgeos.supervisor import Backoff, ConnectionSupervisor, ConnState
+from edgeos.supervisor import Backoff, BackoffPolicy, ConnectionSupervisor, ConnState, Timeouts
 from edgeos_testing.faultproxy import FaultProxy
 from edgeos_testing.modbus import ModbusTestServer, UnitSpec
 from edgeos_testing.net import free_port
@@ -38,23 +38,43 @@ BINDINGS = [
 ]
 
 
-def _supervisor(port: int, **kw: float) -> ConnectionSupervisor:
+class SteppedClock(SystemClock):
+    """The system clock, whose monotonic time a test can move ahead (uptime without waiting)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self.offset
+
+    async def sleep_until(self, deadline: float) -> None:
+        await super().sleep_until(deadline - self.offset)
+
+
+def _supervisor(
+    port: int,
+    *,
+    scan_timeout_s: float = 1.0,
+    policy: BackoffPolicy | None = None,
+    clock: SystemClock | None = None,
+    on_state: Callable[[str, ConnState], None] | None = None,
+) -> ConnectionSupervisor:
     conn = ConnectionConfig(
         name="plc",
         driver="modbus_tcp",
         endpoint=f"tcp://127.0.0.1:{port}",
         options={"request_timeout_s": 5.0},
     )
-    clock = SystemClock()
-    driver = ModbusTcpDriver(conn, BINDINGS, clock=clock)
+    clock = clock or SystemClock()
+    driver = ModbusTcpDriver(conn.driver_context(BINDINGS, clock=clock))
     return ConnectionSupervisor(
         "plc",
         driver,
         BINDINGS,
         clock=clock,
-        request_timeout_s=kw.get("request_timeout_s", 1.0),
-        connect_timeout_s=1.0,
-        backoff=Backoff(base_s=0.02, cap_s=0.1, rng=random.Random(1)),
+        timeouts=Timeouts(request_s=5.0, scan_s=scan_timeout_s, connect_s=1.0),
+        backoff=Backoff(policy or BackoffPolicy(initial_s=0.02, max_s=0.1), rng=random.Random(1)),
+        on_state=on_state,
     )
 
 
@@ -123,7 +143,7 @@ async def test_stalled_peer_times_out_inside_the_scope_and_recovers() -> None:
         ModbusTestServer([UnitSpec(holding=100)]) as server,
         FaultProxy("127.0.0.1", server.port) as proxy,
     ):
-        sup = _supervisor(proxy.port, request_timeout_s=0.2)
+        sup = _supervisor(proxy.port, scan_timeout_s=0.2)
         async with running(sup):
             async with asyncio.timeout(10):
                 await sup.wait_up()
@@ -166,10 +186,70 @@ async def test_write_beyond_limits_never_reaches_the_wire() -> None:
 
 
 def test_backoff_grows_with_jitter_and_resets() -> None:
-    backoff = Backoff(base_s=0.5, cap_s=8.0, rng=random.Random(3))
+    backoff = Backoff(BackoffPolicy(initial_s=0.5, max_s=8.0), rng=random.Random(3))
     delays = [backoff.next_delay() for _ in range(12)]
-    assert all(0.5 <= d <= 8.0 for d in delays)
+    assert all(0.25 <= d <= 8.0 for d in delays)
     assert max(delays[6:]) > max(delays[:2])  # ceilings grow
     assert len(set(delays)) == len(delays)  # jittered, not a fixed ladder
     backoff.reset()
-    assert backoff.next_delay() == 0.5
+    assert backoff.next_delay() <= 0.5
+
+
+async def test_peer_dropping_a_live_connection_is_logged_as_lost_and_retried_fast(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The ladder alone would wait 2 s before the first retry; the fast first retry after a
+    # connection that had been up brings it back well inside that.
+    policy = BackoffPolicy(initial_s=2.0, max_s=2.0, jitter=0.0, first_retry_s=0.05)
+    clock = SteppedClock()
+    states: asyncio.Queue[ConnState] = asyncio.Queue()
+    async with (
+        ModbusTestServer([UnitSpec(holding=100)]) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+    ):
+        sup = _supervisor(
+            proxy.port, policy=policy, clock=clock, on_state=lambda _, s: states.put_nowait(s)
+        )
+        with caplog.at_level(logging.INFO, logger="edgeos.supervisor"):
+            async with running(sup):
+                async with asyncio.timeout(10):
+                    await sup.wait_up()
+                clock.offset += policy.initial_s  # it has been up for a while
+                proxy.cut()
+                async with asyncio.timeout(10):
+                    while await states.get() != ConnState.DOWN:
+                        pass
+                lost_at = clock.monotonic()
+                async with asyncio.timeout(10):
+                    await sup.wait_up()
+                assert clock.monotonic() - lost_at < policy.initial_s
+                assert sup.reconnects == 1
+    downs = [r.getMessage() for r in caplog.records if "-> down" in r.getMessage()]
+    assert len(downs) == 1, downs
+    assert "(connection lost: " in downs[0] and "closed the connection" in downs[0], downs
+    assert "not connected" not in downs[0]
+
+
+async def test_connection_dropping_right_after_connect_keeps_climbing_the_ladder() -> None:
+    # A peer that accepts and closes at once must not be hammered every first_retry_s.
+    policy = BackoffPolicy(initial_s=0.5, max_s=0.5, jitter=0.0, first_retry_s=0.0)
+    clock = SteppedClock()
+    states: asyncio.Queue[ConnState] = asyncio.Queue()
+    async with (
+        ModbusTestServer([UnitSpec(holding=100)]) as server,
+        FaultProxy("127.0.0.1", server.port) as proxy,
+    ):
+        sup = _supervisor(
+            proxy.port, policy=policy, clock=clock, on_state=lambda _, s: states.put_nowait(s)
+        )
+        async with running(sup):
+            async with asyncio.timeout(10):
+                await sup.wait_up()
+            proxy.cut()
+            async with asyncio.timeout(10):
+                while await states.get() != ConnState.DOWN:
+                    pass
+            lost_at = clock.monotonic()
+            async with asyncio.timeout(10):
+                await sup.wait_up()
+            assert clock.monotonic() - lost_at >= policy.initial_s - 0.05

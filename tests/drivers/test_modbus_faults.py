@@ -40,7 +40,7 @@ def make(port: int, **options: Any) -> ModbusTcpDriver:
     conn = ConnectionConfig(
         name="plc", driver="modbus_tcp", endpoint=f"tcp://127.0.0.1:{port}", options=options
     )
-    return ModbusTcpDriver(conn, TAGS, clock=SystemClock())
+    return ModbusTcpDriver(conn.driver_context(TAGS, clock=SystemClock()))
 
 
 async def until(cond: Callable[[], bool], limit: float = 5.0) -> None:
@@ -227,7 +227,7 @@ async def test_random_corruption_never_leaks_foreign_exceptions(proxy: FaultProx
         endpoint=f"tcp://127.0.0.1:{proxy.port}",
         options={"request_timeout_s": 0.2},
     )
-    d = ModbusTcpDriver(conn, TAGS[:2], clock=SystemClock())
+    d = ModbusTcpDriver(conn.driver_context(TAGS[:2], clock=SystemClock()))
     await d.connect()
     outcomes: list[str] = []
     try:
@@ -249,3 +249,27 @@ async def test_random_corruption_never_leaks_foreign_exceptions(proxy: FaultProx
         assert list((await d.read("default")).quality) == [Quality.GOOD] * 2
     finally:
         await d.close()
+
+
+async def test_peer_dropping_an_idle_connection_sets_connection_lost_with_the_reason(
+    proxy: FaultProxy,
+) -> None:
+    d = make(proxy.port)
+    await d.connect()
+    try:
+        assert not d.connection_lost.is_set()
+        proxy.cut()  # between scans: no request in flight would notice
+        async with asyncio.timeout(5):
+            reason = await d.connection_lost.wait()
+        assert "closed the connection" in reason
+        await assert_recovers(d, proxy)
+        assert not d.connection_lost.is_set()  # connect() starts a fresh session
+    finally:
+        await d.close()
+
+
+async def test_closing_the_driver_is_not_a_loss(proxy: FaultProxy) -> None:
+    d = make(proxy.port)
+    await d.connect()
+    await d.close()
+    assert not d.connection_lost.is_set()

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drivers.modbus import ModbusAddress
 from drivers.modbus.plan import build_plans, byte_permutation, decode_scan, encode_value
-from edgeos.config import ModbusAddress, TagConfig
+from edgeos.config import TagConfig
 from edgeos.driver import Quality, TagBinding
 from edgeos.errors import WriteRefused
 

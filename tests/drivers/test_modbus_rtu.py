@@ -39,7 +39,7 @@ def make(device: str, tags: list[TagBinding] = TAGS, **options: Any) -> ModbusRt
     conn = ConnectionConfig(
         name="bus", driver="modbus_rtu", endpoint=f"rtu://{device}", options=options
     )
-    return ModbusRtuDriver(conn, tags, clock=SystemClock())
+    return ModbusRtuDriver(conn.driver_context(tags, clock=SystemClock()))
 
 
 @pytest.fixture

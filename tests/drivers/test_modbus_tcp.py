@@ -33,7 +33,7 @@ def tag(i: int, **modbus: Any) -> TagBinding:
 
 def driver(endpoint: str, tags: list[TagBinding], **options: Any) -> ModbusTcpDriver:
     conn = ConnectionConfig(name="plc", driver="modbus_tcp", endpoint=endpoint, options=options)
-    return ModbusTcpDriver(conn, tags, clock=VirtualClock())
+    return ModbusTcpDriver(conn.driver_context(tags, clock=VirtualClock()))
 
 
 def by_index(result: ReadResult) -> dict[int, tuple[float, int]]:
@@ -174,7 +174,7 @@ async def test_every_type_and_order_round_trips_through_the_device(
     values = by_index(result)
     for i, value in expected.items():
         assert values[i][1] == Quality.GOOD
-        assert values[i][0] == pytest.approx(value, rel=1e-7), bindings[i].tag.modbus
+        assert values[i][0] == pytest.approx(value, rel=1e-7), bindings[i].tag.address
     assert result.text == {100: "ab€", 101: "ab€"}
     assert [values[200 + k][0] for k in range(3)] == [1.0, 0.0, 1.0]
     # The little byte order string really is swapped on the device.

@@ -66,7 +66,7 @@ def _driver(
         name="plc", driver="opcua", endpoint=server.server.endpoint, options=options
     )
     bindings = [TagBinding(i, tag) for i, tag in enumerate(tags)]
-    return OpcUaDriver(conn, bindings, clock=SystemClock()), bindings
+    return OpcUaDriver(conn.driver_context(bindings, clock=SystemClock())), bindings
 
 
 @pytest.fixture
@@ -316,7 +316,7 @@ async def test_a_port_that_refuses_is_a_connect_error() -> None:
         name="plc", driver="opcua", endpoint=f"opc.tcp://127.0.0.1:{free_port()}/x"
     )
     tags = [TagBinding(0, _tag("t", "ns=2;s=x"))]
-    driver = OpcUaDriver(conn, tags, clock=SystemClock())
+    driver = OpcUaDriver(conn.driver_context(tags, clock=SystemClock()))
     with pytest.raises(ConnectError, match="refused"):
         await driver.connect()
     assert driver.stats.errors["connect"] == 1

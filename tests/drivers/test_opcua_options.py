@@ -26,7 +26,7 @@ def test_entry_point_loads_the_driver_and_it_satisfies_the_protocol() -> None:
     assert cls is OpcUaDriver
     assert cls.options_model is OpcUaOptions
     conn = ConnectionConfig(name="c", driver="opcua", endpoint=EP)
-    assert isinstance(OpcUaDriver(conn, [], clock=VirtualClock()), Driver)
+    assert isinstance(OpcUaDriver(conn.driver_context([], clock=VirtualClock())), Driver)
 
 
 @pytest.mark.parametrize(
@@ -175,4 +175,4 @@ def test_too_many_subscriptions_is_a_construction_error() -> None:
         for i in range(3)
     ]
     with pytest.raises(ValueError, match="max_subscriptions"):
-        OpcUaDriver(conn, tags, clock=VirtualClock())
+        OpcUaDriver(conn.driver_context(tags, clock=VirtualClock()))

@@ -65,7 +65,9 @@ async def test_subscription_survives_a_server_restart() -> None:
             name="polled", connection="plc", resolution=0.1, opcua={"node_id": "ns=2;s=speed"}
         ),
     ]
-    driver = OpcUaDriver(conn, [TagBinding(i, t) for i, t in enumerate(tags)], clock=SystemClock())
+    driver = OpcUaDriver(
+        conn.driver_context([TagBinding(i, t) for i, t in enumerate(tags)], clock=SystemClock())
+    )
     latest = Latest()
     driver.set_subscription_sink(latest)
     losses: list[TransportError] = []

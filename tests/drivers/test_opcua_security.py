@@ -88,7 +88,7 @@ async def make(server: OpcUaServerThread) -> AsyncIterator[Any]:
             for name in ("temp", "setpoint")
         ]
         bindings = [TagBinding(i, t) for i, t in enumerate(tags)]
-        driver = OpcUaDriver(conn, bindings, clock=SystemClock())
+        driver = OpcUaDriver(conn.driver_context(bindings, clock=SystemClock()))
         drivers.append(driver)
         return driver, bindings
 

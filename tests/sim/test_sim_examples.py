@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
+from drivers.modbus import ModbusRef
+from drivers.opcua import OpcUaAddress
 from edgeos.config import load_config
 from edgeos_sim.configgen import OPCUA_TAGS, render_small_line, render_tyre_line
 from edgeos_sim.layout import build_layout
@@ -36,13 +38,10 @@ def test_tyre_line_example_has_the_16000_tags_of_the_flat_layout() -> None:
     assert len(tags) == 16_000
     for tag, spec in zip(tags, layout.tags, strict=True):
         assert tag.name == spec.name
-        assert tag.modbus is not None
-        assert (tag.modbus.unit, tag.modbus.table, tag.modbus.address) == (
-            1,
-            "holding",
-            spec.modbus_address,
-        )
-        assert (tag.modbus.type, tag.modbus.scale) == (spec.modbus_type, spec.scale)
+        modbus = tag.address
+        assert isinstance(modbus, ModbusRef)
+        assert (modbus.unit, modbus.table, modbus.address) == (1, "holding", spec.modbus_address)
+        assert (modbus.type, modbus.scale) == (spec.modbus_type, spec.scale)
         assert tag.writable == spec.writable
         assert tag.connection == "line-plc"
     assert config.connection("line-plc").options == {"connections": 4}
@@ -53,14 +52,16 @@ def test_tyre_line_example_has_the_16000_tags_of_the_flat_layout() -> None:
 def test_small_line_example_mixes_modbus_and_opcua_over_the_same_presses() -> None:
     config = load_config(EXAMPLES / "small-line.toml", check_drivers=False)
     layout = build_layout(4, 20, "flat")
-    modbus = [t for t in config.all_tags if t.modbus is not None]
-    opcua = [t for t in config.all_tags if t.opcua is not None]
+    modbus = [t for t in config.all_tags if isinstance(t.address, ModbusRef)]
+    opcua = [t.address for t in config.all_tags if isinstance(t.address, OpcUaAddress)]
     assert [t.name for t in modbus] == [s.name for s in layout.tags]
-    assert [t.modbus.address for t in modbus if t.modbus] == list(range(80))
+    assert [t.address.address for t in modbus if isinstance(t.address, ModbusRef)] == list(
+        range(80)
+    )
     assert len(opcua) == 4 * len(OPCUA_TAGS)
     node_ids = {s.node_id for s in layout.tags}
-    assert all(t.opcua.node_id in node_ids for t in opcua if t.opcua)
-    assert {t.opcua.mode for t in opcua if t.opcua} == {"poll", "subscribe"}
+    assert all(a.node_id in node_ids for a in opcua)
+    assert {a.mode for a in opcua} == {"poll", "subscribe"}
 
 
 async def test_cli_prints_endpoints_as_json_serves_and_stops_on_sigterm() -> None:
