@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,8 @@ class DemoOptions:
 def find_models(explicit: Path | None = None) -> Path | None:
     """The folder holding the committed ``models/*.toml`` (a source checkout), if any."""
     candidates = [explicit] if explicit is not None else []
-    candidates += [Path(__file__).resolve().parents[2] / "models", Path.cwd() / "models"]
+    # sim/edgeos_sim/demo/state.py → the checkout's root is three folders up.
+    candidates += [Path(__file__).resolve().parents[3] / "models", Path.cwd() / "models"]
     for folder in candidates:
         if folder is not None and all((folder / f"{t}.toml").is_file() for t in MODEL_TASKS):
             return folder.resolve()
@@ -141,7 +143,9 @@ def count_spooled(spool_dir: Path, registry_dir: Path, device: str) -> tuple[int
         for record in spool.pending():
             batches += 1
             try:
-                samples += opener.open(record.payload, 0, device).sample_count
+                # Now as the arrival time: the opener bounds sample times around it.
+                now_us = int(time.time() * 1e6)
+                samples += opener.open(record.payload, now_us, device).sample_count
             except Rejected as exc:
                 log.warning("spooled batch %d does not open: %s", record.seq, exc)
     finally:
