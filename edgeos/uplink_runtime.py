@@ -15,6 +15,7 @@ from typing import Any
 from edgeos.clock import Clock
 from edgeos.config import AnyTag, Config
 from edgeos.uplink.batcher import Batcher, ScanSource, tag_table_from_config
+from edgeos.uplink.commands import CommandLedger
 from edgeos.uplink.publisher import Publisher, PublisherOptions
 from edgeos.uplink.spool import Spool
 from edgeos_protocol.crypto import Keyring, Suite
@@ -66,6 +67,10 @@ class UplinkRuntime:
             keyring=self.keyring,
             clock=self.clock,
             on_command=self._on_command,
+            # Commands applied survive restarts: a captured command replayed later is refused.
+            command_ledger=await asyncio.to_thread(
+                CommandLedger, self.config.device.state_dir / "commands.json"
+            ),
         )
         self.batcher = Batcher(
             table=tag_table_from_config(self.tags),

@@ -2,13 +2,18 @@
 
 ::
 
-    edgeos-receiver init DIR                         # CA, receiver + broker certs, receiver.toml
+    edgeos-receiver init DIR                         # CA, receiver + broker certs, receiver.toml,
+                                                     # broker/acl + broker/mosquitto.conf
     edgeos-receiver run --config FILE
     edgeos-receiver device add ID [--bundle FILE]    # key + client cert → credential bundle
     edgeos-receiver device revoke ID
     edgeos-receiver device list
-    edgeos-receiver devices                          # last seen, backlog, skips, rejects
+    edgeos-receiver devices                          # last seen, backlog, skips, rejects,
+                                                     # quarantined
     edgeos-receiver query --device D [--tag T] [--since ISO|EPOCH] [--until …] [--limit N]
+    edgeos-receiver quarantine list [--device D]     # batches kept sealed, with the reason
+    edgeos-receiver quarantine show D EPOCH SEQ [--raw FILE]
+    edgeos-receiver quarantine reingest [--device D] [--epoch E --seq S]  # after a fix
     edgeos-receiver shadow get D
     edgeos-receiver shadow set D TAG VALUE           # queue a desired change (a command)
 
@@ -32,11 +37,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edgeos_cloud.receiver.config import ReceiverConfig, load_receiver_config
 from edgeos_cloud.receiver.pki import CertificateAuthority
 from edgeos_cloud.receiver.registry import DeviceRegistry
-from edgeos_cloud.receiver.storage import Storage, open_storage
+from edgeos_cloud.receiver.storage import QuarantineEntry, Storage, open_storage
+from edgeos_protocol.credentials import check_device_id
 from edgeos_protocol.errors import ConfigError, EdgeosError
 
 __all__ = ["main", "parse_time"]
@@ -63,13 +70,18 @@ def parse_time(text: str) -> int:
 
 
 def iso(ts_us: int | None) -> str | None:
+    """ISO 8601 UTC with µs; None for None and for times outside Python's datetime range
+    (years 1–9999: a stored time from a broken device clock)."""
     if ts_us is None:
         return None
-    return (
-        dt.datetime.fromtimestamp(ts_us / 1e6, dt.UTC)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z")
-    )
+    try:
+        when = _EPOCH + dt.timedelta(microseconds=ts_us)
+    except OverflowError:
+        return None
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,7 +122,30 @@ def _parser() -> argparse.ArgumentParser:
     put.add_argument("device")
     put.add_argument("tag")
     put.add_argument("value", help='JSON value (42, 1.5, true, "text") or a bare string')
+    qr = sub.add_parser("quarantine", help="batches kept sealed: list, show, re-ingest")
+    qsub = qr.add_subparsers(dest="quarantine_command", required=True)
+    ql = qsub.add_parser("list", parents=[common], help="quarantined batches, oldest first")
+    ql.add_argument("--device")
+    ql.add_argument("--limit", type=int)
+    qs = qsub.add_parser("show", parents=[common], help="one quarantined batch")
+    qs.add_argument("device")
+    qs.add_argument("epoch", type=_epoch_arg, help="hex (as listed) or decimal")
+    qs.add_argument("seq", type=int)
+    qs.add_argument("--raw", type=Path, help="also write its sealed bytes to this file")
+    qi = qsub.add_parser(
+        "reingest", parents=[common], help="open them again with the current limits; store"
+    )
+    qi.add_argument("--device")
+    qi.add_argument("--epoch", type=_epoch_arg)
+    qi.add_argument("--seq", type=int)
     return p
+
+
+def _epoch_arg(text: str) -> int:
+    try:
+        return int(text, 16) if not text.isdigit() or len(text) == 16 else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an epoch id") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         from edgeos_cloud.ota.cli import repo_main
 
         return repo_main(argv[1:])
+    if argv[:1] == ["models"]:
+        # The model lifecycle (registry, gate, retrain, publish, drift): docs/model-lifecycle.md.
+        from edgeos_cloud.models.cli import models_main
+
+        return models_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "init":
@@ -139,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return _query(config, args)
         if args.command == "shadow":
             return _shadow(config, args)
+        if args.command == "quarantine":
+            return _quarantine(config, args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -184,6 +226,11 @@ def _device(config: ReceiverConfig, args: argparse.Namespace) -> int:
 
     registry = DeviceRegistry(config.registry.dir)
     if args.device_command == "add":
+        try:
+            check_device_id(args.device)
+        except ValueError as exc:
+            print(f"edgeos-receiver: {exc}", file=sys.stderr)
+            return 2
         ca = CertificateAuthority.open_or_create(config.registry.dir / "ca")
         bundle = args.bundle or Path(f"{args.device}.credentials.json")
         record = create_device(registry, ca, args.device, config.device_broker_url, bundle)
@@ -237,6 +284,8 @@ def _devices(config: ReceiverConfig) -> int:
                             for epoch, first, last in s.skipped_ranges[-_MAX_RANGES_SHOWN:]
                         ],
                         "rejects": s.rejects,
+                        "quarantined": s.quarantined,
+                        "quarantine_reasons": s.quarantine_reasons,
                     }
                 )
             )
@@ -253,19 +302,66 @@ def _query(config: ReceiverConfig, args: argparse.Namespace) -> int:
     out = sys.stdout
     with _storage(config) as storage:
         for row in storage.query_samples(args.device, args.tag, args.since, args.until, args.limit):
-            out.write(
-                json.dumps(
-                    {
-                        "device": row.device,
-                        "tag": row.tag,
-                        "ts": iso(row.ts_us),
-                        "value": _json_value(row.value),
-                        "quality": row.quality,
-                    }
-                )
-                + "\n"
-            )
+            doc: dict[str, Any] = {
+                "device": row.device,
+                "tag": row.tag,
+                "ts": iso(row.ts_us),
+                "value": _json_value(row.value),
+                "quality": row.quality,
+            }
+            if doc["ts"] is None:  # outside datetime's years 1–9999: the raw µs instead
+                doc["ts_us"] = row.ts_us
+            out.write(json.dumps(doc) + "\n")
     return 0
+
+
+def _quarantine_doc(entry: QuarantineEntry) -> dict[str, Any]:
+    return {
+        "device": entry.device,
+        "epoch": f"{entry.epoch:016x}",
+        "seq": entry.seq,
+        "reason": entry.reason,
+        "detail": entry.detail,
+        "received": iso(entry.received_us),
+        "created": iso(entry.created_us),
+        "attempts": entry.attempts,
+        "last": iso(entry.last_us),
+        "bytes": entry.nbytes,
+        "key_id": entry.key_id,
+    }
+
+
+def _quarantine(config: ReceiverConfig, args: argparse.Namespace) -> int:
+    from edgeos_cloud.receiver.ingest import BatchOpener, reingest
+
+    with _storage(config) as storage:
+        if args.quarantine_command == "list":
+            for entry in storage.quarantined(args.device, args.limit):
+                print(json.dumps(_quarantine_doc(entry)))
+            return 0
+        if args.quarantine_command == "show":
+            entries = [
+                e
+                for e in storage.quarantined(args.device)
+                if e.epoch == args.epoch and e.seq == args.seq
+            ]
+            record = storage.quarantined_record(args.device, args.epoch, args.seq)
+            if not entries or record is None:
+                print("edgeos-receiver: no such quarantined batch", file=sys.stderr)
+                return 1
+            if args.raw is not None:
+                args.raw.write_bytes(record.payload)
+            print(json.dumps(_quarantine_doc(entries[0]), indent=1))
+            return 0
+        opener = BatchOpener(
+            DeviceRegistry(config.registry.dir),
+            config.limits.max_payload_bytes,
+            limits=config.limits,
+        )
+        results = reingest(storage, opener, device=args.device, epoch=args.epoch, seq=args.seq)
+        for result in results:
+            print(json.dumps({**result, "epoch": f"{result['epoch']:016x}"}))
+        return 0 if all(r["outcome"] == "stored" for r in results) else 1
 
 
 def _parse_value(text: str) -> Any:
@@ -314,11 +410,33 @@ def _shadow(config: ReceiverConfig, args: argparse.Namespace) -> int:
 
 
 def _init(directory: Path, broker: str, hosts: list[str]) -> int:
+    from edgeos_cloud.broker import device_acl, mosquitto_config
+
     directory.mkdir(parents=True, exist_ok=True)
     ca = CertificateAuthority.open_or_create(directory / "registry" / "ca")
     pki = directory / "pki"
-    ca.issue_client("receiver", pki)
-    ca.issue_server(hosts, pki)
+    ca.issue_client("receiver", pki, role="receiver")
+    server = ca.issue_server(hosts, pki)
+    assert server.cert_file is not None and server.key_file is not None
+    # The broker's half, next to the CA: the ACL (devices: own topics; receivers: all) and the
+    # TLS listener lines to include in mosquitto.conf.
+    broker_dir = directory / "broker"
+    broker_dir.mkdir(exist_ok=True)
+    acl = broker_dir / "acl"
+    acl.write_text(device_acl(ca.service_identities("receiver")), encoding="utf-8")
+    port = urlsplit(broker).port or 8883
+    snippet = broker_dir / "mosquitto.conf"
+    snippet.write_text(
+        mosquitto_config(
+            ca_file=ca.ca_file.resolve(),
+            cert_file=server.cert_file.resolve(),
+            key_file=server.key_file.resolve(),
+            crl_file=ca.crl_file.resolve(),
+            acl_file=acl.resolve(),
+            port=port,
+        ),
+        encoding="utf-8",
+    )
     config = directory / "receiver.toml"
     if not config.exists():
         config.write_text(
@@ -350,6 +468,8 @@ def _init(directory: Path, broker: str, hosts: list[str]) -> int:
                 "crl": str(ca.crl_file),
                 "broker_cert": str(pki / "server.crt"),
                 "broker_key": str(pki / "server.key"),
+                "broker_acl": str(acl),
+                "broker_config": str(snippet),
             }
         )
     )

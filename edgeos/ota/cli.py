@@ -75,16 +75,20 @@ class _Device:
     max_attempts: int
     #: The runtime's control socket (for the models-only hook), when a config was given.
     control_socket: Path | None = None
+    #: The device key that seals reports (``[uplink] key_file`` or ``--key-file``).
+    key_file: Path | None = None
 
 
 def _device(args: argparse.Namespace) -> _Device:
     from edgeos.config import OtaConfig, load_config
 
     ota, hardware, device_id, state_dir = OtaConfig(), "generic-aarch64", "device", None
+    key_file: Path | None = getattr(args, "key_file", None)
     if args.config is not None:
         config = load_config(args.config, check_drivers=False)
         ota, hardware = config.ota, config.device.hardware
         device_id, state_dir = config.device.id, config.device.state_dir
+        key_file = key_file or config.uplink.key_file
     base = Path(state_dir or "/var/lib/edgeos")
     control_socket: Path | None = None
     if args.config is not None:
@@ -104,6 +108,7 @@ def _device(args: argparse.Namespace) -> _Device:
         health_window_s=args.health_window if args.health_window else ota.health_window_s,
         max_attempts=ota.max_attempts,
         control_socket=control_socket,
+        key_file=key_file,
     )
 
 
@@ -152,6 +157,15 @@ def _client(dev: _Device) -> Any:
     )
 
 
+def _keyring(dev: _Device) -> Any:
+    """The device keyring that seals reports (refuses unsafe or missing key files)."""
+    from edgeos_protocol.crypto import Keyring
+
+    if dev.key_file is None:
+        raise SystemExit("reports are sealed with the device key: pass --config or --key-file")
+    return Keyring.load(dev.key_file)
+
+
 def _gateway_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeos", description="edgeos bundles and OTA")
     top = parser.add_subparsers(dest="area", required=True)
@@ -187,6 +201,7 @@ def _gateway_parser() -> argparse.ArgumentParser:
         p.add_argument("--trusted-root", type=Path)
         p.add_argument("--group")
         p.add_argument("--health-window", type=float)
+        p.add_argument("--key-file", type=Path, help="device key sealing reports")
         p.add_argument("--json", action="store_true")
         return p
 
@@ -290,7 +305,7 @@ def _ota_check(args: argparse.Namespace, dev: _Device) -> int:
     with _progress(not args.json and sys.stderr.isatty()) as progress:
         results = client.check_and_install(slots, force=args.force, progress=progress)
     if args.report:
-        client.report_outcome(slots, dev.device_id)
+        client.report_outcome(slots, dev.device_id, _keyring(dev))
     text = "\n".join(
         f"{r.kind}: {r.status}"
         + (f" {r.version}" if r.version else "")
@@ -397,7 +412,7 @@ def _ota_recover(args: argparse.Namespace, dev: _Device) -> int:
 
 
 def _ota_report(args: argparse.Namespace, dev: _Device) -> int:
-    sent = _client(dev).report_outcome(_slots(dev), dev.device_id)
+    sent = _client(dev).report_outcome(_slots(dev), dev.device_id, _keyring(dev))
     print("reported" if sent else "nothing to report")
     return EXIT_OK
 

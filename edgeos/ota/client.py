@@ -35,6 +35,8 @@ from edgeos.errors import UpdateError
 from edgeos.ota.slots import SlotManager
 from edgeos.ota.state import InstallResult
 from edgeos_protocol.bundle import BundleKind, ProgressCallback, channel_path
+from edgeos_protocol.control import ControlKind, counter_from_time, seal_control
+from edgeos_protocol.crypto import Keyring
 from edgeos_protocol.outcome import FetchError, Reason, Rejected, Version
 
 __all__ = ["CheckResult", "ClientSettings", "GuardedFetcher", "Offer", "OtaClient"]
@@ -329,24 +331,43 @@ class OtaClient:
                 getattr(error, "detail", str(error)),
             )
 
-    def report_outcome(self, slots: SlotManager, device_id: str) -> bool:
-        """Send the latest unreported outcome to the repository's ``/reports`` endpoint."""
+    def report_outcome(self, slots: SlotManager, device_id: str, keyring: Keyring) -> bool:
+        """Send the latest unreported outcome to the repository's ``/reports`` endpoint.
+
+        The report is a control message of kind ``OTA_REPORT`` sealed under the device key
+        (``keyring.current``), so the repository accepts it only from this device, once
+        (its counter is the time in µs); its fields are cut to the repository's bounds.
+        """
         state = slots.read_state()
         if state.outcome_reported or state.last_outcome is None:
             return False
-        body = {
+        outcome = state.last_outcome
+        doc = {
             "device": device_id,
             "group": self.settings.group,
             "hardware": self.settings.hardware,
-            **state.last_outcome,
+            "outcome": outcome.get("outcome"),
+            "version": str(outcome.get("version", ""))[:64],
+            "reason": None if outcome.get("reason") is None else str(outcome["reason"])[:64],
+            "detail": str(outcome.get("detail", ""))[:1024],
+            "at": None if outcome.get("at") is None else str(outcome["at"])[:40],
         }
+        body = seal_control(
+            ControlKind.OTA_REPORT,
+            doc,
+            keyring.current,
+            device_id,
+            counter_from_time(0, time.time()),
+            key_id=keyring.current_id,
+            created_us=int(time.time() * 1e6),
+        )
         pool = urllib3.PoolManager()
         try:
             response = pool.request(
                 "POST",
                 f"{self.settings.repository_url.rstrip('/')}/reports",
-                body=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
+                body=body,
+                headers={"Content-Type": "application/octet-stream"},
                 timeout=urllib3.Timeout(total=self.settings.socket_timeout_s),
                 retries=False,
             )

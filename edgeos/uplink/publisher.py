@@ -21,6 +21,11 @@ outage drains.
 Commands never hold up acknowledgements: each runs as a task of the session's task group,
 under its own ``command_timeout_s``, at most ``max_commands_in_flight`` at a time; a command
 beyond that is answered at once with a refusal saying the device is busy (never dropped).
+A command is applied at most once: its version is recorded per source in the
+:class:`~edgeos.uplink.commands.CommandLedger` (persisted in the state directory by the
+runtime) before its handler runs; a version already taken is never applied again — the same
+version is answered with the stored result, an older one with a refusal — so a captured
+command replayed after a restart does nothing.
 
 Structure (as in aiomqtt): :meth:`Publisher.session` is one async context manager per
 connection and :meth:`Session.serve` runs it until the connection fails; :meth:`Publisher.run`
@@ -51,12 +56,14 @@ from edgeos.config import TlsConfig, UplinkConfig
 from edgeos.errors import ConnectError, WireError
 from edgeos.histogram import Histogram
 from edgeos.uplink.batcher import SealedBatch
+from edgeos.uplink.commands import CommandLedger, Verdict
 from edgeos.uplink.spool import Spool
 from edgeos_protocol.aio import in_own_task, reraise_lost_cancellation
 from edgeos_protocol.backoff import Backoff, BackoffPolicy
 from edgeos_protocol.crypto import Keyring, Suite
 from edgeos_protocol.topics import DEFAULT_PREFIX, device_topics
 from edgeos_protocol.wire import (
+    Ack,
     ControlKind,
     ReplayGuard,
     counter_from_time,
@@ -124,7 +131,12 @@ class PublisherStats:
     connect_failures: int = 0
     published: int = 0
     resent: int = 0
+    #: Batches dropped from the spool because the receiver stored them.
     acked: int = 0
+    #: Batches dropped from the spool because the receiver quarantined them: they
+    #: authenticated but it could not decode or store them, and it keeps their sealed bytes
+    #: to re-ingest (``edgeos-cloud quarantine``). Not data loss, but a fault to look at.
+    cloud_quarantined: int = 0
     acks: int = 0
     bad_control: int = 0
     commands: int = 0
@@ -132,6 +144,8 @@ class PublisherStats:
     commands_busy: int = 0
     #: Commands whose handler did not finish within ``command_timeout_s``.
     commands_timed_out: int = 0
+    #: Commands not applied because their version was already taken (replays, re-sends).
+    commands_stale: int = 0
     last_ack_time: float | None = None
     #: Monotonic time of the last ack: ages are measured on it (a wall-clock step would make
     #: ``now - last_ack_time`` jump by hours and fail the OTA health check of a healthy slot).
@@ -147,11 +161,13 @@ class PublisherStats:
             "published": self.published,
             "resent": self.resent,
             "acked": self.acked,
+            "cloud_quarantined": self.cloud_quarantined,
             "acks": self.acks,
             "bad_control": self.bad_control,
             "commands": self.commands,
             "commands_busy": self.commands_busy,
             "commands_timed_out": self.commands_timed_out,
+            "commands_stale": self.commands_stale,
             "last_ack_time": self.last_ack_time,
             "ack_latency": self.ack_latency.summary_ms(),
         }
@@ -170,6 +186,7 @@ class Publisher:
         on_ack: Callable[[int, int], None] | None = None,
         on_command: CommandHandler | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
+        command_ledger: CommandLedger | None = None,
     ) -> None:
         self.options = options
         self.spool = spool
@@ -183,6 +200,12 @@ class Publisher:
         self._wake = asyncio.Event()
         self._connected = False
         self._commands = ReplayGuard()
+        # Pending batches the receiver said it quarantined; counted when an ack drops them.
+        self._cloud_quarantined: set[Key] = set()
+        #: Versions taken per source, persisted by the runtime (replays after a restart).
+        self.command_ledger = command_ledger or CommandLedger()
+        #: (source, version) of commands whose handler is running now.
+        self._commands_running: set[tuple[str, int]] = set()
         self._counter = 0
         self._tls: tuple[tuple[tuple[int, int], ...], ssl.SSLContext] | None = None
         self.topics = device_topics(options.device, options.topic_prefix)
@@ -335,18 +358,33 @@ class Publisher:
         self._counter = counter_from_time(self._counter, self.clock.time())
         return self._counter
 
-    def _apply_ack(self, epoch: int, seq: int) -> int:
+    def _apply_ack(self, epoch: int, seq: int, quarantined: tuple[int, ...] = ()) -> int:
+        """Drop what the ack covers from the spool; ``quarantined`` (``AckStatus``) names
+        batches of the epoch the receiver kept sealed instead of storing."""
         now = self.clock.monotonic()
+        pending = [k for k in self.spool.pending_keys() if k[0] == epoch]
+        if quarantined:
+            held = set(pending)
+            self._cloud_quarantined.update(k for q in quarantined if (k := (epoch, q)) in held)
         appended = [
-            t
-            for k in self.spool.pending_keys()
-            if k[0] == epoch and k[1] <= seq and (t := self.spool.appended_at(*k)) is not None
+            t for k in pending if k[1] <= seq and (t := self.spool.appended_at(*k)) is not None
         ]
         dropped = self.spool.ack(epoch, seq)
         for t in appended:
             self.counters.ack_latency.record(now - t)
+        gone = {k for k in self._cloud_quarantined if k[0] == epoch and k[1] <= seq}
+        self._cloud_quarantined -= gone
+        n_quarantined = min(len(gone), dropped)
+        if n_quarantined:
+            log.warning(
+                "the receiver quarantined %d batches of epoch %#x (it keeps them sealed and "
+                "can re-ingest them); dropped from the spool",
+                n_quarantined,
+                epoch,
+            )
         self.counters.acks += 1
-        self.counters.acked += dropped
+        self.counters.acked += dropped - n_quarantined
+        self.counters.cloud_quarantined += n_quarantined
         self.counters.last_ack_time = self.clock.time()
         self.counters.last_ack_monotonic = now
         if self.on_ack is not None:
@@ -426,10 +464,9 @@ class Session:
                 log.debug("control message refused: %s", exc)
 
     def _on_ack(self, payload: dict[str, Any]) -> None:
-        epoch, seq = payload["epoch"], payload["seq"]
-        if not (isinstance(epoch, int) and isinstance(seq, int)):
-            raise TypeError("ack epoch/seq must be integers")
-        self.p._apply_ack(epoch, seq)
+        ack = Ack.parse(payload)  # MalformedBatch (a WireError): counted as bad_control
+        epoch, seq = ack.epoch, ack.seq
+        self.p._apply_ack(epoch, seq, ack.quarantined)
         # Sequence numbers are per epoch; acks are contiguous, so drop what they cover.
         for key in [k for k in self.inflight if k[0] == epoch and k[1] <= seq]:
             del self.inflight[key]
@@ -439,21 +476,66 @@ class Session:
         p = self.p
         assert self._tg is not None, "commands arrive only while serve() runs"
         p.counters.commands += 1
+        try:
+            # On the loop on purpose: claims must be decided in arrival order, and commands
+            # are rare (one small fsync-ed file per command, a few ms).
+            verdict = p.command_ledger.claim(payload)
+        except TypeError as exc:
+            p.counters.bad_control += 1
+            log.warning("command %r refused: %s", payload.get("id"), exc)
+            return
+        except OSError as exc:
+            log.error("command %r not applied: cannot record it: %s", payload.get("id"), exc)
+            refusal = _refusal(payload, f"the device cannot record the command: {exc}")
+            self._tg.create_task(self._send_result(refusal, key_id), name="uplink-command-result")
+            return
+        if verdict.action != "apply":
+            answer = self._answer_taken(payload, verdict)
+            if answer is not None:
+                self._tg.create_task(
+                    self._send_result(answer, key_id), name="uplink-command-result"
+                )
+            return
         limit = p.options.max_commands_in_flight
         if self.commands_running >= limit:
             p.counters.commands_busy += 1
             log.warning("command %r refused: %d commands are running", payload.get("id"), limit)
             busy = _refusal(payload, f"device busy: {limit} commands running; send it again later")
+            p.command_ledger.record_result(verdict, busy)
             self._tg.create_task(self._send_result(busy, key_id), name="uplink-command-result")
             return
         self.commands_running += 1
-        self._tg.create_task(self._run_command(payload, key_id), name="uplink-command")
+        p._commands_running.add((verdict.source, verdict.version))
+        self._tg.create_task(self._run_command(payload, key_id, verdict), name="uplink-command")
 
-    async def _run_command(self, payload: dict[str, Any], key_id: int) -> None:
+    def _answer_taken(self, payload: dict[str, Any], verdict: Verdict) -> dict[str, Any] | None:
+        """The answer to a command whose version was already taken (never applied again)."""
+        p = self.p
+        p.counters.commands_stale += 1
+        if verdict.action == "stale":
+            log.warning(
+                "command %r refused: version %d is below version %d already taken",
+                payload.get("id"),
+                verdict.version,
+                verdict.taken,
+            )
+            return _refusal(
+                payload, f"version {verdict.version} is older than version {verdict.taken}"
+            )
+        if verdict.result is not None:
+            return verdict.result  # the same command again (a re-send): the same answer
+        if (verdict.source, verdict.version) in p._commands_running:
+            return None  # still running: its handler answers
+        return _refusal(payload, "interrupted by a restart before it finished; send it again")
+
+    async def _run_command(self, payload: dict[str, Any], key_id: int, verdict: Verdict) -> None:
+        p = self.p
         try:
             result = await self._command_result(payload)
         finally:
             self.commands_running -= 1
+            p._commands_running.discard((verdict.source, verdict.version))
+        p.command_ledger.record_result(verdict, result)
         await self._send_result(result, key_id)
 
     async def _command_result(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -499,10 +581,12 @@ class Session:
             now = p.clock.monotonic()
             self._expire(now)
             self._refill(now)
-            sent = False
+            sent = taken = False
             if len(self.inflight) < window and p._fresh:
+                taken = True
                 sent = self._publish(tg, p._fresh.popleft(), now, resend=False)
             elif len(self.inflight) < slow_window and self._resend:
+                taken = True
                 sent = self._publish(tg, self._resend.popleft(), now, resend=True)
             elif len(self.inflight) < slow_window and self._tokens >= 1.0:
                 key = self._next_backlog()
@@ -512,9 +596,16 @@ class Session:
             if sent:
                 await asyncio.sleep(0)  # let the publish task start; keeps order on the wire
                 continue
+            if taken:
+                continue  # a queued key needed no sending (sent or acked already): next one
             await self._sleep(now)
 
     def _publish(self, tg: asyncio.TaskGroup, key: Key, now: float, *, resend: bool) -> bool:
+        if not resend and (key in self.inflight or key in self._resend):
+            # Already sent on this connection: a batch reaches the spool (in the batcher's
+            # thread) before its notify() reaches the loop, so the backlog may have taken it
+            # in between; only the re-send path (after resend_after_s) sends it again.
+            return False
         record = self.p.spool.get(*key)
         if record is None:
             return False  # acknowledged or dropped meanwhile

@@ -12,7 +12,7 @@ import secrets
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
@@ -25,8 +25,11 @@ from edgeos_protocol.header import AEAD_TAG_BYTES, DEVICE_RE, FORMAT_VERSION, pa
 __all__ = [
     "CONTROL_MAGIC",
     "DOWNLINK_KINDS",
+    "MAX_ACK_QUARANTINED",
     "MAX_CONTROL_BYTES",
     "UPLINK_KINDS",
+    "Ack",
+    "AckStatus",
     "Control",
     "ControlKind",
     "ReplayGuard",
@@ -47,12 +50,76 @@ _CONTROL = struct.Struct(">4sBBBBI16sQq")
 class ControlKind(IntEnum):
     """Control message kinds; the value is on the wire."""
 
-    #: receiver → device: ``{"epoch": int, "seq": int}``, highest contiguous stored seq.
+    #: receiver → device: ``{"epoch": int, "seq": int}``, highest contiguous stored seq;
+    #: optionally ``"status": "quarantined", "quarantined": [seq, …]`` (:class:`Ack`).
     ACK = 1
     #: receiver → device: ``{"id": str, "version": int, "desired": {...}}``.
     COMMAND = 2
     #: device → receiver: ``{"id": str, "version": int, "ok": bool, "results": {...}}``.
     COMMAND_RESULT = 3
+    #: device → OTA repository (``POST /reports``): an update outcome, ``{"device", "group",
+    #: "hardware", "outcome", "version", "reason", "detail", "at"}``. Not an MQTT uplink kind:
+    #: the receiver never accepts it (see ``edgeos_cloud.ota.reports``).
+    OTA_REPORT = 16
+
+
+#: Most sequence numbers one ack may name as quarantined (one transaction's worth at most).
+MAX_ACK_QUARANTINED = 4096
+
+
+class AckStatus(StrEnum):
+    """What an ack says about the batches it answers (``"status"``; absent = ``stored``)."""
+
+    #: Stored (or a replay of a stored batch): the normal ack.
+    STORED = "stored"
+    #: The batches named in ``"quarantined"`` authenticated but could not be decoded or
+    #: stored: the receiver kept their sealed bytes (to re-ingest after a fix) and counts
+    #: them as present, so the device drops them from its spool and moves on.
+    QUARANTINED = "quarantined"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """An ACK's payload: the epoch's contiguous mark and the batches the receiver quarantined.
+
+    On the wire ``{"epoch", "seq"}`` plus, only when ``quarantined`` is not empty,
+    ``"status": "quarantined"`` and ``"quarantined": [seq, …]`` (sequence numbers of the same
+    epoch). Readers ignore keys they do not know, so an older device applies such an ack as
+    a plain one; an unknown ``status`` is read as ``stored``.
+    """
+
+    epoch: int
+    seq: int
+    quarantined: tuple[int, ...] = ()
+
+    @property
+    def status(self) -> AckStatus:
+        return AckStatus.QUARANTINED if self.quarantined else AckStatus.STORED
+
+    def payload(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"epoch": self.epoch, "seq": self.seq}
+        if self.quarantined:
+            doc["status"] = AckStatus.QUARANTINED.value
+            doc["quarantined"] = list(self.quarantined[:MAX_ACK_QUARANTINED])
+        return doc
+
+    @classmethod
+    def parse(cls, payload: Mapping[str, Any]) -> Ack:
+        """Read an ACK payload; raise :class:`MalformedBatch` when it is not one."""
+        epoch, seq = payload.get("epoch"), payload.get("seq")
+        if type(epoch) is not int or type(seq) is not int or epoch < 0 or seq < 0:
+            raise MalformedBatch("ack epoch/seq must be non-negative integers")
+        quarantined: tuple[int, ...] = ()
+        if payload.get("status") == AckStatus.QUARANTINED.value:
+            raw = payload.get("quarantined")
+            if (
+                not isinstance(raw, list)
+                or len(raw) > MAX_ACK_QUARANTINED
+                or not all(type(v) is int and v > 0 for v in raw)
+            ):
+                raise MalformedBatch("ack quarantined list must be positive sequence numbers")
+            quarantined = tuple(sorted(set(raw)))
+        return cls(epoch, seq, quarantined)
 
 
 DOWNLINK_KINDS = frozenset({ControlKind.ACK, ControlKind.COMMAND})

@@ -22,23 +22,78 @@ from cryptography.hazmat.primitives import serialization
 
 from edgeos_protocol.crypto import KEY_BYTES, key_id_for
 from edgeos_protocol.errors import ProvisioningError
+from edgeos_protocol.fsutil import read_regular
 
-__all__ = ["BUNDLE_FORMAT", "DEVICE_ID_RE", "FILES", "read_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "DEVICE_ID_RE",
+    "FILES",
+    "RESERVED_NAMES",
+    "RESERVED_PREFIXES",
+    "check_device_id",
+    "is_service_identity",
+    "read_bundle",
+]
 
 BUNDLE_FORMAT = "edgeos-credentials/1"
+#: A bundle is a few kB (three PEM blocks and a key); anything far larger is not one.
+MAX_BUNDLE_BYTES = 1 << 20
 #: The files a bundle becomes on the gateway.
 FILES = ("device.key", "client.crt", "client.key", "ca.crt", "credentials.json")
 #: What a device id may look like (it is part of every MQTT topic and the certificate CN).
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+#: Identities of the cloud's own services (receivers, the broker, the OTA server …). The broker
+#: grants a service identity rights over every device's topics, so no device may ever carry one
+#: of these names as its id (= its certificate CN = its MQTT username). Compared ignoring case.
+RESERVED_NAMES = frozenset(
+    {
+        "admin",
+        "broker",
+        "cloud",
+        "edgeos",
+        "localhost",
+        "mosquitto",
+        "ota",
+        "receiver",
+        "receivers",
+        "root",
+        "server",
+        "service",
+    }
+)
+#: Name prefixes kept for services too (``receiver-2``, ``svc-ota``), ignoring case.
+RESERVED_PREFIXES = ("receiver", "svc-", "svc_", "service-", "broker-")
+
+
+def is_service_identity(name: str) -> bool:
+    """True for a name in the services' namespace (which no device id may enter)."""
+    lowered = name.lower()
+    return lowered in RESERVED_NAMES or lowered.startswith(RESERVED_PREFIXES)
+
+
+def check_device_id(device: object) -> str:
+    """``device`` when it is a valid, unreserved device id; ``ValueError`` saying why not."""
+    if not isinstance(device, str) or not DEVICE_ID_RE.match(device):
+        raise ValueError(
+            f"invalid device id {device!r}: 1-64 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    if is_service_identity(device):
+        raise ValueError(
+            f"device id {device!r} is reserved for the cloud's service identities "
+            f"(names {sorted(RESERVED_NAMES)} and prefixes {list(RESERVED_PREFIXES)})"
+        )
+    return device
 
 
 def read_bundle(bundle_path: str | Path) -> dict[str, Any]:
     """Read and check a bundle; raise :class:`ProvisioningError` saying what is wrong."""
     path = Path(bundle_path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        # Non-blocking open + fstat: a FIFO or device at the path is refused, never waited on.
+        doc = json.loads(read_regular(path, max_bytes=MAX_BUNDLE_BYTES).decode("utf-8"))
     except OSError as exc:
-        raise ProvisioningError(f"cannot read bundle {path}: {exc.strerror}") from exc
+        raise ProvisioningError(f"cannot read bundle {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
         raise ProvisioningError(f"bundle {path} is not JSON: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
@@ -58,9 +113,10 @@ def read_bundle(bundle_path: str | Path) -> dict[str, Any]:
     ]
     if missing:
         raise ProvisioningError(f"bundle {path} lacks {', '.join(missing)}")
-    device = doc["device"]
-    if not isinstance(device, str) or not DEVICE_ID_RE.match(device):
-        raise ProvisioningError(f"bundle {path}: invalid device id {device!r}")
+    try:
+        device = check_device_id(doc["device"])
+    except ValueError as exc:
+        raise ProvisioningError(f"bundle {path}: {exc}") from None
     try:
         key = base64.b64decode(doc["device_key"], validate=True)
     except (ValueError, TypeError) as exc:

@@ -150,7 +150,9 @@ def load_device_key(path: str | Path) -> bytes:
     """
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted at the key path opens at once (and is refused below by
+        # fstat) instead of blocking start-up until a writer appears.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError as exc:
         raise ProvisioningError(
             f"device key {path} does not exist; provision 32 random bytes there with mode 0600 "
@@ -167,6 +169,7 @@ def load_device_key(path: str | Path) -> bytes:
                 f"device key {path} is accessible by group/others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); fix with `chmod 600 {path}`"
             )
+        os.set_blocking(fd, True)
         data = os.read(fd, KEY_BYTES + 1)
     finally:
         os.close(fd)
@@ -180,11 +183,11 @@ def load_device_key(path: str | Path) -> bytes:
 
 
 def write_device_key(path: str | Path, key: bytes | None = None) -> bytes:
-    """Create a key file (mode 0600, never overwriting) and return the key."""
+    """Create a key file (mode 0600, never overwriting, never through a link) and return the key."""
     key = secrets.token_bytes(KEY_BYTES) if key is None else key
     if len(key) != KEY_BYTES:
         raise ValueError(f"a device key is {KEY_BYTES} bytes")
-    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, key)
         os.fsync(fd)

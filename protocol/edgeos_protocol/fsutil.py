@@ -18,8 +18,10 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,7 +33,9 @@ __all__ = [
     "atomic_write_json",
     "crash_point",
     "fsync_dir",
+    "open_temp",
     "read_json",
+    "read_regular",
     "replace_symlink",
     "rmtree_quiet",
     "sha256_file",
@@ -65,14 +69,64 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Flags of every temporary file: a new inode we created, never a file or link planted there.
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_temp(path: Path, mode: int) -> tuple[int, Path]:
+    """Create a fresh temporary file next to ``path``: ``(fd, temp path)``.
+
+    ``O_CREAT | O_EXCL | O_NOFOLLOW`` under an unpredictable name: a symlink, FIFO or file
+    planted at a temporary name (even a name we used before) is never opened, so a write can
+    never be redirected through it.
+    """
+    for _ in range(16):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def read_regular(path: Path, *, max_bytes: int, follow: bool = True) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; ``OSError`` for anything else.
+
+    Opened with ``O_NONBLOCK`` and checked with ``fstat`` before reading: a FIFO, socket or
+    device planted at ``path`` is refused at once instead of blocking the caller in ``open``
+    (``follow=False`` refuses symlinks too).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        if st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{path} is larger than {max_bytes} bytes")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise OSError(errno.EFBIG, f"{path} is larger than {max_bytes} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory.
 
     ``durable=False`` keeps the rename (readers never see half a file) but skips both fsyncs,
-    for frequently rewritten files whose loss on power failure is harmless.
+    for frequently rewritten files whose loss on power failure is harmless. The temporary file
+    is created with :func:`open_temp` (never through a planted link).
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    fd, tmp = open_temp(path, mode)
     try:
         view = memoryview(data)
         while view:
@@ -146,13 +200,24 @@ class QuotaExceededError(OSError):
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` atomically (temp file, fsync, rename) with ``mode`` from the start."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Write ``data`` atomically (temp file, fsync, rename) with ``mode`` from the start.
+
+    The temporary file is new (:func:`open_temp`: ``O_EXCL | O_NOFOLLOW``), so a symlink
+    planted at a temporary name cannot redirect the secret; the rename replaces a link at
+    ``path`` itself instead of writing through it.
+    """
+    fd, tmp = open_temp(path, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)  # the umask may have narrowed O_CREAT's mode; make it exact
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, mode)  # the umask may have narrowed O_CREAT's mode; make it exact
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -38,6 +38,8 @@ def _assert_end_to_end(summary: dict[str, Any]) -> None:
         runtime["samples_sealed"] - runtime["left_in_spool"]["samples"]
     )
     assert receiver["database"]["samples"] == receiver["samples_stored"]
+    # Nothing refused, and in particular no batch sent twice by a healthy gateway.
+    assert receiver["rejects"].get("replayed", 0) == 0
     assert receiver["rejects"] == {}
     assert set(summary["verdicts"]) >= {"continue", "correct", "scrap"}
     assert "learning" in summary["guard"]

@@ -6,7 +6,21 @@ import asyncio
 import json
 from typing import Any
 
+from edgeos_cloud.receiver.storage import open_storage
 from edgeos_testing.rig import finish
+
+
+def _rejects(storage_url: str) -> dict[str, int]:
+    """Every reject the receivers counted, by reason (all devices)."""
+    storage = open_storage(storage_url)
+    try:
+        total: dict[str, int] = {}
+        for summary in storage.device_summaries():
+            for reason, count in summary.rejects.items():
+                total[reason] = total.get(reason, 0) + count
+        return total
+    finally:
+        storage.close()
 
 
 async def test_two_receivers_store_each_batch_once(e2e_rig: Any) -> None:
@@ -20,3 +34,5 @@ async def test_two_receivers_store_each_batch_once(e2e_rig: Any) -> None:
     assert not outcome.problems
     assert fig.lost_batches == 0 and fig.unaccounted_stored_batches == 0
     assert fig.duplicates == 0 and fig.order_violations == 0 and fig.mismatched == 0
+    # A healthy run sends each batch once: no batch reaches a receiver twice.
+    assert _rejects(rig.storage_url).get("replayed", 0) == 0

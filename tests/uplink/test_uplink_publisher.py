@@ -593,3 +593,109 @@ async def test_a_command_that_outlives_its_timeout_is_answered_as_given_up(
         assert r.publisher.counters.commands_timed_out == 1
         await r.batch()
         await _until(lambda: len(r.spool) == 0, "the session carries on")
+
+
+async def test_a_batch_spooled_before_its_notify_reaches_the_loop_is_sent_once(
+    tmp_path: Path,
+) -> None:
+    """The healthy-run replay: the batcher appends in a thread, then notify() runs on the loop;
+    a send loop that wakes in between takes the record as backlog. The late notify() must not
+    send it a second time (it did: ``rejects{replayed}`` with ``resent 0``)."""
+    async with rig(tmp_path) as r:
+        r.acker.ack_enabled = False  # an ack would hide the double send (spool.get → None)
+        r.start_publisher()
+        await _until(lambda: r.publisher.counters.state == "connected", "connected")
+        r.batcher.on_stored = None  # the notify is late: the record is only in the spool
+        r.batcher.add(r.line.record(asyncio.get_running_loop().time()))
+        late = await r.batcher.flush()
+        assert late is not None
+        await _until(lambda: r.acker.summary()["stored"] == 1, "sent from the backlog")
+        r.publisher.notify(late)  # now the batcher's notify arrives
+        r.batcher.on_stored = r.publisher.notify
+        await r.batch()  # a marker sent after anything the late notify could cause
+        await _until(lambda: r.acker.summary()["stored"] == 2, "marker arrived")
+        await _until(lambda: r.publisher.counters.published == 2, "marker PUBACKed")
+        assert r.acker.duplicates == 0
+        assert r.publisher.counters.resent == 0
+
+
+async def test_a_healthy_stream_under_acks_sends_every_batch_exactly_once(tmp_path: Path) -> None:
+    async with rig(tmp_path, preload=5) as r:
+        r.start_publisher()
+        seqs = [await r.batch() for _ in range(40)]
+        await _until(lambda: len(r.spool) == 0, "all acked", 60)
+        assert r.acker.summary()["stored"] == 45 and seqs[-1] == 45
+        assert r.acker.duplicates == 0
+        assert r.publisher.counters.published == 45 and r.publisher.counters.resent == 0
+
+
+async def test_a_captured_command_replayed_after_a_restart_is_not_applied_again(
+    tmp_path: Path,
+) -> None:
+    from edgeos.uplink.commands import CommandLedger
+
+    applied: list[object] = []
+
+    async def handler(payload: dict[str, object]) -> dict[str, object]:
+        applied.append(payload["version"])
+        return {"id": payload["id"], "version": payload["version"], "ok": True, "results": {}}
+
+    ledger_file = tmp_path / "state" / "commands.json"
+    async with rig(tmp_path) as r:
+        r.publisher.on_command = handler
+        r.publisher.command_ledger = CommandLedger(ledger_file)
+        task = r.start_publisher()
+        await _until(lambda: r.publisher.counters.state == "connected", "connected")
+        async with r.broker.client(r.broker.receiver_identity) as cloud:
+            await cloud.subscribe(TOPICS.command_result, qos=1)
+            captured = _command("c5", 5, 100)
+            await cloud.publish(TOPICS.command, captured, qos=1)
+            assert (await _next_result(cloud))["ok"] is True
+            # The gateway restarts: a new publisher (empty in-memory counter guard) with the
+            # ledger read back from the state directory.
+            await _cancel(task)
+            r.publisher = Publisher(
+                _options(r.broker),
+                spool=r.spool,
+                keyring=RING,
+                on_command=handler,
+                command_ledger=CommandLedger(ledger_file),
+            )
+            r.start_publisher()
+            await _until(lambda: r.publisher.counters.state == "connected", "reconnected")
+            await cloud.publish(TOPICS.command, captured, qos=1)  # the replay
+            repeated = await _next_result(cloud)
+            assert repeated == {"id": "c5", "version": 5, "ok": True, "results": {}}
+            # An older version (sealed later, so its counter is new) is refused, not applied.
+            await cloud.publish(TOPICS.command, _command("c4", 4, 200), qos=1)
+            stale = await _next_result(cloud)
+            assert stale["ok"] is False and "older than version 5" in str(stale["results"])
+            await cloud.publish(TOPICS.command, _command("c6", 6, 300), qos=1)
+            assert (await _next_result(cloud))["ok"] is True
+    assert applied == [5, 6]
+    assert CommandLedger(ledger_file).taken() == 6
+
+
+def test_the_command_ledger_survives_kill_9_between_claim_and_result(tmp_path: Path) -> None:
+    """A process SIGKILLed right after claiming a version: the version stays taken."""
+    import subprocess
+    import sys
+
+    from edgeos.uplink.commands import CommandLedger
+
+    ledger_file = tmp_path / "commands.json"
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from edgeos.uplink.commands import CommandLedger\n"
+        "ledger = CommandLedger(Path(sys.argv[1]))\n"
+        "assert ledger.claim({'id': 'c9', 'version': 9}).action == 'apply'\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(ledger_file)], check=False)
+    assert proc.returncode == -9
+    ledger = CommandLedger(ledger_file)
+    verdict = ledger.claim({"id": "c9", "version": 9})
+    assert verdict.action == "repeat" and verdict.result is None  # answered "interrupted"
+    assert ledger.claim({"id": "c8", "version": 8}).action == "stale"
+    assert not list(tmp_path.glob(".commands.json.tmp*"))

@@ -20,10 +20,12 @@ API::
   ``require_certificate true`` and ``use_identity_as_username true`` (the client certificate's
   CN is the MQTT username), a CRL (``crlfile``). ``tls=False``: plain listener, anonymous
   clients allowed (``client(identity)`` still sends the identity as username, so ACLs apply).
-* ``acl=True``: a device ``D`` may publish ``edgeos/v1/D/batch``, ``…/status``,
-  ``…/cmd/result`` and subscribe ``edgeos/v1/D/ack`` and ``…/cmd``; receiver identities
-  (``receivers=``) may read every device's uplink topics (plain or through ``$share/<g>/…``)
-  and publish every device's ``ack`` and ``cmd``. Anything else is denied.
+* ``acl=True``: the production ACL of :func:`edgeos_cloud.broker.device_acl` — a device ``D``
+  may publish ``edgeos/v1/D/batch``, ``…/status``, ``…/cmd/result`` and subscribe
+  ``edgeos/v1/D/ack`` and ``…/cmd``; receiver identities (``receivers=``, reserved service
+  names) may read every device's uplink topics (plain or through ``$share/<g>/…``) and publish
+  every device's ``ack`` and ``cmd``. Anything else is denied. The TLS listener's lines are
+  :func:`edgeos_cloud.broker.mosquitto_config`, the snippet ``edgeos-cloud init`` writes.
 * ``ca=`` reuses an existing :class:`~edgeos_cloud.receiver.pki.CertificateAuthority` (e.g. the
   receiver's own) instead of creating one under ``directory/ca``.
 
@@ -46,6 +48,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from edgeos_cloud.broker import device_acl, mosquitto_config
 from edgeos_cloud.receiver.pki import CertificateAuthority
 from edgeos_testing.net import free_port
 
@@ -69,30 +72,6 @@ class ClientCredentials:
     ca_file: Path
     cert_file: Path
     key_file: Path
-
-
-def device_acl(receivers: Iterable[str] = ("receiver",), prefix: str = "edgeos/v1") -> str:
-    """The ACL file text: per-device patterns (``%u`` = CN) and the receivers' rights."""
-    lines = [
-        "# Devices: their own uplink topics only (%u is the certificate CN).",
-        f"pattern write {prefix}/%u/batch",
-        f"pattern write {prefix}/%u/status",
-        f"pattern write {prefix}/%u/cmd/result",
-        f"pattern read {prefix}/%u/ack",
-        f"pattern read {prefix}/%u/cmd",
-        "",
-    ]
-    for name in receivers:
-        lines += [
-            f"user {name}",
-            f"topic read {prefix}/+/batch",
-            f"topic read {prefix}/+/status",
-            f"topic read {prefix}/+/cmd/result",
-            f"topic write {prefix}/+/ack",
-            f"topic write {prefix}/+/cmd",
-            "",
-        ]
-    return "\n".join(lines)
 
 
 class MosquittoBroker:
@@ -196,8 +175,8 @@ class MosquittoBroker:
     # ------------------------------------------------------------------ config
 
     def _write_config(self) -> None:
+        # Test-only lines first; the listener itself is the production snippet (TLS mode).
         lines = [
-            "per_listener_settings false",
             "persistence false",
             f"log_dest file {self.log_file}",
             "log_type error",
@@ -206,28 +185,34 @@ class MosquittoBroker:
             "log_type information",
             "connection_messages true",
             "max_packet_size 33554432",
-            f"allow_anonymous {'false' if self.tls else 'true'}",
         ]
         if os.geteuid() == 0:
             # As root Mosquitto would switch to the `mosquitto` user, which cannot read the
             # test's 0600 key files; "root" tells it to stay who it is.
             lines.append("user root")
+        acl_file: Path | None = None
         if self.acl:
             acl_file = self.directory / "acl"
             acl_file.write_text(device_acl(self.receivers), encoding="utf-8")
-            lines.append(f"acl_file {acl_file}")
-        lines.append(f"listener {self.port} {self.host}")
         if self.tls:
             ca = self.ca
-            lines += [
-                f"cafile {ca.ca_file}",
-                f"certfile {self._server.cert_file}",
-                f"keyfile {self._server.key_file}",
-                f"crlfile {ca.crl_file}",
-                "require_certificate true",
-                "use_identity_as_username true",
-                "tls_version tlsv1.2",
-            ]
+            assert self._server.cert_file is not None and self._server.key_file is not None
+            lines.append(
+                mosquitto_config(
+                    ca_file=ca.ca_file,
+                    cert_file=self._server.cert_file,
+                    key_file=self._server.key_file,
+                    crl_file=ca.crl_file,
+                    acl_file=acl_file,
+                    port=self.port,
+                    host=self.host,
+                )
+            )
+        else:
+            lines += ["per_listener_settings false", "allow_anonymous true"]
+            if acl_file is not None:
+                lines.append(f"acl_file {acl_file}")
+            lines.append(f"listener {self.port} {self.host}")
         if self.extra_config:
             lines.append(self.extra_config)
         self.config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -3,7 +3,9 @@
 A campaign is one JSON file in ``<repo>/campaigns/<name>.json``. Starting it points the first
 stage's groups at the bundle (signed channel pointers, see :mod:`edgeos_cloud.ota.repository`);
 devices report ``committed``, ``rolled_back`` or ``rejected`` (with a reason) to the
-repository server's ``POST /reports``; :meth:`Campaign.advance` moves to the next stage only
+repository server's ``POST /reports``, sealed under their device keys
+(:mod:`edgeos_cloud.ota.reports`): only an authenticated :class:`DeviceReport` is ever
+recorded, one per device. :meth:`Campaign.advance` moves to the next stage only
 when the current stage has enough reports and no group's failure rate is above the stage's
 threshold. A report that pushes a group past its threshold halts the campaign at once: no
 further group is pointed at the bundle. Devices that already rolled back keep the failed
@@ -22,13 +24,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from edgeos_cloud.ota.reports import OUTCOMES, DeviceReport
 from edgeos_cloud.ota.repository import OtaRepository
 from edgeos_protocol.fsutil import atomic_write_json, read_json
 
 __all__ = ["Campaign", "Stage", "record_report"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_OUTCOMES = ("committed", "rolled_back", "rejected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,27 +145,33 @@ class Campaign:
             self.repo.set_channels(stage.groups, data["target"])
             data["stage"], data["status"] = 0, "running"
 
-    def record(self, report: dict[str, Any]) -> bool:
-        """Store one device report; returns ``True`` if it belongs to this campaign.
+    def record(self, report: DeviceReport) -> bool:
+        """Store one authenticated device report; ``True`` if it belongs to this campaign.
 
-        Halts the campaign when the reporting device's group passes its stage's threshold.
+        Only :class:`~edgeos_cloud.ota.reports.DeviceReport` (made by
+        :class:`~edgeos_cloud.ota.reports.ReportIntake` from a sealed report) is accepted: an
+        unauthenticated document can neither advance nor halt a campaign. Halts the campaign
+        when the reporting device's group passes its stage's threshold.
         """
-        device, outcome = str(report["device"]), str(report["outcome"])
-        if outcome not in _OUTCOMES:
+        if not isinstance(report, DeviceReport):
+            raise TypeError("campaigns take only authenticated DeviceReport objects")
+        device, outcome = report.device, report.outcome
+        if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}")
         with self._locked() as data:
-            if _bare_version(str(report.get("version", ""))) != data["version"]:
+            if _bare_version(report.version) != data["version"]:
                 return False
-            group = str(report.get("group", ""))
+            group = report.group
             stages = self._stages(data)
             if not any(group in s.groups for s in stages):
                 return False
             data["devices"][device] = {
                 "group": group,
                 "outcome": outcome,
-                "reason": report.get("reason"),
-                "detail": report.get("detail", ""),
-                "at": report.get("at") or _now(),
+                "reason": report.reason,
+                "detail": report.detail,
+                "at": report.at or _now(),
+                "key_id": report.key_id,
             }
             if data["status"] == "running":
                 for stage in stages[: data["stage"] + 1]:
@@ -224,8 +232,8 @@ class Campaign:
         }
 
 
-def record_report(repo_dir: Path, report: dict[str, Any]) -> list[str]:
-    """Give a device report to every campaign it belongs to; returns their names."""
+def record_report(repo_dir: Path, report: DeviceReport) -> list[str]:
+    """Give an authenticated report to every campaign it belongs to; returns their names."""
     repo = OtaRepository(repo_dir)
     names: list[str] = []
     directory = repo.dir / "campaigns"

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from edgeos_protocol.errors import UpdateError
 
@@ -50,6 +49,12 @@ def _repo_parser() -> argparse.ArgumentParser:
     serve = cmd("serve", "serve metadata, targets and /reports over HTTP")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8600)
+    serve.add_argument(
+        "--registry",
+        type=Path,
+        help="the receiver's registry directory: device keys that authenticate /reports "
+        "(without it, /reports is off)",
+    )
     cmd("refresh", "re-sign snapshot and timestamp (run well inside the timestamp expiry)")
     rotate = cmd("rotate-key", "replace or revoke a role key", root_keys=True)
     rotate.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
@@ -111,7 +116,7 @@ def repo_main(argv: Sequence[str]) -> int:
         elif args.cmd == "trusted-root":
             args.out.write_bytes(OtaRepository(args.repo).trusted_root())
         elif args.cmd == "serve":
-            return _serve_forever(args.repo, args.host, args.port)
+            return _serve_forever(args.repo, args.host, args.port, args.registry)
         elif args.cmd == "campaign":
             return _campaign(args)
     except (RootKeysMissingError, ValueError, KeyError, RuntimeError, FileExistsError) as exc:
@@ -139,14 +144,13 @@ def _campaign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve_forever(repo_dir: Path, host: str, port: int) -> int:
-    from edgeos_cloud.ota.campaign import record_report
+def _serve_forever(repo_dir: Path, host: str, port: int, registry: Path | None) -> int:
+    from edgeos_cloud.ota.reports import ReportIntake
     from edgeos_cloud.ota.repository import serve
 
-    def on_report(report: dict[str, Any]) -> None:
-        record_report(repo_dir, report)
-
-    server = serve(repo_dir, host, port, on_report=on_report)
+    # Reports move campaigns: they are taken only sealed under a registered device's key.
+    intake = None if registry is None else ReportIntake.from_registry(repo_dir, registry)
+    server = serve(repo_dir, host, port, on_report=None if intake is None else intake.accept)
     print(f"serving {repo_dir} on {server.url}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

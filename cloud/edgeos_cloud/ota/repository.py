@@ -65,6 +65,7 @@ __all__ = [
     "OtaRepository",
     "PublishedBundle",
     "RepoServer",
+    "ReportRefused",
     "RootKeysMissingError",
     "bundle_target_path",
     "channel_path",
@@ -427,6 +428,11 @@ class RepoRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     chunk_size: ClassVar[int] = 64 << 10
 
+    def setup(self) -> None:
+        # Socket timeout (StreamRequestHandler): a client that stalls mid-request is dropped.
+        self.timeout = self.server.request_timeout_s  # type: ignore[misc]
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: a request log per poll would wear out flash on a small server."""
 
@@ -459,23 +465,67 @@ class RepoRequestHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         if self.path != "/reports" or self.server.on_report is None:
-            self.send_error(HTTPStatus.NOT_FOUND)
+            self._refuse(HTTPStatus.NOT_FOUND, "no such endpoint")
             return
-        length = int(self.headers.get("Content-Length", "0"))
-        if length > 64 << 10:
-            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        body = self._read_bounded_body(self.server.max_report_bytes)
+        if body is None:
             return
         try:
-            report = json.loads(self.rfile.read(length))
-            self.server.on_report(report)
-        except (ValueError, KeyError, TypeError) as exc:
-            self.send_error(HTTPStatus.BAD_REQUEST, str(exc))
+            self.server.on_report(body)
+        except ReportRefused as exc:
+            self._refuse(exc.status, str(exc))
             return
-        body = b'{"ok": true}\n'
+        reply = b'{"ok": true}\n'
         self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(reply)
+
+    def _read_bounded_body(self, limit: int) -> bytes | None:
+        """The request body when it is announced and at most ``limit`` bytes, else refused.
+
+        Only a plain decimal ``Content-Length`` is accepted: chunked or otherwise encoded
+        bodies, a missing length (411), a negative or malformed one (400: ``read(-1)`` would
+        read until the client closes) and an oversized one (413) are refused before anything
+        is read; a body shorter than announced (the socket timeout ends the wait) is 400.
+        """
+        if self.headers.get("Transfer-Encoding") is not None:
+            self._refuse(HTTPStatus.LENGTH_REQUIRED, "a Content-Length body is required")
+            return None
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            self._refuse(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
+            return None
+        text = lengths[0].strip()
+        if len(lengths) != 1 or not text.isascii() or not text.isdigit() or len(text) > 18:
+            self._refuse(HTTPStatus.BAD_REQUEST, "Content-Length is not a decimal length")
+            return None
+        length = int(text)
+        if length > limit:
+            self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body above {limit} bytes")
+            return None
+        try:
+            body = self.rfile.read(length)
+        except OSError:  # socket timeout: a client that announced more than it sends
+            body = b""
+        if len(body) != length:
+            self._refuse(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+            return None
+        return body
+
+    def _refuse(self, status: HTTPStatus, message: str) -> None:
+        # The connection is not reused: an unread body must not be parsed as a request.
+        self.close_connection = True
+        self.send_error(status, message)
+
+
+class ReportRefused(Exception):
+    """Raised by an ``on_report`` callback: the report is refused with ``status``."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class RepoServer(ThreadingHTTPServer):
@@ -495,11 +545,17 @@ class RepoServer(ThreadingHTTPServer):
         port: int = 0,
         *,
         handler: type[RepoRequestHandler] = RepoRequestHandler,
-        on_report: Callable[[dict[str, Any]], None] | None = None,
+        on_report: Callable[[bytes], object] | None = None,
+        max_report_bytes: int = 16 << 10,
+        request_timeout_s: float = 15.0,
     ) -> None:
         super().__init__((host, port), handler)
         self.repo_dir = Path(repo_dir)
+        #: Gets the raw body of ``POST /reports`` (a sealed report); raises
+        #: :class:`ReportRefused` to refuse it.
         self.on_report = on_report
+        self.max_report_bytes = max_report_bytes
+        self.request_timeout_s = request_timeout_s
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -536,7 +592,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    on_report: Callable[[dict[str, Any]], None] | None = None,
+    on_report: Callable[[bytes], object] | None = None,
 ) -> RepoServer:
     """Start serving ``repo_dir`` in a background thread; returns the running server."""
     return RepoServer(repo_dir, host, port, on_report=on_report).start()

@@ -6,6 +6,14 @@ The receiver owns one CA. It issues
   ``use_identity_as_username`` turns it into the MQTT username the ACLs match), and
 * server certificates for the broker (SAN ``127.0.0.1`` / ``localhost`` by default),
 
+each with a **role** (:data:`Role`): the subject carries it as ``OU`` (``O=edgeos, OU=device,
+CN=gw-1``), ``issued.json`` records it, and the two namespaces never meet — a device
+certificate is issued only for a valid device id outside the services' reserved names
+(:func:`edgeos_protocol.credentials.check_device_id`), a receiver or service certificate only
+for a reserved name, and a common name once issued under one role is refused under another.
+The broker's ACL (:mod:`edgeos_cloud.broker`) grants cross-device rights to service names
+only, so no device certificate can ever read another device's topics.
+
 and revokes client certificates by writing a CRL (``crl.pem``) that the broker loads through
 its ``crlfile`` option. Mosquitto reads the CRL when a listener starts, so a revocation
 reaches the broker on its next restart; the receiver refuses a revoked device's batches at
@@ -24,16 +32,22 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edgeos_protocol.credentials import check_device_id, is_service_identity
 from edgeos_protocol.fsutil import write_private
 
-__all__ = ["CertificateAuthority", "IssuedCertificate"]
+__all__ = ["ROLES", "CertificateAuthority", "IssuedCertificate", "Role", "role_of"]
+
+#: What a certificate is for; written into its subject as ``OU``.
+Role = Literal["device", "receiver", "service", "broker"]
+ROLES: tuple[Role, ...] = get_args(Role)
+_ORGANIZATION = "edgeos"
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 #: How long a CRL is valid; it is rewritten on every revocation and on :meth:`refresh_crl`.
@@ -50,6 +64,39 @@ class IssuedCertificate:
     key_pem: bytes
     cert_file: Path | None = None
     key_file: Path | None = None
+    role: Role = "device"
+
+
+def role_of(cert_pem: bytes) -> Role | None:
+    """The role (``OU``) of a certificate issued by this CA; None when it carries none."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    value = units[0].value if units else None
+    for role in ROLES:
+        if value == role:
+            return role
+    return None
+
+
+def _client_role(common_name: str, role: Role | None) -> Role:
+    """The role to issue ``common_name`` under; ``ValueError`` when the two do not fit."""
+    if role is None:
+        role = (
+            ("receiver" if common_name.lower().startswith("receiver") else "service")
+            if (is_service_identity(common_name))
+            else "device"
+        )
+    if role == "device":
+        check_device_id(common_name)
+    elif role in ("receiver", "service"):
+        if not is_service_identity(common_name):
+            raise ValueError(
+                f"a {role} identity must be a reserved service name (e.g. 'receiver', "
+                f"'receiver-2', 'svc-…'), so that no device can ever take it: {common_name!r}"
+            )
+    else:
+        raise ValueError(f"role {role!r} is not a client certificate role")
+    return role
 
 
 class CertificateAuthority:
@@ -146,14 +193,46 @@ class CertificateAuthority:
     # ------------------------------------------------------------------ issuing
 
     def issue_client(
-        self, common_name: str, out_dir: str | Path | None = None, *, days: int = 825
+        self,
+        common_name: str,
+        out_dir: str | Path | None = None,
+        *,
+        days: int = 825,
+        role: Role | None = None,
     ) -> IssuedCertificate:
-        """Issue a TLS client certificate with ``CN = common_name``.
+        """Issue a TLS client certificate with ``CN = common_name`` and ``OU = role``.
 
-        When ``out_dir`` is given, ``<cn>.crt`` and ``<cn>.key`` (0600) are written there.
+        ``role`` defaults to ``receiver``/``service`` for a reserved service name and to
+        ``device`` otherwise; a name that does not fit its role (a device named ``receiver``, a
+        receiver named like a device) or that was issued under another role is refused with
+        ``ValueError``. When ``out_dir`` is given, ``<cn>.crt`` and ``<cn>.key`` (0600) are
+        written there.
         """
+        role = _client_role(common_name, role)
         eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
-        return self._issue(common_name, sans=[], eku=eku, out_dir=out_dir, days=days)
+        return self._issue(common_name, sans=[], eku=eku, out_dir=out_dir, days=days, role=role)
+
+    def issue_device(self, device: str, out_dir: str | Path | None = None) -> IssuedCertificate:
+        """A device's client certificate (``OU=device``); refuses reserved or invalid ids."""
+        return self.issue_client(device, out_dir, role="device")
+
+    def role_of_name(self, common_name: str) -> Role | None:
+        """The role ``common_name`` was issued under (None: never issued)."""
+        for info in self._read_json("issued.json").values():
+            # Certificates issued before roles were recorded have none: they do not count.
+            role = info.get("role")
+            if info.get("cn") == common_name and role in ROLES:
+                return role  # type: ignore[no-any-return]
+        return None
+
+    def service_identities(self, role: Role = "receiver") -> list[str]:
+        """Common names issued under ``role`` (e.g. every receiver, for the broker's ACL)."""
+        names = {
+            info["cn"]
+            for info in self._read_json("issued.json").values()
+            if info.get("role") == role
+        }
+        return sorted(names)
 
     def issue_server(
         self,
@@ -172,7 +251,13 @@ class CertificateAuthority:
                 sans.append(x509.DNSName(host))
         eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
         return self._issue(
-            common_name, sans=sans, eku=eku, out_dir=out_dir, days=days, file_stem="server"
+            common_name,
+            sans=sans,
+            eku=eku,
+            out_dir=out_dir,
+            days=days,
+            file_stem="server",
+            role="broker",
         )
 
     def _issue(
@@ -183,14 +268,25 @@ class CertificateAuthority:
         eku: x509.ExtendedKeyUsage,
         out_dir: str | Path | None,
         days: int,
+        role: Role,
         file_stem: str | None = None,
     ) -> IssuedCertificate:
+        earlier = self.role_of_name(common_name)
+        if earlier is not None and earlier != role:
+            raise ValueError(f"{common_name!r} was issued as a {earlier}; refusing a {role}")
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         serial = x509.random_serial_number()
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(subject)
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(serial)
@@ -208,7 +304,11 @@ class CertificateAuthority:
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         key_pem = _key_pem(key)
         issued = self._read_json("issued.json")
-        issued[str(serial)] = {"cn": common_name, "not_after": cert.not_valid_after_utc.isoformat()}
+        issued[str(serial)] = {
+            "cn": common_name,
+            "role": role,
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        }
         write_private(self.directory / "issued.json", json.dumps(issued, indent=1).encode())
         cert_file = key_file = None
         if out_dir is not None:
@@ -218,7 +318,7 @@ class CertificateAuthority:
             cert_file, key_file = out / f"{stem}.crt", out / f"{stem}.key"
             write_private(cert_file, cert_pem, 0o644)
             write_private(key_file, key_pem)
-        return IssuedCertificate(common_name, serial, cert_pem, key_pem, cert_file, key_file)
+        return IssuedCertificate(common_name, serial, cert_pem, key_pem, cert_file, key_file, role)
 
     # ------------------------------------------------------------------ revocation
 

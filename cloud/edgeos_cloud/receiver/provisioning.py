@@ -1,7 +1,8 @@
 """Device provisioning: credential bundles made by the receiver, installed on the gateway.
 
 ``edgeos-receiver device add ID`` → :func:`create_device` registers a 32-byte device key,
-issues an MQTT client certificate (``CN = ID``) from the receiver's CA and writes a bundle:
+issues an MQTT client certificate (``CN = ID``, ``OU = device``) from the receiver's CA and
+writes a bundle:
 one JSON file (mode 0600)::
 
     {"format": "edgeos-credentials/1", "device": ID, "key_id": 123,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from edgeos_cloud.receiver.pki import CertificateAuthority
 from edgeos_cloud.receiver.registry import DeviceRecord, DeviceRegistry
-from edgeos_protocol.credentials import BUNDLE_FORMAT
+from edgeos_protocol.credentials import BUNDLE_FORMAT, check_device_id
 from edgeos_protocol.fsutil import write_private
 
 __all__ = ["create_device", "revoke_device"]
@@ -34,9 +35,16 @@ __all__ = ["create_device", "revoke_device"]
 def create_device(
     registry: DeviceRegistry, ca: CertificateAuthority, device: str, broker_url: str, bundle: Path
 ) -> DeviceRecord:
-    """Register ``device``, issue its client certificate and write its bundle (0600)."""
+    """Register ``device``, issue its client certificate and write its bundle (0600).
+
+    A reserved or invalid id, or a name the CA issued under another role, is refused
+    (``ValueError``) before anything is written.
+    """
+    check_device_id(device)
+    if ca.role_of_name(device) not in (None, "device"):
+        raise ValueError(f"{device!r} is a {ca.role_of_name(device)} identity, not a device")
     record = registry.add(device)
-    issued = ca.issue_client(device)
+    issued = ca.issue_device(device)
     record = registry.set_cert_serials(device, (issued.serial,))
     doc = {
         "format": BUNDLE_FORMAT,

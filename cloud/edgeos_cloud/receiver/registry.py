@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edgeos_protocol.credentials import DEVICE_ID_RE
+from edgeos_protocol.credentials import DEVICE_ID_RE, check_device_id
 from edgeos_protocol.crypto import KEY_BYTES, key_id_for
 from edgeos_protocol.fsutil import write_private
 
@@ -109,7 +109,12 @@ class DeviceRegistry:
         self._cache.pop(record.device, None)
 
     def add(self, device: str, key: bytes | None = None) -> DeviceRecord:
-        """Register a new device with a fresh 32-byte key (refuses an existing id)."""
+        """Register a new device with a fresh 32-byte key (refuses an existing id).
+
+        Raises ``ValueError`` for an invalid id or one reserved for service identities
+        (``receiver`` …): a device must never share a name with a receiver.
+        """
+        check_device_id(device)
         if self._path(device).exists():
             raise FileExistsError(f"device {device!r} is already registered")
         key = os.urandom(KEY_BYTES) if key is None else key

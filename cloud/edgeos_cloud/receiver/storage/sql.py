@@ -24,6 +24,7 @@ from edgeos_cloud.receiver.storage.base import (
     Command,
     DeviceStatus,
     IngestBatch,
+    QuarantineRecord,
     Shadow,
     StoreOutcome,
     latest_per_tag,
@@ -132,19 +133,67 @@ class SqlStorage(SqlQueries):
 
     # ------------------------------------------------------------------ ingest
 
-    def store(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
-        if not batches:
+    def store(
+        self, batches: Sequence[IngestBatch], quarantine: Sequence[QuarantineRecord] = ()
+    ) -> list[StoreOutcome]:
+        if not batches and not quarantine:
             return []
-        with self._transaction():
-            outcomes = self._store_locked(batches)
+        try:
+            with self._transaction():
+                return self._store_locked(batches, quarantine)
+        except Exception as exc:
+            if not batches or self._is_outage(exc):
+                raise
+            log.warning(
+                "storing %d batches failed (%s: %s); storing them one by one",
+                len(batches),
+                type(exc).__name__,
+                exc,
+            )
+        # The database is up but refused something: nothing was committed. Store each batch
+        # on its own, so only the one it refuses fails; that one is quarantined.
+        outcomes: list[StoreOutcome] = []
+        for b in batches:
+            try:
+                with self._transaction():
+                    outcomes += self._store_locked([b], ())
+                continue
+            except Exception as exc:
+                if self._is_outage(exc):
+                    raise
+                detail = f"{type(exc).__name__}: {exc}"
+            record = QuarantineRecord.of(b, "unstorable", detail)
+            with self._transaction():
+                outcomes += self._store_locked([], [record])
+        if quarantine:
+            with self._transaction():
+                outcomes += self._store_locked([], quarantine)
         return outcomes
 
-    def _store_locked(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
+    def _is_outage(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (a failed transaction, rolled back) means the database is unusable
+        (raise: nothing acked, the writer backs off) rather than refusing this data."""
+        if self._outage_error(exc):
+            return True
+        try:
+            self._execute("SELECT 1").fetchone()
+        except Exception:  # any failure of the probe is the database's, not the batch's
+            return True
+        return False
+
+    def _outage_error(self, exc: BaseException) -> bool:
+        """Back-end hook: errors of the connection or the server, not of the data."""
+        return False
+
+    def _store_locked(
+        self, batches: Sequence[IngestBatch], quarantine: Sequence[QuarantineRecord] = ()
+    ) -> list[StoreOutcome]:
         now_us = int(time.time() * 1e6)
-        dev_ids = {b.device: self._device_id(b.device) for b in batches}
+        keys = [(b.device, b.epoch) for b in batches] + [(r.device, r.epoch) for r in quarantine]
+        dev_ids = {device: self._device_id(device) for device, _ in keys}
         # Lock (device, epoch) rows in one global order so concurrent receivers never deadlock;
         # epochs named by skip lists too (their contiguous mark may move).
-        named = {(b.device, b.epoch) for b in batches}
+        named = set(keys)
         named.update((b.device, e) for b in batches for e, _, _ in b.skips)
         acked: dict[tuple[str, int], int] = {}
         for device, epoch in sorted(named):
@@ -174,6 +223,11 @@ class SqlStorage(SqlQueries):
             stored_flags.append(is_new)
             if not is_new:
                 continue
+            # Re-ingested from quarantine (or a re-send that now passes): stored, not kept.
+            self._execute(
+                "DELETE FROM quarantine WHERE device_id = ? AND epoch = ? AND seq = ?",
+                (dev_id, to_db_epoch(b.epoch), b.seq),
+            )
             tag_ids = self._tag_ids(dev_id, b)
             self._store_samples(dev_id, b, tag_ids, shadows)
             if b.events:
@@ -203,6 +257,11 @@ class SqlStorage(SqlQueries):
             # Only a newly stored batch's skip list counts: a replay changes nothing.
             for e, first, last in b.skips:
                 new_skips.setdefault((b.device, e), []).append((first, last))
+        q_flags = [self._quarantine_one(dev_ids[r.device], r, now_us) for r in quarantine]
+        for r, (_, new) in zip(quarantine, q_flags, strict=True):
+            if new:
+                es = epoch_stats.setdefault((r.device, r.epoch), [0, 0])
+                es[1] = max(es[1], r.seq)
         for key in sorted(new_skips):
             ranges = merge_ranges(new_skips[key])
             self._record_skips(dev_ids[key[0]], key[1], ranges, now_us)
@@ -242,7 +301,54 @@ class SqlStorage(SqlQueries):
                     others,
                 )
             )
+        for r, (reason, new) in zip(quarantine, q_flags, strict=True):
+            outcomes.append(
+                StoreOutcome(
+                    r.device,
+                    r.epoch,
+                    r.seq,
+                    False,
+                    final[(r.device, r.epoch)],
+                    0,
+                    (),
+                    reason,
+                    new,
+                )
+            )
         return outcomes
+
+    def _quarantine_one(
+        self, device_id: int, r: QuarantineRecord, now_us: int
+    ) -> tuple[str | None, bool]:
+        """Keep a quarantined batch: ``(reason, newly quarantined)``; ``(None, False)`` when
+        the batch is stored already (a re-send of stored data is a plain replay)."""
+        key = (device_id, to_db_epoch(r.epoch), r.seq)
+        where = "WHERE device_id = ? AND epoch = ? AND seq = ?"
+        if self._execute(f"SELECT 1 FROM batches {where}", key).fetchone() is not None:
+            return None, False
+        # Our own text, but the detail quotes the data: no NUL (PostgreSQL text), bounded.
+        detail = r.detail.replace("\x00", "\\x00")[:2000]
+        if self._execute(f"SELECT 1 FROM quarantine {where}", key).fetchone() is not None:
+            self._execute(
+                "UPDATE quarantine SET reason = ?, detail = ?, attempts = attempts + 1,"
+                f" last_us = ? {where}",
+                (r.reason, detail, now_us, *key),
+            )
+            return r.reason, False
+        self._execute(
+            "INSERT INTO quarantine (device_id, epoch, seq, key_id, created_us, received_us,"
+            " reason, detail, attempts, last_us, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
+            # The record may carry the very value the database refused: clamp to BIGINT.
+            (
+                *key,
+                *(_i64(v) for v in (r.key_id, r.created_us, r.received_us)),
+                r.reason,
+                detail,
+                now_us,
+                r.payload,
+            ),
+        )
+        return r.reason, True
 
     def _device_id(self, device: str) -> int:
         found = self._device_ids.get(device) or self._staged_devices.get(device)
@@ -296,10 +402,13 @@ class SqlStorage(SqlQueries):
             while i < len(skips) and skips[i][0] <= acked + 1:
                 acked = max(acked, skips[i][1])
                 i += 1
+            # Quarantined numbers count as present: the device may drop them (re-ingest
+            # happens from the receiver's copy).
             rows = self._execute(
                 "SELECT seq FROM batches WHERE device_id = ? AND epoch = ? AND seq > ?"
-                " ORDER BY seq LIMIT 512",
-                (device_id, db_epoch, acked),
+                " UNION SELECT seq FROM quarantine WHERE device_id = ? AND epoch = ?"
+                " AND seq > ? ORDER BY seq LIMIT 512",
+                (device_id, db_epoch, acked, device_id, db_epoch, acked),
             ).fetchall()
             moved = 0
             for (seq,) in rows:
@@ -510,12 +619,28 @@ class SqlStorage(SqlQueries):
     def record_command_result(
         self, device: str, version: int, ok: bool, results: Mapping[str, Any], now_us: int
     ) -> bool:
+        # The first answer of a version is its outcome: the device applies a version at most
+        # once and repeats that answer, so a later result for an answered version is a repeat
+        # or a replay (e.g. captured before a receiver restart emptied the counter guard) and
+        # never overwrites it. True when the command exists (answered now or before).
         cur = self._execute(
             "UPDATE commands SET status = ?, results = ?, answered_us = ? WHERE version = ?"
+            " AND status IN ('pending', 'sent')"
             " AND device_id = (SELECT id FROM devices WHERE name = ?)",
             ("applied" if ok else "refused", safe_dumps(dict(results)), now_us, version, device),
         )
-        return bool(cur.rowcount == 1)
+        if cur.rowcount == 1:
+            return True
+        found = self._execute(
+            "SELECT 1 FROM commands WHERE version = ?"
+            " AND device_id = (SELECT id FROM devices WHERE name = ?)",
+            (version, device),
+        ).fetchone()
+        return found is not None
+
+
+def _i64(value: int) -> int:
+    return max(-(1 << 63), min(value, (1 << 63) - 1))
 
 
 def _event_ts(event: Mapping[str, Any], default: int) -> int:
