@@ -2,8 +2,11 @@
 
 It opens every batch a device publishes (authenticating it), keeps what it stored in memory,
 and acks the highest contiguous sequence number of each epoch (counting the ranges the device
-announced as skipped in ``meta["skip"]``). It is not the receiver (``edgeos_cloud.receiver``); it is
-the smallest peer that lets the uplink be tested end to end against a real broker.
+announced as skipped in ``meta["skip"]``). A batch that authenticates but does not decode is
+*quarantined* as the receiver does it: counted as present and acked with
+``AckStatus.QUARANTINED`` naming it, so the device drops it and counts it apart. It is not the
+receiver (``edgeos_cloud.receiver``); it is the smallest peer that lets the uplink be tested end
+to end against a real broker.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from edgeos.errors import WireError
 from edgeos_protocol.crypto import EpochKeyCache, Keyring
 from edgeos_protocol.topics import DEFAULT_PREFIX, TopicKind, subscription, topic
 from edgeos_protocol.wire import (
+    Ack,
     Batch,
     ControlKind,
     Header,
     counter_from_time,
-    open_sealed,
+    decode_body,
+    open_body,
     parse_header,
     seal_control,
 )
@@ -36,6 +41,8 @@ __all__ = ["Acker", "EpochState"]
 class EpochState:
     stored: set[int] = field(default_factory=set)
     skipped: set[int] = field(default_factory=set)
+    #: Authenticated but undecodable: present for the contiguous mark, not stored.
+    quarantined: set[int] = field(default_factory=set)
     contiguous: int = 0
 
 
@@ -64,6 +71,8 @@ class Acker:
         self.arrivals: list[tuple[str, int, int]] = []
         self.duplicates = 0
         self.rejected = 0
+        #: Batches that authenticated but did not decode (acked as quarantined).
+        self.quarantined = 0
         self._keys = EpochKeyCache()
         self._counter = 0
         self._subscribed = asyncio.Event()
@@ -102,9 +111,14 @@ class Acker:
                 epoch=header.epoch,
                 salt=header.salt,
             )
-            header, batch = open_sealed(payload, key)
+            header, body = open_body(payload, key)
         except (WireError, KeyError):
             self.rejected += 1
+            return
+        try:
+            batch = decode_body(body)
+        except WireError:
+            await self._quarantine(header, ring)
             return
         now = time.time()
         self.arrivals.append((header.device, header.epoch, header.seq))
@@ -123,18 +137,33 @@ class Acker:
         if self.ack_enabled:
             await self._ack(header.device, header.epoch, state.contiguous, ring)
 
+    async def _quarantine(self, header: Header, ring: Keyring) -> None:
+        state = self.epochs.setdefault((header.device, header.epoch), EpochState())
+        if header.seq not in state.quarantined:
+            self.quarantined += 1
+            state.quarantined.add(header.seq)
+        self._advance(state)
+        if self.ack_enabled:
+            await self._ack(header.device, header.epoch, state.contiguous, ring, (header.seq,))
+
     @staticmethod
     def _advance(state: EpochState) -> None:
-        while state.contiguous + 1 in state.stored or state.contiguous + 1 in state.skipped:
+        while (
+            (n := state.contiguous + 1) in state.stored
+            or n in state.skipped
+            or (n in state.quarantined)
+        ):
             state.contiguous += 1
 
-    async def _ack(self, device: str, epoch: int, seq: int, ring: Keyring) -> None:
-        if seq == 0:
+    async def _ack(
+        self, device: str, epoch: int, seq: int, ring: Keyring, quarantined: tuple[int, ...] = ()
+    ) -> None:
+        if seq == 0 and not quarantined:
             return
         self._counter = counter_from_time(self._counter, time.time())
         message = seal_control(
             ControlKind.ACK,
-            {"epoch": epoch, "seq": seq},
+            Ack(epoch, seq, quarantined).payload(),
             ring.current,
             device,
             self._counter,
@@ -147,4 +176,5 @@ class Acker:
             "stored": sum(len(s.stored) for s in self.epochs.values()),
             "duplicates": self.duplicates,
             "rejected": self.rejected,
+            "quarantined": self.quarantined,
         }

@@ -2,12 +2,17 @@
 
 :func:`encode_body` quantizes, delta-codes and compresses a :class:`~.batch.Batch`;
 :func:`decode_body` refuses anything inconsistent with :class:`MalformedBatch` and bounds what
-it decompresses and allocates (:data:`MAX_BODY_BYTES`, :data:`MAX_SAMPLES`).
+it decompresses and allocates by construction (:class:`DecodeLimits`): the msgpack document is
+first *scanned* without building anything — every value counted against an object budget,
+every container length, string length and the nesting depth checked, map keys required to be
+strings — and only a document that passed is materialised (by the C unpacker, with the same
+length limits). A limit that is exceeded raises :class:`LimitExceeded` naming it.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
@@ -20,7 +25,15 @@ from edgeos_protocol.columns import delta, pack_ints, unpack_ints
 from edgeos_protocol.errors import MalformedBatch
 from edgeos_protocol.quality import Quality
 
-__all__ = ["MAX_BODY_BYTES", "MAX_SAMPLES", "decode_body", "encode_body"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_BODY_BYTES",
+    "MAX_SAMPLES",
+    "DecodeLimits",
+    "LimitExceeded",
+    "decode_body",
+    "encode_body",
+]
 
 #: Largest decompressed body accepted (zstd bomb protection).
 MAX_BODY_BYTES = 64 << 20
@@ -29,6 +42,48 @@ MAX_SAMPLES = 4_000_000
 _USABLE_BELOW = int(Quality.BAD)
 # Quantized integers stay exactly representable as float64; larger ones travel as specials.
 _MAX_Q = float(1 << 53)
+
+
+class LimitExceeded(MalformedBatch):
+    """An authenticated body exceeds one of the reader's :class:`DecodeLimits`.
+
+    ``limit`` names the field (``"max_events"``, …): the receiver reports it as its config key.
+    """
+
+    def __init__(self, limit: str, message: str) -> None:
+        self.limit = limit
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """What one body may hold; every count is checked before the thing it counts is built.
+
+    The defaults are far above what a gateway sends (a 16,000-tag batch is ~600 msgpack
+    values) and far below what exhausts a reader (64 MiB of empty maps would need > 3 GiB).
+    """
+
+    #: Decompressed body size (the wire's cap is :data:`MAX_BODY_BYTES`).
+    max_body_bytes: int = MAX_BODY_BYTES
+    #: Every msgpack value (containers, keys, scalars) of the document, counted while scanning.
+    max_objects: int = 500_000
+    #: Nesting depth of the document (the body map is depth 1; ``meta`` is at depth 2).
+    max_depth: int = 32
+    #: Entries of one array, or key/value pairs of one map.
+    max_container_len: int = 1_000_000
+    #: UTF-8 bytes of one string (names, units, string values, event fields).
+    max_string_bytes: int = 1 << 20
+    #: Tags in the tag table.
+    max_tags: int = 100_000
+    #: Sample groups.
+    max_groups: int = 4096
+    #: Events.
+    max_events: int = 10_000
+    #: Sample slots (rows x columns over all groups).
+    max_samples: int = MAX_SAMPLES
+
+
+DEFAULT_LIMITS = DecodeLimits()
 
 
 def encode_body(batch: Batch, *, level: int = 3) -> bytes:
@@ -111,40 +166,146 @@ def _encode_group(g: Group, table: TagTable, strings: dict[str, int]) -> dict[st
     return doc
 
 
-def decode_body(data: bytes) -> Batch:
-    """Decompress (bounded by :data:`MAX_BODY_BYTES`) and decode a body; raise
-    :class:`MalformedBatch` on anything inconsistent."""
-    raw = _decompress(data)
+def decode_body(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Batch:
+    """Decompress and decode a body within ``limits``; raise :class:`MalformedBatch` (or its
+    :class:`LimitExceeded`) on anything inconsistent or too large. Nothing else escapes, not
+    even a ``MemoryError``: what is built is bounded before it is built."""
+    raw = _decompress(data, min(limits.max_body_bytes, MAX_BODY_BYTES))
+    scan_msgpack(raw, limits)
     try:
-        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+        doc = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=limits.max_string_bytes,
+            max_bin_len=len(raw),
+            max_array_len=limits.max_container_len,
+            max_map_len=limits.max_container_len,
+            max_ext_len=0,
+        )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise MalformedBatch(f"body is not valid msgpack: {exc}") from None
     try:
-        return _decode_doc(doc)
+        return _decode_doc(doc, limits)
     except MalformedBatch:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except MemoryError:
+        # Bounded above (samples, objects), so this is the machine, not the batch's size
+        # alone; still the batch's failure, never the reader's.
+        raise MalformedBatch("body needs more memory than is available") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise MalformedBatch(f"body structure is invalid: {type(exc).__name__}: {exc}") from None
 
 
-def _decompress(data: bytes) -> bytes:
+def _decompress(data: bytes, limit: int = MAX_BODY_BYTES) -> bytes:
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:
         raise MalformedBatch(f"body is not a zstd frame: {exc}") from None
-    if declared > MAX_BODY_BYTES:
-        raise MalformedBatch(f"body declares {declared} bytes; the limit is {MAX_BODY_BYTES}")
+    if declared > limit:
+        raise LimitExceeded(
+            "max_body_bytes", f"body declares {declared} bytes; the limit is {limit}"
+        )
     try:
         dctx = zstandard.ZstdDecompressor()
         with dctx.stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
-            out = reader.read(MAX_BODY_BYTES + 1)
+            out = reader.read(limit + 1)
     except zstandard.ZstdError as exc:
         raise MalformedBatch(f"body does not decompress: {exc}") from None
-    if len(out) > MAX_BODY_BYTES:
-        raise MalformedBatch(f"body decompresses past {MAX_BODY_BYTES} bytes")
+    if len(out) > limit:
+        raise LimitExceeded("max_body_bytes", f"body decompresses past {limit} bytes")
     if declared >= 0 and len(out) != declared:
         raise MalformedBatch("body is truncated")
     return out
+
+
+# msgpack first bytes → (kind, size of the length field or of the value).
+# kind: 0 scalar of fixed size, 1 str, 2 bin, 3 array, 4 map, 5 refused (ext, 0xc1).
+_FIXED = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
+_FIXED.update({0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9})
+_LENGTHED = {
+    0xD9: (1, 1),
+    0xDA: (1, 2),
+    0xDB: (1, 4),
+    0xC4: (2, 1),
+    0xC5: (2, 2),
+    0xC6: (2, 4),
+    0xDC: (3, 2),
+    0xDD: (3, 4),
+    0xDE: (4, 2),
+    0xDF: (4, 4),
+}
+
+
+def scan_msgpack(raw: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> int:
+    """Walk one msgpack document without building it; return its number of values.
+
+    Raises :class:`LimitExceeded` past ``max_objects``, ``max_depth``, ``max_container_len``
+    or ``max_string_bytes``, and :class:`MalformedBatch` for bad framing, trailing bytes, ext
+    types, or a map key that is not a string (JSON and SQL cannot hold the others).
+    Cost is one step per value: bytes and strings are skipped by their length.
+    """
+    n = len(raw)
+    pos = 0
+    objects = 0
+    budget = limits.max_objects
+    max_len = limits.max_container_len
+    max_str = limits.max_string_bytes
+    max_depth = limits.max_depth
+    # Per open container: items left, and whether it is a map (keys at even counts left).
+    stack: list[tuple[int, bool]] = []
+    left, is_map = 1, False
+    while True:
+        while left == 0:
+            if not stack:
+                if pos != n:
+                    raise MalformedBatch(f"body has {n - pos} bytes after its document")
+                return objects
+            left, is_map = stack.pop()
+        if pos >= n:
+            raise MalformedBatch("body is truncated inside its document")
+        is_key = is_map and left % 2 == 0
+        left -= 1
+        objects += 1
+        if objects > budget:
+            raise LimitExceeded("max_objects", f"body holds more than {budget} values")
+        b = raw[pos]
+        if b <= 0x7F or b >= 0xE0:
+            kind, length, pos = 0, 0, pos + 1
+        elif 0xA0 <= b <= 0xBF:
+            kind, length, pos = 1, b & 0x1F, pos + 1
+        elif 0x90 <= b <= 0x9F:
+            kind, length, pos = 3, b & 0x0F, pos + 1
+        elif 0x80 <= b <= 0x8F:
+            kind, length, pos = 4, b & 0x0F, pos + 1
+        elif b in _FIXED:
+            kind, length, pos = 0, 0, pos + _FIXED[b]
+        elif b in _LENGTHED:
+            kind, width = _LENGTHED[b]
+            length = int.from_bytes(raw[pos + 1 : pos + 1 + width], "big")
+            pos += 1 + width
+        else:
+            raise MalformedBatch(f"body holds an unsupported msgpack type 0x{b:02x}")
+        if is_key and kind != 1:
+            raise MalformedBatch("body holds a map key that is not a string")
+        if kind in (1, 2):
+            if kind == 1 and length > max_str:
+                raise LimitExceeded(
+                    "max_string_bytes", f"a string of {length} bytes (limit {max_str})"
+                )
+            pos += length
+        elif kind in (3, 4):
+            if length > max_len:
+                raise LimitExceeded(
+                    "max_container_len", f"a container of {length} entries (limit {max_len})"
+                )
+            if len(stack) + 1 > max_depth:
+                raise LimitExceeded("max_depth", f"body nests deeper than {max_depth}")
+            stack.append((left, is_map))
+            left, is_map = (length * 2, True) if kind == 4 else (length, False)
+        if pos > n:
+            raise MalformedBatch("body is truncated inside its document")
 
 
 def _str_list(obj: Any, what: str) -> list[str]:
@@ -160,13 +321,15 @@ def _codes(obj: Any, count: int, table_len: int, what: str) -> npt.NDArray[np.in
     return codes
 
 
-def _decode_doc(doc: Any) -> Batch:
+def _decode_doc(doc: Any, limits: DecodeLimits = DEFAULT_LIMITS) -> Batch:
     if not isinstance(doc, dict):
         raise MalformedBatch("body is not a map")
     t = doc["tags"]
     n = t["n"]
-    if not isinstance(n, int) or not 0 <= n <= MAX_SAMPLES:
+    if not isinstance(n, int) or n < 0:
         raise MalformedBatch("tag count out of range")
+    if n > limits.max_tags:
+        raise LimitExceeded("max_tags", f"{n} tags (limit {limits.max_tags})")
     indices = np.cumsum(unpack_ints(t["idx"], n, "tag indices"))
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) > 0x7FFFFFFF):
         raise MalformedBatch("tag index out of range")
@@ -193,12 +356,16 @@ def _decode_doc(doc: Any) -> Batch:
     groups_doc = doc["g"]
     if not isinstance(groups_doc, list):
         raise MalformedBatch("groups are not a list")
-    budget = [MAX_SAMPLES]
-    groups = [_decode_group(g, table, strings, budget) for g in groups_doc]
+    if len(groups_doc) > limits.max_groups:
+        raise LimitExceeded("max_groups", f"{len(groups_doc)} groups (limit {limits.max_groups})")
     events = doc["ev"]
     meta = doc["meta"]
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise MalformedBatch("events are not a list of maps")
+    if len(events) > limits.max_events:
+        raise LimitExceeded("max_events", f"{len(events)} events (limit {limits.max_events})")
+    budget = [min(limits.max_samples, MAX_SAMPLES)]
+    groups = [_decode_group(g, table, strings, budget) for g in groups_doc]
     if not isinstance(meta, dict):
         raise MalformedBatch("meta is not a map")
     return Batch(table, groups, events, meta)
@@ -226,7 +393,7 @@ def _decode_group(d: Any, table: TagTable, strings: list[str], budget: list[int]
     n_cols = len(c_obj[1]) // c_obj[0]
     budget[0] -= n_rows * n_cols
     if budget[0] < 0:
-        raise MalformedBatch(f"batch declares more than {MAX_SAMPLES} samples")
+        raise LimitExceeded("max_samples", "batch declares more sample slots than its limit")
     times = np.cumsum(unpack_ints(t_obj, n_rows, "row times"))
     cols = np.cumsum(unpack_ints(c_obj, n_cols, "group columns"))
     if cols.size and (int(cols.min()) < 0 or int(cols.max()) >= n_tags):

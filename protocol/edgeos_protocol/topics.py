@@ -11,7 +11,7 @@ Topics (``<p>`` = the topic prefix, default ``edgeos/v1``)::
 :func:`device_topics` gives one device's topics, :func:`subscription` a receiver's filter over
 every device (optionally through a shared-subscription group), :func:`parse_topic` the
 device and kind of a topic a message arrived on. The broker's ACLs (see
-``edgeos_testing.mosquitto.device_acl``) are written for these same names.
+``edgeos_cloud.broker.device_acl``) are written for these same names.
 """
 
 from __future__ import annotations

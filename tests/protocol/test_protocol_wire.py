@@ -422,3 +422,20 @@ def test_control_messages_never_share_a_key_and_replays_are_refused() -> None:
     assert guard.last("gw-1", ControlKind.ACK) == 2
     assert wire.counter_from_time(10**20, 1.0) == 10**20 + 1
     assert wire.counter_from_time(0, 2.5) == 2_500_000
+
+
+def test_ack_status_is_optional_and_old_acks_still_read() -> None:
+    from edgeos_protocol.wire import Ack, AckStatus
+
+    plain = Ack(7, 3)
+    assert plain.payload() == {"epoch": 7, "seq": 3} and plain.status is AckStatus.STORED
+    assert Ack.parse({"epoch": 7, "seq": 3}) == plain  # what every receiver sent before
+    told = Ack(7, 5, (4, 5))
+    doc = told.payload()
+    assert doc == {"epoch": 7, "seq": 5, "status": "quarantined", "quarantined": [4, 5]}
+    assert Ack.parse(doc) == told and told.status is AckStatus.QUARANTINED
+    # An older reader takes only epoch/seq; a status this reader does not know is "stored".
+    assert Ack.parse({**doc, "status": "future"}).quarantined == ()
+    for bad in ({"epoch": 7}, {"epoch": 7, "seq": True}, {**doc, "quarantined": [0]}):
+        with pytest.raises(MalformedBatch):
+            Ack.parse(bad)

@@ -26,6 +26,7 @@ from edgeos.errors import WireError
 from edgeos_protocol.crypto import Epoch, Keyring, Suite
 from edgeos_protocol.wire import (
     DOWNLINK_KINDS,
+    Ack,
     Batch,
     ControlKind,
     Group,
@@ -101,6 +102,8 @@ class SimDevice:
         self.bad_controls = 0
         #: Authenticated acks received (re-acks of replays included).
         self.ack_count = 0
+        #: ``(epoch, seq)`` the receiver said it quarantined (``AckStatus.QUARANTINED``).
+        self.quarantined: set[tuple[int, int]] = set()
         self._guard = ReplayGuard()
         self._applied_version = 0
         self._answers: dict[int, tuple[bool, dict[str, Any]]] = {}
@@ -132,6 +135,12 @@ class SimDevice:
         _, sealed = seal_batch(self.epoch, body, created)
         return sealed
 
+    def seal_body(self, body: bytes, created_us: int | None = None) -> bytes:
+        """Seal an already encoded (possibly hostile) body under the next sequence number."""
+        created = created_us if created_us is not None else int(_now() * 1e6)
+        _, sealed = seal_batch(self.epoch, body, created)
+        return sealed
+
     async def publish(self, sealed: bytes, topic_device: str | None = None) -> None:
         await self.client.publish(
             f"{self.prefix}/{topic_device or self.device}/batch", sealed, qos=1
@@ -142,6 +151,11 @@ class SimDevice:
         async with self._changed:
             await self._changed.wait_for(lambda: self.acked.get(epoch, 0) >= seq)
             return self.acked[epoch]
+
+    async def wait_quarantined(self, epoch: int, seq: int) -> None:
+        """Wait until an ack says the receiver quarantined ``seq`` of ``epoch``."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: (epoch, seq) in self.quarantined)
 
     async def wait_ack_count(self, count: int) -> None:
         """Wait until ``count`` authenticated acks have arrived in total."""
@@ -168,9 +182,14 @@ class SimDevice:
                 self.bad_controls += 1
                 continue
             if control.kind is ControlKind.ACK:
-                epoch, seq = control.payload["epoch"], control.payload["seq"]
+                try:
+                    ack = Ack.parse(control.payload)
+                except WireError:
+                    self.bad_controls += 1
+                    continue
                 async with self._changed:
-                    self.acked[epoch] = max(self.acked.get(epoch, 0), seq)
+                    self.acked[ack.epoch] = max(self.acked.get(ack.epoch, 0), ack.seq)
+                    self.quarantined.update((ack.epoch, q) for q in ack.quarantined)
                     self.ack_count += 1
                     self._changed.notify_all()
             elif control.kind is ControlKind.COMMAND:

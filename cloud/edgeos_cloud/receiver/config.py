@@ -19,10 +19,18 @@ Example ``receiver.toml`` (relative paths are relative to the file's folder)::
 
     [metrics]
     listen = "127.0.0.1:9109"           # "" disables the endpoint
+
+    [quotas]                            # per device; over quota = deferred (re-sent later)
+    samples_per_s = 200000
+    bytes_per_day = 8589934592
+
+    [intake]
+    max_bytes_in_flight = 67108864      # beyond it PUBACKs wait: the broker stops sending
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -47,8 +55,10 @@ from edgeos_protocol.validation import format_validation_error
 __all__ = [
     "BrokerConfig",
     "CommandsConfig",
+    "IntakeConfig",
     "LimitsConfig",
     "MetricsConfig",
+    "QuotasConfig",
     "ReceiverConfig",
     "RegistryConfig",
     "StorageConfig",
@@ -173,10 +183,107 @@ class MetricsConfig(_Model):
 
 
 class LimitsConfig(_Model):
+    """What one message may hold and cost (docs/receiver.md, "Limits").
+
+    The ``max_*`` keys from ``max_body_bytes`` on bound an *authenticated* batch: one over
+    a limit is quarantined with reason ``limit`` (its sealed bytes kept; raise the limit and
+    ``quarantine reingest``), never half stored. Each is checked before what it counts is
+    built.
+    """
+
     #: Larger MQTT payloads are rejected as ``oversized`` before anything is parsed.
     max_payload_bytes: Annotated[int, Field(ge=1024, le=64 << 20)] = 16 << 20
     #: Received batches waiting for the writer; MQTT reading pauses when it is full.
     queue_size: Annotated[int, Field(ge=1, le=100_000)] = 256
+    #: Decompressed body (the wire format's own cap is 64 MiB).
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 << 20)] = 64 << 20
+    #: msgpack values in a body (every container, key and scalar), counted while scanning.
+    max_objects: Annotated[int, Field(ge=100)] = 500_000
+    #: Nesting depth of a body (the body map is 1, ``meta`` 2, a value in ``meta`` 3 …).
+    max_depth: Annotated[int, Field(ge=6, le=512)] = 32
+    #: Entries of one msgpack array or map.
+    max_container_len: Annotated[int, Field(ge=16)] = 1_000_000
+    #: UTF-8 bytes of any one string in a body.
+    max_string_bytes: Annotated[int, Field(ge=64)] = 1 << 20
+    #: UTF-8 bytes of a tag name, a unit or an event type (also: no NUL, no control chars).
+    max_name_bytes: Annotated[int, Field(ge=16, le=1 << 20)] = 1024
+    #: Tags in one batch's tag table (each may become a ``tags`` row).
+    max_tags: Annotated[int, Field(ge=1)] = 100_000
+    #: Sample groups in one batch.
+    max_groups: Annotated[int, Field(ge=1)] = 4096
+    #: Sample slots (rows x columns) in one batch.
+    max_samples: Annotated[int, Field(ge=1, le=4_000_000)] = 4_000_000
+    #: ``sample_blocks`` rows one batch may need (a block spans at most an hour of samples).
+    max_blocks: Annotated[int, Field(ge=1)] = 48
+    #: Events in one batch (each an ``events`` row).
+    max_events: Annotated[int, Field(ge=0)] = 10_000
+    #: JSON bytes of one stored event.
+    max_event_bytes: Annotated[int, Field(ge=256)] = 64 << 10
+    #: JSON bytes of a batch's ``meta`` as stored.
+    max_meta_bytes: Annotated[int, Field(ge=256)] = 4 << 20
+    #: Ranges in ``meta["skip"]``.
+    max_skip_ranges: Annotated[int, Field(ge=1)] = 65_536
+    #: Distinct epochs other than its own a batch's ``meta["skip"]`` may name (each is
+    #: locked, advanced and acked).
+    max_skip_epochs: Annotated[int, Field(ge=0)] = 16
+    #: Sample and event times before this are refused (``timestamp``): an unset clock.
+    min_timestamp: dt.datetime = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    #: … and times more than this many seconds after the batch was received.
+    max_ahead_s: Annotated[float, Field(gt=0, le=100 * 366 * 86400)] = 366 * 86400.0
+
+    @field_validator("min_timestamp")
+    @classmethod
+    def _check_min_timestamp(cls, value: dt.datetime) -> dt.datetime:
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        if value.year < 1971:
+            raise ValueError("must be 1971 or later")
+        return value
+
+    @property
+    def min_timestamp_us(self) -> int:
+        return int(self.min_timestamp.timestamp() * 1_000_000)
+
+
+class QuotasConfig(_Model):
+    """Per-device quotas (one receiver process's view; see docs/receiver.md "Fleet").
+
+    Over-quota batches are *deferred*: not stored, not acknowledged, counted in
+    ``edgeos_receiver_deferred_total{reason}``; the gateway's spool keeps them and re-sends
+    them later. Rates are token buckets that may go into debt by one batch, so a batch larger
+    than a bucket still passes when the bucket is full (a device is slowed, never wedged).
+    """
+
+    #: Decoded samples per second, sustained.
+    samples_per_s: Annotated[float, Field(gt=0)] = 200_000.0
+    #: Events per second, sustained.
+    events_per_s: Annotated[float, Field(gt=0)] = 1_000.0
+    #: How many seconds of the two rates above a device may send at once (a spool backlog
+    #: drained after an outage goes at the sustained rate once this is used).
+    burst_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    #: Tag names this receiver has not seen from the device before, per day.
+    new_tags_per_day: Annotated[int, Field(ge=1)] = 100_000
+    #: Sealed bytes per day (checked at the door, before anything is queued).
+    bytes_per_day: Annotated[int, Field(ge=1 << 20)] = 8 << 30
+
+
+class IntakeConfig(_Model):
+    """How much the receiver holds between the broker and the writer, and how it is shared.
+
+    Messages are acknowledged to the broker (MQTT PUBACK) only once admitted to a device's
+    queue, refused or deferred, never before: when ``max_bytes_in_flight`` is reached the
+    receiver withholds PUBACKs and the broker stops sending (its in-flight window), so nothing
+    the broker delivered is dropped.
+    """
+
+    #: Bytes of admitted messages not yet stored (all devices); beyond it reading pauses.
+    max_bytes_in_flight: Annotated[int, Field(ge=1 << 20)] = 64 << 20
+    #: One device's share of the writer's queue; a device past it has further messages
+    #: deferred (``reason="device_busy"``). A device with nothing queued always gets one.
+    #: A gateway keeps at most ``uplink.inflight_window`` (16) batches unacknowledged, so 32
+    #: leaves room for its re-sends; only a device that ignores acks reaches it.
+    device_max_bytes: Annotated[int, Field(ge=1024)] = 16 << 20
+    device_max_messages: Annotated[int, Field(ge=1, le=100_000)] = 32
 
 
 class CommandsConfig(_Model):
@@ -193,6 +300,8 @@ class ReceiverConfig(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
+    quotas: QuotasConfig = Field(default_factory=QuotasConfig)
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
     #: Broker URL written into provisioning bundles (defaults to ``broker.url``).
     public_broker_url: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,8 +1,14 @@
-"""Opening batches: size and framing checks, key lookup, AEAD, decode, flatten.
+"""Opening batches: size and framing checks, key lookup, AEAD, decode, limits, flatten.
 
 Pure and blocking (no I/O besides the registry's ``stat``): the receiver runs it in its writer
 thread, the benchmark and the fuzz tests call it directly. Every way a message can be bad ends
 in :class:`Rejected` with a reason from :data:`REJECT_REASONS`; nothing else escapes.
+
+A batch that *authenticated* but cannot be decoded, or breaks a ``[limits]`` key, or holds
+times outside the plausible window, raises :class:`Quarantined` (a :class:`Rejected`) carrying
+a :class:`~edgeos_cloud.receiver.storage.base.QuarantineRecord`: the receiver keeps its sealed
+bytes and acks it as quarantined, so the device moves on and nothing is lost. Every limit is
+checked before the thing it counts is built (:class:`~edgeos_protocol.body.DecodeLimits`).
 """
 
 from __future__ import annotations
@@ -11,9 +17,20 @@ import json
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from edgeos_cloud.receiver.config import LimitsConfig
 from edgeos_cloud.receiver.registry import DeviceRegistry, KeyLookupError
-from edgeos_cloud.receiver.storage.base import DeviceStatus, IngestBatch, merge_ranges
+from edgeos_cloud.receiver.storage.base import (
+    DeviceStatus,
+    IngestBatch,
+    QuarantineRecord,
+    Storage,
+    merge_ranges,
+    safe_dumps,
+)
+from edgeos_cloud.receiver.storage.blocks import MAX_SPAN_US
+from edgeos_protocol.body import DecodeLimits, LimitExceeded
 from edgeos_protocol.crypto import EpochKeyCache
 from edgeos_protocol.errors import (
     AuthenticationFailed,
@@ -36,9 +53,11 @@ __all__ = [
     "MAX_STATUS_BYTES",
     "REJECT_REASONS",
     "BatchOpener",
+    "Quarantined",
     "Rejected",
     "parse_skips",
     "parse_status",
+    "reingest",
 ]
 
 #: Most ranges one batch may announce in ``meta["skip"]`` (the batcher merges adjacent ones).
@@ -72,18 +91,49 @@ class Rejected(Exception):
         super().__init__(message)
 
 
-def parse_skips(meta: dict[str, Any], epoch: int, seq: int) -> list[tuple[int, int, int]]:
+class Quarantined(Rejected):
+    """An authenticated batch the receiver keeps sealed instead of storing.
+
+    ``reason`` is one of :data:`~edgeos_cloud.receiver.storage.base.QUARANTINE_REASONS`
+    (``malformed``, ``limit``, ``timestamp``); ``record`` is what to keep.
+    """
+
+    def __init__(self, record: QuarantineRecord) -> None:
+        super().__init__(record.reason, record.device, record.detail)
+        self.record = record
+
+
+class _LimitError(ValueError):
+    """A ``[limits]`` key was exceeded (``key`` names it)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
+def parse_skips(
+    meta: dict[str, Any],
+    epoch: int,
+    seq: int,
+    *,
+    max_ranges: int = MAX_SKIP_RANGES,
+    max_epochs: int | None = None,
+) -> list[tuple[int, int, int]]:
     """Validate ``meta["skip"]`` (``[[epoch, first, last], …]``), merged per epoch.
 
     Raises ValueError when the list is not well formed, or names the batch's own sequence
     number or a later one of its epoch: a gap is announced only after it happened, and an
-    ack past a number the device still holds would delete that data from its spool.
+    ack past a number the device still holds would delete that data from its spool. More
+    than ``max_ranges`` ranges, or more than ``max_epochs`` epochs besides the batch's own,
+    raise the ValueError subclass ``_LimitError``.
     """
     raw = meta.get("skip")
     if raw is None:
         return []
-    if not isinstance(raw, list | tuple) or len(raw) > MAX_SKIP_RANGES:
-        raise ValueError(f"not a list of at most {MAX_SKIP_RANGES} ranges")
+    if not isinstance(raw, list | tuple):
+        raise ValueError("not a list of ranges")
+    if len(raw) > max_ranges:
+        raise _LimitError("max_skip_ranges", f"{len(raw)} ranges (limit {max_ranges})")
     by_epoch: dict[int, list[tuple[int, int]]] = {}
     for item in raw:
         if (
@@ -98,7 +148,24 @@ def parse_skips(meta: dict[str, Any], epoch: int, seq: int) -> list[tuple[int, i
         if e == epoch and last >= seq:
             raise ValueError(f"{item!r} reaches this batch's own sequence number {seq}")
         by_epoch.setdefault(e, []).append((first, last))
+        if max_epochs is not None and len(by_epoch.keys() - {epoch}) > max_epochs:
+            raise _LimitError("max_skip_epochs", f"names more than {max_epochs} other epochs")
     return [(e, f, last) for e in sorted(by_epoch) for f, last in merge_ranges(by_epoch[e])]
+
+
+class _TimeError(ValueError):
+    """A time outside the plausible window (``limits.min_timestamp`` / ``max_ahead_s``)."""
+
+
+def count_blocks(ts_us: npt.NDArray[np.int64], stop: int) -> int:
+    """How many ``sample_blocks`` rows the samples need (as ``encode_blocks`` splits them),
+    counting no further than ``stop``: one step per block, not per sample."""
+    times = np.unique(ts_us)
+    count, i = 0, 0
+    while i < times.size and count < stop:
+        count += 1
+        i = int(np.searchsorted(times, int(times[i]) + MAX_SPAN_US, side="right"))
+    return count
 
 
 def parse_status(payload: bytes, topic_device: str, received_us: int) -> DeviceStatus:
@@ -129,16 +196,37 @@ def parse_status(payload: bytes, topic_device: str, received_us: int) -> DeviceS
         doc["state"] == "online",
         received_us,
         device_ts_us,
-        epoch[:32] if isinstance(epoch, str) else None,
+        # Stored as text: nothing PostgreSQL refuses (NUL) or a terminal misprints.
+        epoch[:32] if isinstance(epoch, str) and epoch[:32].isprintable() else None,
     )
 
 
 class BatchOpener:
-    """Turns sealed payloads into :class:`IngestBatch` es, or raises :class:`Rejected`."""
+    """Turns sealed payloads into :class:`IngestBatch` es, or raises :class:`Rejected`
+    (:class:`Quarantined` for an authenticated batch that breaks ``limits``)."""
 
-    def __init__(self, registry: DeviceRegistry, max_payload_bytes: int = MAX_SEALED_BYTES) -> None:
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        max_payload_bytes: int = MAX_SEALED_BYTES,
+        *,
+        limits: LimitsConfig | None = None,
+    ) -> None:
         self.registry = registry
         self.max_payload_bytes = min(max_payload_bytes, MAX_SEALED_BYTES)
+        self.limits = limits if limits is not None else LimitsConfig()
+        lim = self.limits
+        self.decode_limits = DecodeLimits(
+            max_body_bytes=lim.max_body_bytes,
+            max_objects=lim.max_objects,
+            max_depth=lim.max_depth,
+            max_container_len=lim.max_container_len,
+            max_string_bytes=lim.max_string_bytes,
+            max_tags=lim.max_tags,
+            max_groups=lim.max_groups,
+            max_events=lim.max_events,
+            max_samples=lim.max_samples,
+        )
         self._keys = EpochKeyCache()
 
     def open(
@@ -184,21 +272,51 @@ class BatchOpener:
             _, body = open_body(payload, epoch_key)
         except AuthenticationFailed as exc:
             raise Rejected("forged", device, str(exc)) from None
+
+        # Authenticated from here on: whatever is wrong is kept (quarantined), not dropped.
+        def quarantine(reason: str, detail: str) -> Quarantined:
+            return Quarantined(
+                QuarantineRecord(
+                    device,
+                    header.epoch,
+                    header.seq,
+                    header.key_id,
+                    header.created_us,
+                    received_us,
+                    reason,
+                    detail,
+                    payload,
+                )
+            )
+
         try:
-            batch = decode_body(body)
+            batch = decode_body(body, self.decode_limits)
             rows = batch.rows()
+            skips = parse_skips(
+                batch.meta,
+                header.epoch,
+                header.seq,
+                max_ranges=self.limits.max_skip_ranges,
+                max_epochs=self.limits.max_skip_epochs,
+            )
+            self._check(batch.tags.names, batch.tags.units, batch.events, batch.meta)
+            self._check_times(rows.ts_us, batch.events, received_us)
+        except LimitExceeded as exc:
+            raise quarantine("limit", f"limits.{exc.limit}: {exc}") from None
+        except _LimitError as exc:
+            raise quarantine("limit", f"limits.{exc.key}: {exc}") from None
+        except _TimeError as exc:
+            raise quarantine("timestamp", str(exc)) from None
+        except MemoryError:
+            raise quarantine("malformed", "decoding needs more memory than is available") from None
         except UnsupportedVersion as exc:
-            raise Rejected("unsupported_version", device, str(exc)) from None
+            raise quarantine("malformed", f"unsupported body: {exc}") from None
         except WireError as exc:
-            raise Rejected("malformed", device, str(exc)) from None
-        except (ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+            raise quarantine("malformed", str(exc)) from None
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError) as exc:
             # decode_body translates its own errors; this is the last line for anything a
             # crafted (but authenticated) body still manages to trip over.
-            raise Rejected("malformed", device, f"{type(exc).__name__}: {exc}") from None
-        try:
-            skips = parse_skips(batch.meta, header.epoch, header.seq)
-        except ValueError as exc:
-            raise Rejected("malformed", device, f"meta.skip: {exc}") from None
+            raise quarantine("malformed", f"{type(exc).__name__}: {exc}") from None
         tags = batch.tags
         return IngestBatch(
             device=device,
@@ -220,7 +338,68 @@ class BatchOpener:
             events=batch.events,
             meta=batch.meta,
             skips=skips,
+            payload=payload,
+            key_id=header.key_id,
         )
+
+    def _check(
+        self,
+        names: list[str],
+        units: list[str],
+        events: list[dict[str, Any]],
+        meta: dict[str, Any],
+    ) -> None:
+        """Names, units and event types are text columns: bounded, no NUL (PostgreSQL text
+        cannot hold one); events and ``meta`` are stored as JSON: bounded in size."""
+        lim = self.limits
+        # A type that is not a string is stored as its str() (a repr: no raw NUL).
+        types = [t for ev in events if isinstance(t := ev.get("type", ""), str)]
+        for what, texts in (("tag name", names), ("unit", units), ("event type", types)):
+            if texts and max(map(len, texts)) * 4 > lim.max_name_bytes:
+                longest = max(len(t.encode()) for t in texts)
+                if longest > lim.max_name_bytes:
+                    raise _LimitError(
+                        "max_name_bytes",
+                        f"a {what} of {longest} bytes (limit {lim.max_name_bytes})",
+                    )
+            if any("\x00" in t for t in texts):
+                raise ValueError(f"a {what} holds a NUL character")
+        for ev in events:
+            size = len(safe_dumps(ev))
+            if size > lim.max_event_bytes:
+                raise _LimitError(
+                    "max_event_bytes",
+                    f"an event of {size} JSON bytes (limit {lim.max_event_bytes})",
+                )
+        size = len(safe_dumps(meta))
+        if size > lim.max_meta_bytes:
+            raise _LimitError(
+                "max_meta_bytes", f"meta of {size} JSON bytes (limit {lim.max_meta_bytes})"
+            )
+
+    def _check_times(
+        self, ts_us: npt.NDArray[np.int64], events: list[dict[str, Any]], received_us: int
+    ) -> None:
+        """Times outside [``min_timestamp``, received + ``max_ahead_s``] are refused, and a
+        batch whose samples would need more than ``max_blocks`` blocks is over its limit."""
+        lo = self.limits.min_timestamp_us
+        hi = received_us + int(self.limits.max_ahead_s * 1e6)
+        event_ts = [t for ev in events if type(t := ev.get("ts_us")) is int and not lo <= t <= hi]
+        if event_ts:
+            raise _TimeError(f"an event time {event_ts[0]} µs is outside [{lo}, {hi}]")
+        if not ts_us.size:
+            return
+        first, last = int(ts_us.min()), int(ts_us.max())
+        if first < lo or last > hi:
+            bad = first if first < lo else last
+            raise _TimeError(f"a sample time {bad} µs is outside [{lo}, {hi}]")
+        if last - first > MAX_SPAN_US:
+            blocks = count_blocks(ts_us, self.limits.max_blocks + 1)
+            if blocks > self.limits.max_blocks:
+                raise _LimitError(
+                    "max_blocks",
+                    f"samples span more than {self.limits.max_blocks} blocks of an hour",
+                )
 
     def open_result(self, payload: bytes, topic_device: str) -> Control:
         """Authenticate a device's command result (``…/cmd/result``) or raise Rejected."""
@@ -246,3 +425,42 @@ class BatchOpener:
             raise Rejected("forged", topic_device, str(exc)) from None
         except WireError as exc:
             raise Rejected("malformed", topic_device, str(exc)) from None
+
+
+def reingest(
+    storage: Storage,
+    opener: BatchOpener,
+    *,
+    device: str | None = None,
+    epoch: int | None = None,
+    seq: int | None = None,
+) -> list[dict[str, Any]]:
+    """Open quarantined batches again (with ``opener``'s current limits) and store those that
+    now pass; the others stay quarantined with their new reason. One result per batch:
+    ``{"device", "epoch", "seq", "outcome": "stored"|"quarantined"|"rejected", "detail"}``.
+
+    The device acked them long ago (as quarantined); nothing is acknowledged here.
+    """
+    out: list[dict[str, Any]] = []
+    for entry in storage.quarantined(device):
+        if (epoch is not None and entry.epoch != epoch) or (seq is not None and entry.seq != seq):
+            continue
+        record = storage.quarantined_record(entry.device, entry.epoch, entry.seq)
+        if record is None:  # re-ingested meanwhile (another receiver: the device re-sent it)
+            continue
+        result: dict[str, Any] = {"device": entry.device, "epoch": entry.epoch, "seq": entry.seq}
+        try:
+            batch = opener.open(record.payload, record.received_us, record.device)
+        except Quarantined as exc:
+            storage.store([], [exc.record])
+            result.update(outcome="quarantined", detail=f"{exc.reason}: {exc}")
+        except Rejected as exc:  # revoked device, key removed …: kept as it is
+            result.update(outcome="rejected", detail=f"{exc.reason}: {exc}")
+        else:
+            (outcome,) = storage.store([batch])
+            if outcome.quarantined is not None:
+                result.update(outcome="quarantined", detail="unstorable: refused by the database")
+            else:
+                result.update(outcome="stored", detail=f"{outcome.samples} samples")
+        out.append(result)
+    return out

@@ -27,6 +27,18 @@ class ReceiverMetrics:
             ["reason"],
             registry=r,
         )
+        self.quarantined = Counter(
+            "edgeos_receiver_quarantined",
+            "Authenticated batches kept sealed instead of stored (acked as quarantined), by"
+            " reason: malformed, limit, timestamp, unstorable",
+            ["reason"],
+            registry=r,
+        )
+        self.quarantined_bytes = Counter(
+            "edgeos_receiver_quarantined_bytes",
+            "Sealed bytes of quarantined batches",
+            registry=r,
+        )
         self.acks = Counter("edgeos_receiver_acks", "Acknowledgements published", registry=r)
         self.acks_dropped = Counter(
             "edgeos_receiver_acks_dropped",

@@ -5,10 +5,17 @@ One asyncio loop, one root TaskGroup with three children:
 * ``mqtt``    — connects (TLS client certificate, or plain TCP), subscribes with a shared
   subscription ``$share/<group>/<prefix>/+/batch`` (and ``…/cmd/result``) so several
   receivers split the load (``group = ""``: plain subscriptions, for brokers without shared
-  subscriptions), plainly to ``<prefix>/+/status`` (retained birth/death), and queues every
-  message (bounded: a slow writer pauses reading, it never drops);
-* ``writer``  — takes up to ``max_batches_per_transaction`` queued messages at a time and hands
-  them to the single writer thread, which opens, decodes and stores them in one transaction;
+  subscriptions), plainly to ``<prefix>/+/status`` (retained birth/death). Every message
+  passes the *door* on the loop as it arrives (topic, size, bytes/day quota) and is admitted
+  to its device's lane of a :class:`~edgeos_cloud.receiver.fairqueue.FairQueue`, deferred
+  (counted, not acknowledged: the device re-sends), or refused (counted). The broker's PUBACK
+  is sent only then (paho's manual acknowledgement): when ``intake.max_bytes_in_flight`` is
+  reached the PUBACK is withheld, the broker's in-flight window fills and it stops sending.
+  Nothing the broker delivered is dropped uncounted, and memory is bounded by admission;
+* ``writer``  — takes up to ``max_batches_per_transaction`` queued messages, one device at a
+  time in turn (a flood or backlog of one device cannot starve the others), and hands them to
+  the single writer thread, which opens, decodes, checks the device's quotas and stores them
+  in one transaction;
   only after that transaction committed are the acks published (an ack never runs ahead of
   durable storage; a lost ack makes the device re-send, which is stored once, acked again);
 * ``commands`` — sends queued desired-state changes (``shadow set``) sealed with the device
@@ -28,6 +35,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,13 +44,17 @@ from typing import Any, TypeVar
 import aiomqtt
 
 from edgeos_cloud.receiver.config import ReceiverConfig
-from edgeos_cloud.receiver.ingest import BatchOpener, Rejected, parse_status
+from edgeos_cloud.receiver.fairqueue import Admission, FairQueue, Taken
+from edgeos_cloud.receiver.ingest import BatchOpener, Quarantined, Rejected, parse_status
+from edgeos_cloud.receiver.intake import IntakeMetrics
 from edgeos_cloud.receiver.metrics import MetricsServer, ReceiverMetrics
+from edgeos_cloud.receiver.quota import DeviceQuotas
 from edgeos_cloud.receiver.ratelimit import OncePerMinute
 from edgeos_cloud.receiver.registry import DeviceRegistry, KeyLookupError
 from edgeos_cloud.receiver.storage import (
     DeviceStatus,
     IngestBatch,
+    QuarantineRecord,
     Storage,
     StoreOutcome,
     open_storage,
@@ -50,7 +62,7 @@ from edgeos_cloud.receiver.storage import (
 from edgeos_protocol.aio import reraise_lost_cancellation
 from edgeos_protocol.backoff import Backoff, BackoffPolicy
 from edgeos_protocol.topics import TopicError, TopicKind, parse_topic, topic
-from edgeos_protocol.wire import ControlKind, ReplayGuard, counter_from_time, seal_control
+from edgeos_protocol.wire import Ack, ControlKind, ReplayGuard, counter_from_time, seal_control
 
 __all__ = ["Receiver"]
 
@@ -75,6 +87,16 @@ class _Message:
     received_us: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A QoS 1 message waiting at the door for room; its PUBACK is withheld meanwhile."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    received_us: int
+
+
 @dataclass(slots=True)
 class _WriteResult:
     acks: list[tuple[str, int, int, int]] = field(
@@ -86,7 +108,8 @@ class Receiver:
     """One receiver instance; ``await receiver.run()`` until cancelled.
 
     ``ready`` is set once the broker subscription is in place (tests and supervisors wait on
-    it); ``metrics`` holds this instance's Prometheus registry.
+    it); ``metrics`` holds this instance's Prometheus registry. ``quotas`` replaces the
+    per-device quotas of ``config.quotas`` (tests pass one with a virtual clock).
     """
 
     def __init__(
@@ -95,14 +118,33 @@ class Receiver:
         *,
         registry: DeviceRegistry | None = None,
         metrics: ReceiverMetrics | None = None,
+        quotas: DeviceQuotas | None = None,
     ) -> None:
         self.config = config
         self.registry = registry if registry is not None else DeviceRegistry(config.registry.dir)
         self.metrics = metrics if metrics is not None else ReceiverMetrics()
         self.ready = asyncio.Event()
         self.metrics_port: int | None = None
-        self._opener = BatchOpener(self.registry, config.limits.max_payload_bytes)
-        self._queue: asyncio.Queue[_Message] = asyncio.Queue(config.limits.queue_size)
+        self._opener = BatchOpener(
+            self.registry, config.limits.max_payload_bytes, limits=config.limits
+        )
+        # Sequence numbers quarantined per (device, epoch) since its last ack: the writer
+        # thread notes them, the next ack of that epoch names them (AckStatus.QUARANTINED).
+        self._ack_quarantined: dict[tuple[str, int], set[int]] = {}
+        self._ack_lock = threading.Lock()
+        intake = config.intake
+        self._queue: FairQueue[str, _Message] = FairQueue(
+            max_bytes=intake.max_bytes_in_flight,
+            max_items=config.limits.queue_size,
+            device_max_bytes=intake.device_max_bytes,
+            device_max_items=intake.device_max_messages,
+        )
+        self.intake_metrics = IntakeMetrics(self.metrics.registry)
+        self._quotas = quotas if quotas is not None else DeviceQuotas(config.quotas)
+        # QoS 1 messages whose PUBACK waits for room, in arrival order (the broker's in-flight
+        # window bounds how many), and the paho client that must acknowledge them.
+        self._held: deque[_Held] = deque()
+        self._acker: Any = None
         self._client: aiomqtt.Client | None = None
         self._storage: Storage | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -152,10 +194,19 @@ class Receiver:
 
     def _client_kwargs(self) -> dict[str, Any]:
         b = self.config.broker
+        receiver = self
+
+        class _Door(asyncio.Queue[aiomqtt.Message]):
+            """aiomqtt's incoming queue, replaced: every message goes through the door as it
+            arrives (aiomqtt's own queue discards messages once full, after paho acked them)."""
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                receiver._door(item)
+
         kwargs: dict[str, Any] = {
             "keepalive": b.keepalive_s,
             "identifier": b.client_id or None,
-            "max_queued_incoming_messages": self.config.limits.queue_size * 4,
+            "queue_type": _Door,
         }
         if b.uses_tls:
             assert b.tls is not None
@@ -187,7 +238,12 @@ class Receiver:
         while True:
             served = False
             try:
-                async with aiomqtt.Client(b.host, b.port, **self._client_kwargs()) as client:
+                client = aiomqtt.Client(b.host, b.port, **self._client_kwargs())
+                # aiomqtt has no manual acknowledgement yet (empicano/aiomqtt#345); paho's is
+                # switched on so a PUBACK leaves only once the door has decided.
+                self._acker = client._client
+                self._acker.manual_ack_set(True)
+                async with client:
                     for subscribed in self.subscriptions:
                         await client.subscribe(subscribed, qos=1)
                     # Python 3.11's wait_for (inside aiomqtt) can drop a cancellation that
@@ -201,8 +257,9 @@ class Receiver:
                         log.warning("broker connection recovered (%s)", b.url)
                     was_connected = True
                     self.ready.set()
+                    # Never yields (the door takes every message); ends when the link drops.
                     async for message in client.messages:
-                        await self._dispatch(str(message.topic), message.payload)
+                        self._door(message)
             except aiomqtt.MqttError as exc:
                 # Cancelled, but the client raised a connection error in its place: stop.
                 reraise_lost_cancellation(exc)
@@ -213,25 +270,111 @@ class Receiver:
                 was_connected = False
             finally:
                 self._client = None
+                self._acker = None
+                self._forget_held()
                 self.metrics.connected.set(0)
                 self.ready.clear()
             await asyncio.sleep(backoff.next_delay())
 
-    async def _dispatch(self, topic: str, payload: Any) -> None:
-        now_us = int(time.time() * 1e6)
+    def _door(self, message: aiomqtt.Message) -> None:
+        """Every message, on the loop as it arrives: admit, defer or refuse, then PUBACK.
+
+        Behind messages already waiting for room, a QoS 1 message waits too (a device's order
+        is kept); a QoS 0 message cannot wait (the broker does not hold it back) and is
+        deferred when there is no room.
+        """
+        self.intake_metrics.received.inc()
+        payload = message.payload
         data = payload if isinstance(payload, bytes) else bytes(payload or b"")
+        now_us = int(time.time() * 1e6)
+        held = _Held(str(message.topic), data, message.mid, now_us)
+        if message.qos == 0:
+            if not self._admit(held):
+                self._defer("queue_full", "", f"QoS 0 message on {held.topic!r}")
+            return
+        if self._held or not self._admit(held):
+            self._held.append(held)
+            self.intake_metrics.held.set(len(self._held))
+            return
+        self._acker.ack(message.mid, message.qos)
+
+    def _admit(self, held: _Held) -> bool:
+        """Queue, defer or refuse one message; False when the queue is full (it must wait)."""
+        data = held.payload
         try:
-            parsed = parse_topic(topic, self._topic_prefix)
+            parsed = parse_topic(held.topic, self._topic_prefix)
         except TopicError:
             parsed = None
         kind = None if parsed is None else _KINDS.get(parsed.kind)
         if parsed is None or kind is None:
-            self._reject("topic", "", f"unexpected topic {topic!r}")
-            return
+            self._reject("topic", "", f"unexpected topic {held.topic!r}")
+            return True
+        device = parsed.device
         if kind == "status" and not data:
-            return  # a retained status being cleared
-        await self._queue.put(_Message(kind, parsed.device, data, now_us))
-        self.metrics.queue_depth.set(self._queue.qsize())
+            return True  # a retained status being cleared
+        if len(data) > self.config.limits.max_payload_bytes:
+            # At the door, before anything is queued: the payload is released right here.
+            self._reject("oversized", device, f"{len(data)} bytes on {held.topic!r}")
+            return True
+        queue = self._queue
+        # Check the queue's room before charging the device's bytes/day for a message that
+        # would then have to wait.
+        if queue.items_in_flight >= queue.max_items or (
+            queue.bytes_in_flight and queue.bytes_in_flight + len(data) > queue.max_bytes
+        ):
+            return False
+        if kind == "batch":
+            # A device that overdrew its rates waits before it costs a decode.
+            overdrawn = self._quotas.in_debt(device)
+            if overdrawn is not None:
+                self._defer(overdrawn, device, "over quota at the door")
+                return True
+            if not self._quotas.admit_bytes(device, len(data)):
+                self._defer("bytes_per_day", device, f"{len(data)} bytes")
+                return True
+        admission = queue.offer(device, _Message(kind, device, data, held.received_us), len(data))
+        if admission is Admission.FULL:
+            return False
+        if admission is Admission.DEVICE_FULL:
+            self._defer("device_busy", device, f"{queue.device_max_items} messages queued")
+            return True
+        self.metrics.queue_depth.set(queue.items_in_flight)
+        self.intake_metrics.bytes_in_flight.set(queue.bytes_in_flight)
+        self.intake_metrics.peak_bytes_in_flight.set(queue.peak_bytes)
+        return True
+
+    def _drain_held(self) -> None:
+        """Admit waiting messages in arrival order while there is room, acknowledging each."""
+        held = self._held
+        while held and self._acker is not None:
+            if not self._admit(held[0]):
+                break
+            self._acker.ack(held.popleft().mid, 1)
+        self.intake_metrics.held.set(len(held))
+
+    def _forget_held(self) -> None:
+        """The connection is gone: its unacknowledged messages are the broker's again."""
+        while self._held:
+            message = self._held.popleft()
+            try:
+                device = parse_topic(message.topic, self._topic_prefix).device
+            except TopicError:
+                device = ""
+            self._defer("disconnected", device, "waiting for room when the link dropped")
+        self.intake_metrics.held.set(0)
+
+    def _defer(self, why: str, device: str, message: str) -> None:
+        """Count a deferred message (not stored, not acked: the device re-sends it later).
+
+        Called on the loop (the door) and in the writer thread (quotas after decoding).
+        """
+        self.intake_metrics.deferred.labels(why).inc()
+        key = (device, f"deferred:{why}")
+        with self._reject_lock:
+            self._pending_rejects[key] = self._pending_rejects.get(key, 0) + 1
+            loud = self._log_once.should_log(key, time.time())
+        if loud:
+            log.info("deferred %s from %r (%s): %s", why, device or "?", why, message)
 
     # ------------------------------------------------------------------ writer
 
@@ -239,22 +382,30 @@ class Receiver:
         limit = self.config.storage.max_batches_per_transaction
         backoff = Backoff(STORAGE_RETRY)
         while True:
-            items = [await self._queue.get()]
-            while len(items) < limit and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            self.metrics.queue_depth.set(self._queue.qsize())
+            await self._queue.wait()
+            # One message per device in turn: a device's flood or backlog waits its turn.
+            taken = self._queue.take(limit)
+            items = [t.item for t in taken]
             try:
                 result = await self._call(self._write, items)
             except Exception as exc:  # storage unusable: nothing was acked, devices re-send
                 self.metrics.storage_errors.inc()
                 if self._log_once.should_log(("storage", type(exc).__name__), time.time()):
                     log.error("storage failed; %d messages not acknowledged: %s", len(items), exc)
+                self._release(taken)
                 await asyncio.sleep(backoff.next_delay())
                 await self._reopen_storage()
                 continue
+            self._release(taken)
             backoff.succeeded()
             for device, key_id, epoch, seq in result.acks:
                 await self._publish_ack(device, key_id, epoch, seq)
+
+    def _release(self, taken: list[Taken[str, _Message]]) -> None:
+        self._queue.release(taken)
+        self.metrics.queue_depth.set(self._queue.items_in_flight)
+        self.intake_metrics.bytes_in_flight.set(self._queue.bytes_in_flight)
+        self._drain_held()
 
     async def _reopen_storage(self) -> None:
         old, self._storage = self._storage, None
@@ -278,6 +429,7 @@ class Receiver:
             raise RuntimeError("storage is not open")
         batches: list[IngestBatch] = []
         key_ids: list[int] = []
+        quarantine: list[QuarantineRecord] = []
         statuses: list[DeviceStatus] = []
         for item in items:
             if item.kind == "result":
@@ -290,24 +442,37 @@ class Receiver:
                 continue
             try:
                 batch = self._opener.open(item.payload, item.received_us, item.device)
+            except Quarantined as exc:  # authenticated, kept sealed, acked as quarantined
+                quarantine.append(exc.record)
+                continue
             except Rejected as exc:
                 self._reject(exc.reason, exc.device, str(exc))
                 continue
+            over = self._quotas.admit_batch(
+                batch.device, batch.tag_names, batch.sample_count, len(batch.events)
+            )
+            if over is not None:
+                self._defer(over, batch.device, f"batch {batch.epoch:#x}/{batch.seq}")
+                continue
             batches.append(batch)
-            key_ids.append(self._key_id_of(item.payload))
+            key_ids.append(batch.key_id)
         result = _WriteResult()
-        if batches:
+        if batches or quarantine:
             started = time.perf_counter()
-            outcomes = storage.store(batches)
+            # A batch the database refuses comes back quarantined; the others are stored.
+            outcomes = storage.store(batches, quarantine)
             self.metrics.store_seconds.observe(time.perf_counter() - started)
             now = time.time()
             # Older epochs named by skip lists: one ack each per transaction is enough.
             others: dict[tuple[str, int, int], int] = {}
-            for batch, outcome, key_id in zip(batches, outcomes, key_ids, strict=True):
+            for batch, outcome, key_id in zip(batches, outcomes, key_ids, strict=False):
                 self._count(batch, outcome, now)
                 result.acks.append((outcome.device, key_id, outcome.epoch, outcome.ack_seq))
                 for epoch, seq in outcome.other_acks:
                     others[(outcome.device, key_id, epoch)] = seq
+            for record, outcome in zip(quarantine, outcomes[len(batches) :], strict=True):
+                self._count_quarantine(record.detail, record.nbytes, outcome)
+                result.acks.append((outcome.device, record.key_id, outcome.epoch, outcome.ack_seq))
             result.acks.extend((d, k, e, seq) for (d, k, e), seq in others.items())
         if statuses:
             storage.record_statuses(statuses)
@@ -330,14 +495,10 @@ class Receiver:
             return None
         return status
 
-    @staticmethod
-    def _key_id_of(payload: bytes) -> int:
-        from edgeos_protocol.wire import parse_header
-
-        return parse_header(payload).key_id
-
     def _count(self, batch: IngestBatch, outcome: StoreOutcome, now: float) -> None:
-        if outcome.stored:
+        if outcome.quarantined is not None:  # the database refused it: kept sealed instead
+            self._count_quarantine("refused by the database", batch.nbytes, outcome)
+        elif outcome.stored:
             self.metrics.batches.inc()
             self.metrics.samples.inc(outcome.samples)
             self.metrics.bytes.inc(batch.nbytes)
@@ -349,6 +510,30 @@ class Receiver:
                 batch.device,
                 f"batch {batch.epoch:#x}/{batch.seq} already stored; acknowledged again",
                 level=logging.INFO,
+            )
+
+    def _count_quarantine(self, detail: str, nbytes: int, outcome: StoreOutcome) -> None:
+        """Count a quarantined batch and note it for the next ack of its epoch."""
+        what = f"batch {outcome.epoch:#x}/{outcome.seq}"
+        if outcome.quarantined is None:  # stored before: a plain replay
+            self._reject("replayed", outcome.device, f"{what} already stored", logging.INFO)
+            return
+        with self._ack_lock:
+            self._ack_quarantined.setdefault((outcome.device, outcome.epoch), set()).add(
+                outcome.seq
+            )
+        if not outcome.new_quarantine:
+            self._reject("replayed", outcome.device, f"{what} already quarantined", logging.INFO)
+            return
+        self.metrics.quarantined.labels(outcome.quarantined).inc()
+        self.metrics.quarantined_bytes.inc(nbytes)
+        if self._log_once.should_log((outcome.device, "quarantine"), time.time()):
+            log.warning(
+                "quarantined %s from %r (%s): %s",
+                what,
+                outcome.device,
+                outcome.quarantined,
+                detail,
             )
 
     def _reject(self, reason: str, device: str, message: str, level: int = logging.WARNING) -> None:
@@ -371,7 +556,11 @@ class Receiver:
             return
         payload = control.payload
         version, ok, results = payload.get("version"), payload.get("ok"), payload.get("results")
-        if not isinstance(version, int) or not isinstance(ok, bool):
+        if (
+            type(version) is not int
+            or not 0 < version < 1 << 63  # a BIGINT column: a larger one cannot match
+            or not isinstance(ok, bool)
+        ):
             self._reject("malformed", item.device, "command result lacks version/ok")
             return
         if not isinstance(results, dict):
@@ -398,9 +587,11 @@ class Receiver:
             device_key = self.registry.key_for(device, key_id)
         except KeyLookupError:  # revoked between storing and acking: say nothing more
             return
+        with self._ack_lock:
+            quarantined = self._ack_quarantined.pop((device, epoch), set())
         message = seal_control(
             ControlKind.ACK,
-            {"epoch": epoch, "seq": seq},
+            Ack(epoch, seq, tuple(sorted(quarantined))).payload(),
             device_key,
             device,
             self._next_counter(device, ControlKind.ACK),

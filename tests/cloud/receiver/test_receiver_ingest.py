@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -90,9 +91,10 @@ def test_skip_lists_are_validated_and_merged(registry: DeviceRegistry) -> None:
         [[old, 1, True]],
         [[-1, 1, 1]],
         [[old, 1, 1 << 63]],
-        [[1, 1, 1]] * 70_000,
     ):
         assert _reason(opener, sealed(bad)) == "malformed", bad
+    # Longer than limits.max_skip_ranges: over a limit (quarantined, kept to re-ingest).
+    assert _reason(opener, sealed([[1, 1, 1]] * 70_000)) == "limit"
     # A batch cannot announce its own number (or a later one) as skipped.
     own = epoch.last_seq + 1
     assert _reason(opener, sealed([[epoch.epoch, 3, own]])) == "malformed"
@@ -148,6 +150,8 @@ def _check(opener: BatchOpener, payload: bytes) -> None:
         opener.open(payload, T0, "fz")
     except Rejected as exc:
         assert exc.reason in {
+            "limit",
+            "timestamp",
             "malformed",
             "truncated",
             "forged",
@@ -225,5 +229,202 @@ def test_oversized_declared_counts_are_bounded(registry: DeviceRegistry) -> None
     epoch = Epoch.new(Keyring.of(record.current_key), "gw1")
     bomb = zstandard.ZstdCompressor().compress(bytes(100 << 20))
     _, sealed = seal_batch(epoch, bomb, T0)
-    assert _reason(opener, sealed) == "malformed"
+    assert _reason(opener, sealed) == "limit"  # limits.max_body_bytes
     assert struct.calcsize(">Q") == 8
+
+
+# --------------------------------------------------------------------------- structure-aware
+#
+# Hostile *shapes*, not junk: a valid body document (decoded from a real batch) with one or
+# more of its parts replaced by msgpack values hypothesis builds — nested maps with bytes or
+# int keys, huge or negative counts and widths, deep nesting, NUL and long strings, times far
+# outside any window, skip lists naming many epochs — packed, compressed and sealed under the
+# device's real key, so every case gets past authentication. Each case must end as a stored
+# batch or a Quarantined/Rejected one, and a healthy device's batch stored in the same
+# transactions as the fuzzed ones is never lost.
+
+_ROOT_PATHS = [
+    ("tags",),
+    ("tags", "n"),
+    ("tags", "idx"),
+    ("tags", "pfx"),
+    ("tags", "leaf"),
+    ("tags", "li"),
+    ("tags", "kind"),
+    ("tags", "unit"),
+    ("tags", "res"),
+    ("str",),
+    ("g",),
+    ("g", 0),
+    ("g", 0, "t"),
+    ("g", 0, "c"),
+    ("g", 0, "q"),
+    ("g", 0, "n0"),
+    ("g", 0, "nd"),
+    ("g", 0, "sx"),
+    ("g", 0, "s"),
+    ("ev",),
+    ("ev", 0),
+    ("ev", 0, "ts_us"),
+    ("ev", 0, "type"),
+    ("meta",),
+    ("meta", "skip"),
+    ("meta", "x"),
+]
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.sampled_from([0, 1, -1, 255, 256, 1 << 31, 1 << 53, (1 << 63) - 1, 1_000_000])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["\x00", "a\x00b", "x" * 2000, "é" * 300])
+    | st.binary(max_size=24)
+)
+_KEYS = st.text(max_size=6) | st.binary(max_size=4) | st.sampled_from(["type", "ts_us", "skip"])
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(_KEYS, inner, max_size=5),
+    max_leaves=24,
+)
+
+
+def _hostile_value(kind: str, value: Any, n: int, epoch: int) -> Any:
+    """A few shapes hypothesis would rarely find alone: deep nesting, wide ints, many epochs."""
+    if kind == "deep":
+        for _ in range(n % 300):
+            value = {"k": value}
+        return value
+    if kind == "ints":  # an "ints" column with a hostile width / length
+        return [n % 17, bytes(n % 64)]
+    if kind == "skip":
+        return [[(epoch + i) % (1 << 64), 1, 1 + n % 3] for i in range(n % 40)]
+    if kind == "times":
+        return [8, struct.pack("<q", (n * 7919) % (1 << 62) * (-1) ** n) * (1 + n % 3)]
+    return value
+
+
+def _put(doc: Any, path: tuple[Any, ...], value: Any) -> None:
+    node = doc
+    for step in path[:-1]:
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and node:
+            node = node[step % len(node)]
+        else:
+            return
+    last = path[-1]
+    if isinstance(node, dict):
+        node[last] = value
+    elif isinstance(node, list) and isinstance(last, int):
+        if node:
+            node[last % len(node)] = value
+        else:
+            node.append(value)
+
+
+def _structured_fuzz(tmp_path_factory: pytest.TempPathFactory, examples: int) -> None:
+    import copy
+
+    import msgpack
+    import zstandard
+
+    from edgeos_cloud.receiver.ingest import Quarantined
+    from edgeos_cloud.receiver.storage import open_storage
+
+    registry = DeviceRegistry(tmp_path_factory.mktemp("structreg"))
+    fuzz_key = registry.add("fz").current_key
+    good_key = registry.add("good").current_key
+    fz_epoch = Epoch.new(Keyring.of(fuzz_key), "fz")
+    good_epoch = Epoch.new(Keyring.of(good_key), "good")
+    base = simple_batch(
+        {"a": [1.0, 2.5, 3.0], "b": [0.0, 1.0, 2.0]},
+        [T0, T0 + 1, T0 + 2],
+        text={"s": ["p", "q", "r"]},
+        events=[{"type": "e", "ts_us": T0}],
+    )
+    base.meta = {"skip": [], "sim": True}
+    doc0 = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(encode_body(base)))
+    opener = BatchOpener(registry)
+    storage = open_storage(
+        f"sqlite:///{tmp_path_factory.mktemp('structdb') / 'r.db'}", sqlite_synchronous="normal"
+    )
+    outcomes: dict[str, int] = {}
+    pending: list[Any] = []
+    quarantined: list[Any] = []
+    healthy_sent = 0
+
+    def flush() -> None:
+        nonlocal healthy_sent
+        _, sealed = seal_batch(
+            good_epoch, encode_body(simple_batch({"h": [float(healthy_sent)]}, [T0])), T0
+        )
+        healthy_sent += 1
+        batches = [opener.open(sealed, T0, "good"), *pending]
+        results = storage.store(batches, quarantined)
+        assert results[0].stored and results[0].ack_seq == healthy_sent
+        for r in results[1:]:
+            outcomes["stored" if r.stored else r.quarantined or "replayed"] = (
+                outcomes.get("stored" if r.stored else r.quarantined or "replayed", 0) + 1
+            )
+        pending.clear()
+        quarantined.clear()
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        edits=st.lists(
+            st.tuples(
+                st.sampled_from(_ROOT_PATHS),
+                _VALUES,
+                st.sampled_from(["plain", "plain", "deep", "ints", "skip", "times"]),
+                st.integers(0, 1 << 16),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    def run(edits: list[tuple[tuple[Any, ...], Any, str, int]]) -> None:
+        doc = copy.deepcopy(doc0)
+        for path, value, kind, n in edits:
+            _put(doc, path, _hostile_value(kind, value, n, fz_epoch.epoch))
+        try:
+            raw = msgpack.packb(doc, use_bin_type=True)
+        except (OverflowError, ValueError, TypeError):  # not msgpack-able: nothing to send
+            return
+        _, sealed = seal_batch(fz_epoch, zstandard.ZstdCompressor().compress(raw), T0)
+        try:
+            pending.append(opener.open(sealed, T0, "fz"))
+        except Quarantined as exc:
+            quarantined.append(exc.record)
+        except Rejected as exc:  # authenticated: only malformed shapes may end here
+            raise AssertionError(f"authenticated batch rejected ({exc.reason}): {exc}") from None
+        if len(pending) + len(quarantined) >= 7:
+            flush()
+
+    try:
+        run()
+        flush()
+        summary = {s.device: s for s in storage.device_summaries()}
+        assert summary["good"].batches == healthy_sent and summary["good"].backlog == 0
+        assert sum(outcomes.values()) >= examples * 0.9, outcomes
+    finally:
+        storage.close()
+
+
+def test_structured_fuzz_of_authenticated_batches(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    _structured_fuzz(tmp_path_factory, 5000)
+
+
+@pytest.mark.slow
+def test_structured_fuzz_of_authenticated_batches_long(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    _structured_fuzz(tmp_path_factory, 1_000_000)

@@ -1,8 +1,10 @@
 """The storage contract of the receiver, its records, and the SQL shared by both back-ends.
 
 Every method blocks; the receiver calls them from its single writer thread, never from the
-event loop. One :meth:`Storage.store` call is one transaction: every batch in it is either
-durably committed (and may then be acknowledged) or none is.
+event loop. One :meth:`Storage.store` call commits every batch it reports as stored or
+quarantined before it returns (and they may then be acknowledged), or raises having committed
+nothing: a batch the database refuses (poison) is quarantined on its own and the others are
+stored; a database that is down raises.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import zstandard
 from edgeos_protocol.wire import ValueKind
 
 __all__ = [
+    "QUARANTINE_REASONS",
     "SCHEMA_VERSION",
     "Command",
     "DeviceStatus",
     "DeviceSummary",
     "IngestBatch",
+    "QuarantineEntry",
+    "QuarantineRecord",
     "ReportedValue",
     "SampleRow",
     "Storage",
@@ -39,6 +44,16 @@ __all__ = [
 SCHEMA_VERSION = 2
 _U64 = 1 << 64
 _I64 = 1 << 63
+
+#: Why a batch was quarantined (label values of ``quarantined_total``).
+QUARANTINE_REASONS = (
+    "malformed",  # authenticated, but the body does not decode
+    "limit",  # authenticated, but over a [limits] key (the detail names it)
+    "timestamp",  # a sample or event time outside the plausible window
+    "unstorable",  # decoded, but the database refused it (the detail has its error)
+)
+#: Nesting kept by :func:`json_safe` (deeper values are replaced by a marker).
+JSON_MAX_DEPTH = 64
 
 
 def to_db_epoch(epoch: int) -> int:
@@ -80,10 +95,69 @@ class IngestBatch:
     #: Announced gaps ``(epoch, first, last)`` from ``meta["skip"]``, validated and merged:
     #: sequence numbers the device took and will never deliver (see docs/wire-format.md).
     skips: list[tuple[int, int, int]] = field(default_factory=list)
+    #: The sealed bytes as received (kept when the database refuses the batch) and the key
+    #: id that sealed it.
+    payload: bytes = b""
+    key_id: int = 0
 
     @property
     def sample_count(self) -> int:
         return int(self.tag.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRecord:
+    """An authenticated batch that cannot be decoded or stored, kept sealed to re-ingest.
+
+    ``reason`` is one of :data:`QUARANTINE_REASONS`; ``detail`` says what (for ``limit``
+    it starts with the config key, ``limits.max_events: …``).
+    """
+
+    device: str
+    epoch: int
+    seq: int
+    key_id: int
+    created_us: int
+    received_us: int
+    reason: str
+    detail: str
+    payload: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+    @classmethod
+    def of(cls, batch: IngestBatch, reason: str, detail: str) -> QuarantineRecord:
+        return cls(
+            batch.device,
+            batch.epoch,
+            batch.seq,
+            batch.key_id,
+            batch.created_us,
+            batch.received_us,
+            reason,
+            detail,
+            batch.payload,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    """A row of the ``quarantine`` table (without its payload)."""
+
+    device: str
+    epoch: int
+    seq: int
+    key_id: int
+    created_us: int
+    received_us: int
+    reason: str
+    detail: str
+    #: How often the batch was quarantined (a re-send, a failed re-ingest).
+    attempts: int
+    last_us: int
+    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +175,11 @@ class StoreOutcome:
     #: ``(epoch, ack_seq)`` of the *other* epochs the batch's skip list names (a new batch
     #: only): acking them lets the device forget announced gaps of an older epoch.
     other_acks: tuple[tuple[int, int], ...] = ()
+    #: Set when the batch is (now, or was already) in quarantine instead of stored: its
+    #: reason. The ack then tells the device so (``AckStatus.QUARANTINED``).
+    quarantined: str | None = None
+    #: For a quarantined batch: True when this call quarantined it (not a re-send).
+    new_quarantine: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +218,9 @@ class DeviceSummary:
     state: str | None = None
     #: When the receiver first saw the device in that state (µs).
     state_since_us: int | None = None
+    #: Batches waiting in quarantine, and their count by reason.
+    quarantined: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +256,27 @@ class Command:
 class Storage(Protocol):
     """What the receiver needs from a database."""
 
-    def store(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
-        """Store new batches and skip replays, in one transaction; outcomes in input order."""
+    def store(
+        self, batches: Sequence[IngestBatch], quarantine: Sequence[QuarantineRecord] = ()
+    ) -> list[StoreOutcome]:
+        """Store new batches, skip replays, keep ``quarantine`` records; outcomes in input
+        order (``batches``, then ``quarantine``).
+
+        One transaction normally. When the database refuses one of the batches (a
+        constraint, an encoding, a value it cannot hold) while staying reachable, each batch
+        is stored on its own and the refused ones are quarantined (``unstorable``); when the
+        database is unreachable, it raises and nothing is committed.
+        """
+        ...
+
+    def quarantined(
+        self, device: str | None = None, limit: int | None = None
+    ) -> list[QuarantineEntry]:
+        """Quarantined batches (oldest first), of one device or all."""
+        ...
+
+    def quarantined_record(self, device: str, epoch: int, seq: int) -> QuarantineRecord | None:
+        """One quarantined batch with its sealed bytes (to show or re-ingest it)."""
         ...
 
     def record_rejects(self, counts: Mapping[tuple[str, str], int], now_us: int) -> None:
@@ -283,6 +384,13 @@ def schema_statements(dialect: str) -> list[str]:
         """CREATE TABLE IF NOT EXISTS device_status (
             device_id INTEGER PRIMARY KEY, state TEXT NOT NULL, since_us BIGINT NOT NULL,
             device_ts_us BIGINT, epoch TEXT, updated_us BIGINT NOT NULL)""",
+        # Authenticated batches that cannot be decoded or stored, kept sealed (re-ingest).
+        f"""CREATE TABLE IF NOT EXISTS quarantine (
+            device_id INTEGER NOT NULL, epoch BIGINT NOT NULL, seq BIGINT NOT NULL,
+            key_id BIGINT NOT NULL, created_us BIGINT NOT NULL, received_us BIGINT NOT NULL,
+            reason TEXT NOT NULL, detail TEXT NOT NULL, attempts INTEGER NOT NULL,
+            last_us BIGINT NOT NULL, payload {blob} NOT NULL,
+            PRIMARY KEY (device_id, epoch, seq)){norowid}""",
         """CREATE TABLE IF NOT EXISTS rejects (
             device TEXT NOT NULL, reason TEXT NOT NULL, count BIGINT NOT NULL,
             last_us BIGINT NOT NULL, PRIMARY KEY (device, reason))""",
@@ -322,16 +430,36 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def json_safe(obj: Any, depth: int = JSON_MAX_DEPTH) -> Any:
+    """``obj`` with every map key a string (bytes → hex, others → ``str``), bytes as hex and
+    nesting cut at ``depth`` (``"…"``): what :func:`safe_dumps` writes when plain JSON fails."""
+    if depth <= 0:
+        return "…"
+    if isinstance(obj, dict):
+        return {
+            (k if isinstance(k, str) else str(_json_default(k))): json_safe(v, depth - 1)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [json_safe(v, depth - 1) for v in obj]
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return _json_default(obj)
+
+
 def dumps(obj: Any) -> str:
     """JSON for event bodies and metadata (bytes become hex; never fails on odd types)."""
     return json.dumps(obj, default=_json_default, separators=(",", ":"), allow_nan=False)
 
 
 def safe_dumps(obj: Any) -> str:
+    """:func:`dumps`, and when that fails (NaN/inf, a non-string key, nesting deeper than
+    the interpreter recurses) the JSON of :func:`json_safe` (non-finite numbers as
+    ``NaN``/``Infinity`` tokens): a command result or event never fails the transaction."""
     try:
         return dumps(obj)
-    except ValueError:  # NaN/inf inside an event: keep them as strings rather than fail
-        return json.dumps(obj, default=_json_default, separators=(",", ":"))
+    except (ValueError, TypeError, RecursionError):
+        return json.dumps(json_safe(obj), default=_json_default, separators=(",", ":"))
 
 
 def new_command_id() -> str:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from edgeos_cloud.receiver.storage.base import IngestBatch, StoreOutcome
+from edgeos_cloud.receiver.storage.base import IngestBatch, QuarantineRecord, StoreOutcome
 from edgeos_cloud.receiver.storage.sql import SqlStorage
 
 __all__ = ["PostgresStorage"]
@@ -55,16 +55,24 @@ class PostgresStorage(SqlStorage):
         if self._conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
             self._conn.execute("ROLLBACK")
 
-    def store(self, batches: Sequence[IngestBatch]) -> list[StoreOutcome]:
+    def store(
+        self, batches: Sequence[IngestBatch], quarantine: Sequence[QuarantineRecord] = ()
+    ) -> list[StoreOutcome]:
         """As the base class, retrying a transaction PostgreSQL aborted as a deadlock victim."""
         errors = self._psycopg.errors
         for attempt in range(5):
             try:
-                return super().store(batches)
+                return super().store(batches, quarantine)
             except (errors.DeadlockDetected, errors.SerializationFailure):
                 if attempt == 4:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _outage_error(self, exc: BaseException) -> bool:
+        # Connection lost, server shutting down, out of resources, deadlock or serialization
+        # (class 08, 53, 57, 58, 40 …: psycopg's OperationalError), or the client's own state.
+        psycopg = self._psycopg
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
     def _iter_rows(
         self, sql: str, params: Sequence[Any], batch_rows: int = 10_000

@@ -15,11 +15,14 @@ from typing import Any
 
 from edgeos_cloud.receiver.storage.base import (
     DeviceSummary,
+    QuarantineEntry,
+    QuarantineRecord,
     ReportedValue,
     SampleRow,
     Shadow,
     from_db_epoch,
     merge_ranges,
+    to_db_epoch,
 )
 from edgeos_cloud.receiver.storage.blocks import MAX_SPAN_US, BlockMerger, decode_block
 
@@ -161,6 +164,11 @@ class SqlQueries:
                 if lo <= hi:
                     missing -= (hi - lo + 1) - self._count_stored(dev_id, epoch, lo, hi)
             backlog[dev_id] = backlog.get(dev_id, 0) + missing
+        quarantined: dict[int, dict[str, int]] = {}
+        for dev_id, reason, count in self._execute(
+            "SELECT device_id, reason, COUNT(*) FROM quarantine GROUP BY device_id, reason"
+        ).fetchall():
+            quarantined.setdefault(int(dev_id), {})[str(reason)] = int(count)
         states = {
             int(dev_id): (str(state), int(since))
             for dev_id, state, since in self._execute(
@@ -174,6 +182,7 @@ class SqlQueries:
             " ORDER BY name"
         ).fetchall():
             state, since = states.get(int(dev_id), (None, None))
+            held = quarantined.get(int(dev_id), {})
             seen.add(name)
             out.append(
                 DeviceSummary(
@@ -188,6 +197,8 @@ class SqlQueries:
                     tuple(skipped_ranges.get(int(dev_id), ())),
                     state,
                     since,
+                    sum(held.values()),
+                    dict(sorted(held.items())),
                 )
             )
         for name in sorted(set(rejects) - seen):
@@ -195,12 +206,69 @@ class SqlQueries:
         return out
 
     def _count_stored(self, device_id: int, db_epoch: int, first: int, last: int) -> int:
-        (count,) = self._execute(
-            "SELECT COUNT(*) FROM batches WHERE device_id = ? AND epoch = ? AND seq >= ?"
-            " AND seq <= ?",
-            (device_id, db_epoch, first, last),
+        """Numbers in ``[first, last]`` stored or quarantined (a batch is never both)."""
+        total = 0
+        for table in ("batches", "quarantine"):
+            (count,) = self._execute(
+                f"SELECT COUNT(*) FROM {table} WHERE device_id = ? AND epoch = ? AND seq >= ?"
+                " AND seq <= ?",
+                (device_id, db_epoch, first, last),
+            ).fetchone()
+            total += int(count)
+        return total
+
+    def quarantined(
+        self, device: str | None = None, limit: int | None = None
+    ) -> list[QuarantineEntry]:
+        where = ""
+        params: tuple[str, ...] = ()
+        if device is not None:
+            where, params = " WHERE d.name = ?", (device,)
+        rows = self._execute(
+            "SELECT d.name, q.epoch, q.seq, q.key_id, q.created_us, q.received_us, q.reason,"
+            " q.detail, q.attempts, q.last_us, LENGTH(q.payload) FROM quarantine q"
+            f" JOIN devices d ON d.id = q.device_id{where} ORDER BY q.received_us, d.name,"
+            " q.epoch, q.seq" + ("" if limit is None else f" LIMIT {int(limit)}"),
+            params,
+        ).fetchall()
+        return [
+            QuarantineEntry(
+                device=str(row[0]),
+                epoch=from_db_epoch(int(row[1])),
+                seq=int(row[2]),
+                key_id=int(row[3]),
+                created_us=int(row[4]),
+                received_us=int(row[5]),
+                reason=str(row[6]),
+                detail=str(row[7]),
+                attempts=int(row[8]),
+                last_us=int(row[9]),
+                nbytes=int(row[10]),
+            )
+            for row in rows
+        ]
+
+    def quarantined_record(self, device: str, epoch: int, seq: int) -> QuarantineRecord | None:
+        row = self._execute(
+            "SELECT q.key_id, q.created_us, q.received_us, q.reason, q.detail, q.payload"
+            " FROM quarantine q JOIN devices d ON d.id = q.device_id"
+            " WHERE d.name = ? AND q.epoch = ? AND q.seq = ?",
+            (device, to_db_epoch(epoch), seq),
         ).fetchone()
-        return int(count)
+        if row is None:
+            return None
+        key_id, created, received, reason, detail, payload = row
+        return QuarantineRecord(
+            device,
+            epoch,
+            seq,
+            int(key_id),
+            int(created),
+            int(received),
+            str(reason),
+            str(detail),
+            bytes(payload),
+        )
 
     def reported(self, device: str) -> dict[str, ReportedValue]:
         device_id = self._lookup_device(device)

@@ -59,5 +59,12 @@ class SqliteStorage(SqlStorage):
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
 
+    def _outage_error(self, exc: BaseException) -> bool:
+        # Locked, disk full or I/O error, a closed connection: the database's trouble. A
+        # value SQLite cannot hold is an OverflowError or a sqlite3.DataError/IntegrityError.
+        return isinstance(exc, sqlite3.OperationalError | sqlite3.InterfaceError) or (
+            isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc)
+        )
+
     def close(self) -> None:
         self._conn.close()
