@@ -23,7 +23,7 @@ $(STAMP): $(PYPROJECTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgeos needs Python >= 3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,speed]' -e './cloud[postgres]' -e ./sim -e ./testsupport
+	$(PY) -m pip install --quiet -e '.[dev,speed]' -e './cloud[postgres,models]' -e ./sim -e ./testsupport
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -65,3 +65,21 @@ models:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# --- arm64 lane (docs/arm64.md): the suite inside an emulated Debian bookworm arm64 root
+# (mmdebstrap + qemu-user-static), cached in /var/cache/edgeos. Needs root and binfmt_misc.
+.PHONY: arm64-root test-arm64 test-arm64-ci test-arm64-image
+
+arm64-root:
+	bash images/arm64/build-root.sh
+
+test-arm64:
+	bash images/arm64/run-tests.sh $(PYTEST_ARGS)
+
+# The named subset (images/arm64/ci-tests.txt) that .ci/run runs on every change.
+test-arm64-ci:
+	bash images/arm64/run-tests.sh --ci $(PYTEST_ARGS)
+
+# images/stage-edgeos.sh as an image builder's chroot step, checked in the arm64 root.
+test-arm64-image:
+	bash images/arm64/test-stage.sh

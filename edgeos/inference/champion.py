@@ -250,12 +250,16 @@ class ChampionChallenger:
     def on_models_updated(self, path: str | Path) -> list[dict[str, Any]]:
         """Hook for the OTA agent: load every manifest in ``path`` as a challenger.
 
+        ``path`` is a folder of manifests, or an installed models bundle (its ``models/``).
+
         Returns one result per manifest (``{"manifest", "ok", "model"|"error"}``). A rejected
         model (bad manifest, sha256 mismatch…) is reported as an event and skipped; the models
         in service are untouched.
         """
         results: list[dict[str, Any]] = []
-        for manifest in find_manifests(path):
+        # A models bundle unpacks as ``<version>/models/*.toml`` (edgeos_protocol.bundle).
+        manifests = find_manifests(path) or find_manifests(Path(path) / "models")
+        for manifest in manifests:
             try:
                 model = self.add(manifest)
             except ModelRejected as exc:

@@ -13,7 +13,7 @@ Interface (small on purpose)::
     engine.on_models_updated(path)     # OTA hook: new models enter as challengers
     engine.stats()                     # status surface
 
-Per call, the engine advances a :class:`~edgeos.inference.features.StationTracker` (cycle
+Per call, the engine advances a :class:`~edgeos_protocol.features.StationTracker` (cycle
 phases, cure accumulators, anomaly windows), runs the anomaly model once on every station's
 window in one batched invoke, and at the events of a cycle runs the other models on the stations
 concerned: the quality gate when a cure ends, the shadow scoring when a tyre is measured, the
@@ -38,10 +38,10 @@ from edgeos.clock import Clock, SystemClock
 from edgeos.config import AnyTag, GuardConfig, InferenceConfig, PromotionConfig
 from edgeos.inference.champion import ChampionChallenger
 from edgeos.inference.errors import ModelRejected
-from edgeos.inference.features import CURE, KEY_SUFFIXES, Observation, StationTracker
 from edgeos.inference.gates import GateVerdict, QualityGate
 from edgeos.inference.guard import ActuationGuard, GuardDecision
 from edgeos.inference.registry import LoadedModel, ModelRegistry
+from edgeos_protocol.features import CURE, KEY_SUFFIXES, Observation, StationTracker
 
 __all__ = ["EngineOutput", "InferenceEngine"]
 

@@ -8,13 +8,15 @@
         │                                that do not match the manifest
         └── BackendUnavailable           no TFLite interpreter package is installed
 
-Interpreter exceptions (``ValueError``/``RuntimeError`` from LiteRT) are translated into
-:class:`ModelRejected` where a model is loaded, so callers see one tree.
+Interpreter exceptions (``ValueError``/``RuntimeError`` from LiteRT) and the shared manifest
+code's ``ManifestError`` are translated into :class:`ModelRejected` where a model is loaded, so
+callers see one tree.
 """
 
 from __future__ import annotations
 
 from edgeos.errors import EdgeosError
+from edgeos_protocol.manifest import ManifestError
 
 __all__ = ["BackendUnavailable", "ModelError", "ModelRejected"]
 
@@ -23,13 +25,15 @@ class ModelError(EdgeosError):
     """A model cannot be used; whatever was serving before keeps serving."""
 
 
-class ModelRejected(ModelError):
-    """A model or its manifest failed verification (the message says which and why)."""
+class ModelRejected(ModelError, ManifestError):
+    """A model or its manifest failed verification (the message says which and why).
+
+    Also a :class:`edgeos_protocol.manifest.ManifestError`: the manifest code is shared with the
+    cloud, and what it raises is translated into this class where the gateway loads a model.
+    """
 
     def __init__(self, source: str, reason: str) -> None:
-        self.source = source
-        self.reason = reason
-        super().__init__(f"model {source!r} rejected: {reason}")
+        ManifestError.__init__(self, source, reason)
 
 
 class BackendUnavailable(ModelError):

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from edgeos.inference.registry import Manifest
+from edgeos_protocol.manifest import Manifest
 
 __all__ = ["VERDICT_CODES", "GateVerdict", "QualityGate", "Verdict"]
 

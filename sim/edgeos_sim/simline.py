@@ -5,13 +5,22 @@ in-process, fast-forwarded, and read the same key tags a gateway would read from
 module keeps that glue in one place:
 
 * :class:`SimLine` owns a :class:`~edgeos_sim.physics.LinePhysics`, samples the
-  :data:`~edgeos.inference.features.KEY_SUFFIXES` columns of every nest, applies set-point
+  :data:`~edgeos_protocol.features.KEY_SUFFIXES` columns of every nest, applies set-point
   writes by tag name, and builds the writable tags' :class:`~edgeos.config.TagConfig` (hard
   limits, ``max_rate``) from the simulator's layout so the guard checks the real limits;
 * :func:`lagged_optimum` turns the simulator's *true* optimum into the set-points a station
   should be given at load time, compensating the platen's first-order lag (the label the
   correction model learns), and :func:`expected_elasticity` predicts the noise-free outcome of
   a recipe written at load time (labels for the model's outcome heads).
+
+* :meth:`SimLine.new_rubber` switches the line to a raw material the models were never told
+  about (its lab Mooney reading relates differently to how it cures), the drift the cloud's
+  model lifecycle must notice and retrain for;
+* :class:`FleetRecorder` ships what a gateway on this line would ship — the key tags of every
+  nest (``quality.elasticity`` is the realised modulus a press's QC measurement reports) and the
+  engine's events — through the receiver's real ingest path (sealed with the wire format,
+  opened, authenticated, decoded and stored by ``edgeos_cloud.receiver``), so the cloud's
+  trainer and gate read the fleet's data the way they do in production.
 
 The physics gives ground truth (hidden batch property, freshness, cycle records); nothing here
 is used by the runtime on a device.
@@ -29,7 +38,7 @@ import numpy.typing as npt
 
 from drivers.modbus import ModbusAddress
 from edgeos.config import Limits, TagConfig
-from edgeos.inference.features import KEY_SUFFIXES, SAMPLE_PERIOD_S
+from edgeos_protocol.features import KEY_SUFFIXES, SAMPLE_PERIOD_S
 from edgeos_sim import physics as _physics
 from edgeos_sim.layout import KEY_TAG_COUNT, Layout, build_layout
 from edgeos_sim.physics import LinePhysics
@@ -45,17 +54,21 @@ __all__ = [
     "E_BEST",
     "SETPOINT_SUFFIXES",
     "DriveLog",
+    "FleetRecorder",
     "SimClock",
     "SimLine",
     "drive",
     "expected_elasticity",
     "lagged_optimum",
+    "record_drifting_line",
+    "record_run",
     "reward",
     "tyres",
 ]
 
 F64 = npt.NDArray[np.float64]
 
+_MOONEY_COL = KEY_SUFFIXES.index("batch.mooney")
 #: Set-points the correction model and the guard act on.
 SETPOINT_SUFFIXES: tuple[str, str] = ("heater.sp", "press.sp")
 #: Elastic modulus of a perfectly cured tyre (MPa); the reward peaks there.
@@ -158,6 +171,20 @@ class SimLine:
             [[self.layout.index(f"{s}.{k}") for k in KEY_SUFFIXES] for s in self.stations],
             dtype=np.intp,
         )
+        #: Added to the served ``batch.mooney`` (see :meth:`new_rubber`).
+        self.mooney_offset = 0.0
+
+    def new_rubber(self, mooney_offset: float) -> None:
+        """Switch to a new rubber type from the next load on (a new batch starts now).
+
+        The new compound cures like the old one for the same hidden batch property, but its lab
+        Mooney reading is ``mooney_offset`` higher: a model that learnt "Mooney → best cure" on
+        the old compound now misjudges every tyre (it marks good tyres as bad), while the
+        plant's outcomes (``quality.elasticity``) stay honest. That is what the cloud must
+        notice from realised quality and retrain for.
+        """
+        self.physics.new_batch()
+        self.mooney_offset = float(mooney_offset)
 
     @property
     def now(self) -> float:
@@ -167,6 +194,8 @@ class SimLine:
         """Key tag values of every station, ``(nests, len(KEY_SUFFIXES))``."""
         values = self.physics.values()
         out: F64 = values[self.key_index]
+        if self.mooney_offset:
+            out[:, _MOONEY_COL] += self.mooney_offset
         return out
 
     def step(self, dt: float = SAMPLE_PERIOD_S) -> None:
@@ -289,3 +318,171 @@ class SimClock:
 
     async def sleep_until(self, deadline: float) -> None:
         raise RuntimeError("SimClock is stepped by the simulation; nothing sleeps on it")
+
+
+class FleetRecorder:
+    """Ships a line's key tags and a gateway engine's events through the receiver's ingest path.
+
+    ``storage_url`` and ``registry_dir`` are a receiver's database and device registry (the
+    device is registered when missing). Every ``batch_s`` samples become one batch, sealed with
+    the wire format under the device's key, then opened (authenticated, decoded) by the
+    receiver's :class:`~edgeos_cloud.receiver.ingest.BatchOpener` and stored in one transaction
+    — what the receiver's writer thread does with a batch the broker delivered.
+    """
+
+    def __init__(
+        self,
+        storage_url: str,
+        registry_dir: Any,
+        device: str,
+        stations: tuple[str, ...],
+        *,
+        batch_s: int = 10,
+        resolution: float = 0.001,
+        wall_offset: float = 1_700_000_000.0,
+    ) -> None:
+        from edgeos_cloud.receiver.ingest import BatchOpener
+        from edgeos_cloud.receiver.registry import DeviceRegistry
+        from edgeos_cloud.receiver.storage import open_storage
+        from edgeos_protocol.batch import TagTable, ValueKind
+        from edgeos_protocol.crypto import Epoch, Keyring
+
+        registry = DeviceRegistry(registry_dir)
+        record = registry.get(device) or registry.add(device)
+        self.device = device
+        self.epoch = Epoch.new(Keyring.of(record.current_key), device)
+        self.opener = BatchOpener(registry)
+        self.storage = open_storage(storage_url)
+        names = [f"{s}.{k}" for s in stations for k in KEY_SUFFIXES]
+        self.table = TagTable(
+            np.arange(len(names)),
+            names,
+            [ValueKind.NUMBER] * len(names),
+            [resolution] * len(names),
+            [""] * len(names),
+        )
+        self.batch_s = batch_s
+        self.wall_offset = wall_offset
+        self._times: list[int] = []
+        self._rows: list[F64] = []
+        self._events: list[dict[str, Any]] = []
+        #: Batches and samples stored so far.
+        self.batches = 0
+        self.samples = 0
+
+    def add(self, now_s: float, values: F64, events: list[dict[str, Any]] | None = None) -> None:
+        """One sample of ``(stations, KEY_SUFFIXES)`` values at line time ``now_s``."""
+        self._times.append(round((now_s + self.wall_offset) * 1e6))
+        self._rows.append(np.asarray(values, dtype=np.float64).reshape(-1))
+        for ev in events or ():
+            ts = float(ev.get("ts", 0.0))
+            if ts < 1e9:  # events stamped on the monotonic (line) clock, or not at all
+                ts = now_s + self.wall_offset
+            self._events.append({**ev, "ts_us": round(ts * 1e6)})
+        if len(self._times) >= self.batch_s:
+            self.flush()
+
+    def flush(self) -> None:
+        from edgeos_protocol.batch import Batch, Group
+        from edgeos_protocol.body import encode_body
+        from edgeos_protocol.sealing import seal_batch
+
+        if not self._times:
+            return
+        values = np.vstack(self._rows)
+        group = Group(
+            np.asarray(self._times, np.int64),
+            np.arange(values.shape[1], dtype=np.int32),
+            values,
+            np.zeros(values.shape, np.uint8),
+        )
+        body = encode_body(Batch(self.table, [group], self._events, {"sim": True}))
+        created = self._times[-1]
+        _, sealed = seal_batch(self.epoch, body, created)
+        batch = self.opener.open(sealed, created, self.device)
+        self.storage.store([batch])
+        self.batches += 1
+        self.samples += batch.sample_count
+        self._times, self._rows, self._events = [], [], []
+
+    def close(self) -> None:
+        self.flush()
+        self.storage.close()
+
+
+def record_run(
+    line: SimLine,
+    recorder: FleetRecorder,
+    seconds: int,
+    *,
+    engine: _Engine | None = None,
+    apply: bool = False,
+) -> None:
+    """Step ``line`` (and a gateway ``engine`` on it) for ``seconds``; ship every sample."""
+    for _ in range(seconds):
+        line.step(SAMPLE_PERIOD_S)
+        values = line.sample()
+        events: list[dict[str, Any]] = []
+        if engine is not None:
+            out = engine.step(values)
+            events = list(out.events)
+            if apply:
+                line.apply(out.writes)
+        recorder.add(line.now, values, events)
+
+
+@dataclass(frozen=True, slots=True)
+class DriftingRun:
+    """What :func:`record_drifting_line` stored: the wall-clock µs of the rubber change and end."""
+
+    device: str
+    stations: tuple[str, ...]
+    drift_us: int
+    end_us: int
+
+
+def record_drifting_line(
+    storage_url: str,
+    registry_dir: Any,
+    device: str,
+    models_dir: Any,
+    *,
+    nests: int = 20,
+    before: int = 600,
+    after: int = 2400,
+    seed: int = 11,
+    mooney_offset: float = 9.0,
+    wall_offset: float = 1_700_000_000.0,
+) -> DriftingRun:
+    """A gateway's engine (the committed models) on a line that switches to a new rubber.
+
+    ``before`` seconds on the old compound, then :meth:`SimLine.new_rubber` and ``after`` more,
+    every sample and event shipped through the receiver's ingest path (:class:`FleetRecorder`).
+    The guard is off (default recipe), so what changes is only what the models see.
+    """
+    from pathlib import Path
+
+    from edgeos.config import GuardConfig
+    from edgeos.inference.engine import InferenceEngine
+
+    models = Path(models_dir)
+    line = SimLine(nests, seed=seed)
+    engine = InferenceEngine.from_manifests(
+        [models / "anomaly.toml", models / "correction.toml", models / "quality.toml"],
+        line.stations,
+        line.tag_configs(),
+        guard=GuardConfig(enabled=False),
+        clock=SimClock(line, wall_offset),
+    )
+    recorder = FleetRecorder(
+        storage_url, registry_dir, device, line.stations, wall_offset=wall_offset
+    )
+    try:
+        record_run(line, recorder, before, engine=engine)
+        drift_us = round((line.now + wall_offset) * 1e6)
+        line.new_rubber(mooney_offset)
+        record_run(line, recorder, after, engine=engine)
+        end_us = round((line.now + wall_offset) * 1e6)
+    finally:
+        recorder.close()
+    return DriftingRun(device, line.stations, drift_us, end_us)

@@ -198,10 +198,21 @@ def test_gateway_wheel_ships_gateway_and_protocol_only(gateway_wheel: Path) -> N
 
 
 def test_cloud_wheel_ships_cloud_and_protocol_only(source_copy: Path, tmp_path: Path) -> None:
-    tops, requires = _top_level_and_requires(_wheel(source_copy / "cloud", tmp_path))
+    wheel = _wheel(source_copy / "cloud", tmp_path)
+    tops, requires = _top_level_and_requires(wheel)
     assert tops == {"edgeos_cloud", "edgeos_protocol"}
-    gateway_only = {"asyncua", "pymodbus", "pyserial", "ai-edge-litert", "sdnotify", "edgeos"}
+    gateway_only = {"asyncua", "pymodbus", "pyserial", "sdnotify", "edgeos"}
     assert not _base_names(requires) & gateway_only, requires
+    # The model lifecycle's gate runs models on the gateways' interpreter library: LiteRT may
+    # come with the optional `models` extra only (docs/model-lifecycle.md), never by default.
+    with zipfile.ZipFile(wheel) as zf:
+        meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA")))
+    litert = [
+        r
+        for r in email.message_from_bytes(meta).get_all("Requires-Dist") or []
+        if r.lower().startswith("ai-edge-litert")
+    ]
+    assert all('extra == "models"' in r for r in litert), litert
 
 
 def test_installed_gateway_cannot_import_the_cloud(gateway_wheel: Path, tmp_path: Path) -> None:

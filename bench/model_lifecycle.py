@@ -1,0 +1,176 @@
+"""Model lifecycle: drift detected → challenger running on a gateway, gate and retrain times.
+
+One simulated line (``edgeos_sim.simline.record_drifting_line``) runs the committed models on
+the gateway's engine, switches to a new rubber, and ships every sample and event through the
+receiver's ingest path into SQLite. Then, timed:
+
+* ``drift_to_challenger_s``: from the drift monitor reporting drift to the retrained model
+  loaded as challenger on a real gateway (retrain from the database + gate + register + models
+  bundle + TUF publish + campaign + the gateway's TUF check/install + its models hook), split
+  into its steps;
+* ``gate_s``: the gate on one version (LiteRT: integrity, golden, finite, budget, accuracy);
+* ``retrain_s``: per task, on one hour of one 80-nest line (``--quick``: 20 nests, 40 min);
+  only ``quality`` is retrained from fleet data so far (anomaly/correction: ``null``);
+* ``elasticity_rms``: retrained vs shipped champion on the post-drift held-out rows (goal:
+  retrained ≤ 0.5 × champion).
+
+Needs TensorFlow in ``.venv-train`` (``make models``) or ``$EDGEOS_TRAIN_PYTHON``. Prints ONE
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# bench/drivers.py would shadow the ``drivers`` package the simulator imports.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from edgeos.config import GuardConfig
+from edgeos.inference.engine import InferenceEngine
+from edgeos.inference.selfcheck import MODELS_DIR
+from edgeos.ota.slots import SlotManager
+from edgeos_cloud.models.lifecycle import Lifecycle, LifecycleConfig
+from edgeos_cloud.ota.repository import OtaRepository, serving
+from edgeos_protocol.bundle import BundleSources, build_bundle
+from edgeos_sim.simline import SimClock, SimLine, record_drifting_line
+from edgeos_testing.ota import HARDWARE, STUB_PACKAGE, Device, write_stub_runtime
+
+
+def _gateway(tmp: Path, repo: OtaRepository) -> Device:
+    src = tmp / "release"
+    write_stub_runtime(src / "pkgs", version="1.0.0")
+    bundle = build_bundle(
+        "full",
+        "1.0.0",
+        HARDWARE,
+        BundleSources(packages=[src / "pkgs" / STUB_PACKAGE]),
+        tmp / "dist",
+        entry=STUB_PACKAGE,
+    )
+    slots = SlotManager(tmp / "device" / "slots", hardware=HARDWARE)
+    slots.provision(bundle)
+    (tmp / "device" / "root.json").write_bytes(repo.trusted_root())
+    return Device(slots, tmp / "device" / "root.json", tmp / "device" / "slots")
+
+
+def run(quick: bool) -> dict[str, Any]:
+    nests, before, after, epochs = (20, 600, 1800, 80) if quick else (80, 1200, 3600, 150)
+    out: dict[str, Any] = {
+        "bench": "model_lifecycle",
+        "quick": quick,
+        "line": {"nests": nests, "seconds_before_drift": before, "seconds_after": after},
+    }
+    with tempfile.TemporaryDirectory(prefix="edgeos-lifecycle-") as d:
+        tmp = Path(d)
+        url = f"sqlite:///{tmp / 'receiver.db'}"
+        t0 = time.perf_counter()
+        run_ = record_drifting_line(
+            url, tmp / "registry", "gw-bench", MODELS_DIR, nests=nests, before=before, after=after
+        )
+        out["record_line_s"] = round(time.perf_counter() - t0, 2)
+        repo = OtaRepository.init(tmp / "repo", tmp / "root-keys")
+        life = Lifecycle(
+            LifecycleConfig.model_validate(
+                {
+                    "home": tmp / "lifecycle",
+                    "storage_url": url,
+                    "ota_repo": repo.dir,
+                    "groups": {"line-a": {"devices": ["gw-bench"]}},
+                    "trainer": {"epochs": epochs},
+                }
+            )
+        )
+        champion = life.seed_champion(MODELS_DIR / "quality.toml", "line-a")
+
+        t_detect = time.perf_counter()
+        status = life.drift("quality", "line-a")
+        steps: dict[str, float] = {"drift_check_s": time.perf_counter() - t_detect}
+        if not status["drift"]:
+            out["error"] = "no drift detected"
+            return out
+        t_drift = time.perf_counter()
+        result = life.retrain(
+            "quality", "line-a", since_us=status["drift_since_us"], reason="bench drift"
+        )
+        steps["retrain_and_gate_s"] = time.perf_counter() - t_drift
+        candidate = life.registry.find(result["version"]["key"])
+        t = time.perf_counter()
+        published = life.publish(candidate, "line-a")
+        steps["publish_s"] = time.perf_counter() - t
+        line = SimLine(nests, seed=5)
+        engine = InferenceEngine.from_manifests(
+            [
+                MODELS_DIR / "anomaly.toml",
+                MODELS_DIR / "correction.toml",
+                MODELS_DIR / "quality.toml",
+            ],
+            line.stations,
+            line.tag_configs(),
+            guard=GuardConfig(enabled=False),
+            clock=SimClock(line),
+        )
+        device = _gateway(tmp, repo)
+        device.slots.models_hook = engine.on_models_updated
+        t = time.perf_counter()
+        with serving(repo.dir) as server:
+            device.client(server.url, group="line-a").check_and_install(device.slots)
+        steps["gateway_install_s"] = time.perf_counter() - t
+        challenger = engine.registry.challenger("quality")
+        out["drift_to_challenger_s"] = round(time.perf_counter() - t_drift, 2)
+        out["drift_to_challenger_steps"] = {k: round(v, 3) for k, v in steps.items()}
+        out["challenger_on_gateway"] = challenger.key if challenger else None
+        out["bundle"] = published["bundle"]
+
+        gate = result["gate"]
+        acc = next(c for c in gate["checks"] if c["name"] == "accuracy")["values"]
+        out["gate_s"] = gate["seconds"]
+        t = time.perf_counter()
+        life.gate(candidate, "line-a", since_us=status["drift_since_us"])
+        out["gate_with_replay_load_s"] = round(time.perf_counter() - t, 3)
+        out["elasticity_rms"] = {
+            "rows": acc["rows"],
+            "champion": acc["champion_rms"],
+            "retrained": acc["candidate_rms"],
+            "ratio": acc["ratio"],
+            "goal_ratio": 0.5,
+            "goal_met": acc["ratio"] <= 0.5,
+            "champion_key": champion.key,
+            "retrained_key": candidate.key,
+        }
+        # Retrain time on one hour of the line's data (here: the whole recorded window).
+        t = time.perf_counter()
+        full = life.retrain("quality", "line-a", since_us=None, reason="bench one hour")
+        out["retrain_s"] = {
+            "quality": round(time.perf_counter() - t, 2),
+            "quality_trainer_subprocess": full["train_seconds"],
+            "quality_rows": full["rows"],
+            "anomaly": None,
+            "correction": None,
+        }
+        out["drift"] = {
+            "threshold_mpa": status["threshold"],
+            "drift_since_s_after_change": round(
+                (status["drift_since_us"] - run_.drift_us) / 1e6, 1
+            ),
+            "windows": [(w["rms"], w["rows"]) for w in status["windows"]],
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    print(json.dumps(run(args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

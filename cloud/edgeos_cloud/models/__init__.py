@@ -1,0 +1,19 @@
+"""The model lifecycle in the cloud: every model versioned, gated and retrained from fleet data.
+
+=================  =============================================================================
+``registry``       MLflow tracking + model registry: versions, artifacts, stages, audit, tracking
+``gate``           the automatic quality gate (integrity, golden on LiteRT, finite, budget,
+                   accuracy against the champion on held-out fleet rows)
+``litert``         the cloud's LiteRT invocation (the interpreter library the gateways run)
+``replay``         training and replay rows from the receiver database, with the gateway's own
+                   feature code (:mod:`edgeos_protocol.features`)
+``trainer``        spawns the TensorFlow trainer (:mod:`.train`) in its own environment
+``publish``        qualified version → models bundle → TUF repository → staged campaign
+``lifecycle``      the operations (``Lifecycle``) and the configuration (``models.toml``)
+``metrics``        Prometheus gauges of every version per group (docs/grafana/)
+``cli``            ``edgeos-cloud models …``
+=================  =============================================================================
+
+See ``docs/model-lifecycle.md``. Needs the ``models`` extra (MLflow, LiteRT); TensorFlow only in
+the trainer's environment.
+"""
