@@ -1,0 +1,218 @@
+"""Northbound benchmark: 16,000 tags at 1 Hz as Sparkplug B by exception and served by the OPC UA
+server to a client subscribed to all of them; the 100 Hz scan group's jitter with both on vs off.
+
+    .venv/bin/python bench/northbound.py [--seconds 15] [--nests 80] [--per-nest 200]
+
+Phases (same process, same twin, same scheduler): ``off``, ``sparkplug``, ``opcua``, ``both``.
+CPU of an interface = process CPU per second in its phase minus the ``off`` phase (one core =
+1.0). The OPC UA client (subscribed to every tag) and the Sparkplug host run in other processes
+or in Mosquitto, so they are not counted. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+# `python bench/northbound.py` puts bench/ first on sys.path, where bench/drivers.py would
+# shadow the `drivers` package (the Modbus address model behind the tags).
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import numpy as np
+
+from edgeos.clock import SystemClock
+from edgeos.config import ScanGroupConfig, TagConfig, TwinConfig
+from edgeos.driver import Quality, ReadResult
+from edgeos.northbound import Northbound, NorthboundConfig
+from edgeos.scheduler import Scheduler
+from edgeos.twin import Twin
+from edgeos_testing.mosquitto import MosquittoBroker
+from edgeos_testing.twin_synthetic import SyntheticLine
+
+CLIENT = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from asyncua import Client, ua
+    async def main(url, n_expected):
+        async with Client(url, timeout=60) as c:
+            ns = await c.get_namespace_index("urn:edgeos:twin")
+            names = open(sys.argv[3]).read().split()
+            got = [0]
+            class H:
+                def datachange_notification(self, node, val, data): got[0] += 1
+            sub = await c.create_subscription(200, H())
+            nodes = [c.get_node(ua.NodeId(n, ns)) for n in names]
+            for k in range(0, len(nodes), 2000):
+                await sub.subscribe_data_change(nodes[k:k + 2000], queuesize=1)
+            print("subscribed", flush=True)
+            while True:
+                await asyncio.sleep(1)
+                print(got[0], flush=True)
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+
+def line_tags(nests: int, per_nest: int, *, scan_group: str = "default", prefix: str = "nest"):
+    """``nests * per_nest`` float tags ``nestNN.pXXX`` (bar, resolution 0.01, deadband 0.05)."""
+    return [
+        TagConfig.model_validate(
+            {
+                "name": f"{prefix}{n:02d}.p{k:03d}",
+                "connection": f"{prefix}{n:02d}",
+                "scan_group": scan_group,
+                "unit": "bar",
+                "resolution": 0.01,
+                "deadband": 0.05,
+                "modbus": {"address": 2 * k, "type": "float32"},
+            }
+        )
+        for n in range(1, nests + 1)
+        for k in range(per_nest)
+    ]
+
+
+async def phase(
+    name: str, args: argparse.Namespace, broker: MosquittoBroker | None, tmp: Path
+) -> dict[str, object]:
+    clock = SystemClock()
+    tags = line_tags(args.nests, args.per_nest) + line_tags(
+        1, 100, scan_group="fast", prefix="fast"
+    )
+    groups = [
+        ScanGroupConfig(name="default", period_ms=1000),
+        ScanGroupConfig(name="fast", period_ms=10, priority=90),
+    ]
+    twin = Twin(tags, TwinConfig(history_s=60), clock=clock, scan_groups=groups)
+    line = SyntheticLine([k * args.per_nest for k in range(args.nests)], args.per_nest)
+    fast_idx = np.arange(args.nests * args.per_nest, len(tags), dtype=np.int32)
+    fast_q = np.full(len(fast_idx), Quality.GOOD, np.uint8)
+    rng = np.random.default_rng(2)
+    scheduler = Scheduler(clock, groups)
+    for block in range(line.blocks):
+
+        async def scan(block: int = block) -> None:
+            twin.apply(line.read(block, clock.time()), clock.time())
+
+        scheduler.add_job("default", f"nest{block}", scan)
+
+    async def fast() -> None:
+        now = clock.time()
+        vals = rng.normal(50.0, 0.01, len(fast_idx))
+        twin.apply(ReadResult(fast_idx, vals, fast_q, np.full(len(fast_idx), now)), now)
+
+    scheduler.add_job("fast", "fast", fast)
+
+    raw: dict[str, object] = {}
+    if name in ("sparkplug", "both"):
+        assert broker is not None
+        raw["sparkplug"] = {"broker": broker.url, "group_id": "bench", "publish_interval_ms": 100}
+    if name in ("opcua", "both"):
+        raw["opcua"] = {
+            "endpoint": "opc.tcp://127.0.0.1:0/edgeos/",
+            "security": ["None"],
+            "allow_anonymous": True,
+        }
+    nb = (
+        Northbound(NorthboundConfig.model_validate(raw), twin, device_id="gw", clock=clock)
+        if raw
+        else None
+    )
+    client: asyncio.subprocess.Process | None = None
+    out: dict[str, object] = {"phase": name}
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(scheduler.run())]
+        if nb is not None:
+            tasks.append(tg.create_task(nb.run()))
+        if nb is not None and nb.opcua is not None:
+            await nb.opcua.ready.wait()
+            names = tmp / "names.txt"
+            names.write_text("\n".join(twin.names) + "\n")
+            client = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                CLIENT,
+                nb.opcua.endpoint_url,
+                str(len(tags)),
+                str(names),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert client.stdout is not None
+            line_out = (await client.stdout.readline()).decode()
+            assert line_out.strip() == "subscribed", line_out
+        await asyncio.sleep(2)  # settle (first full push, births)
+        # Measure: fresh jitter histograms, CPU and counters over the window.
+        for g in ("fast", "default"):
+            scheduler.group_stats(g).jitter.reset()
+        sp0 = nb.sparkplug.counters.data_bytes if nb and nb.sparkplug else 0
+        sm0 = nb.sparkplug.counters.data_metrics if nb and nb.sparkplug else 0
+        msg0 = nb.sparkplug.counters.data_messages if nb and nb.sparkplug else 0
+        ov0 = nb.opcua.counters.values_pushed if nb and nb.opcua else 0
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await asyncio.sleep(args.seconds)
+        cpu1, t1 = time.process_time(), time.monotonic()
+        out["cpu_core_fraction"] = round((cpu1 - cpu0) / (t1 - t0), 4)
+        out["fast_jitter_ms"] = scheduler.group_stats("fast").jitter.summary_ms()
+        if nb is not None and nb.sparkplug is not None:
+            c = nb.sparkplug.counters
+            values = c.data_metrics - sm0
+            messages = c.data_messages - msg0
+            topic = len(nb.sparkplug.topic("DDATA", "nest01"))
+            wire = (c.data_bytes - sp0) + messages * (topic + 2 + 5)  # + topic, its length, header
+            out["sparkplug_values_per_s"] = round(values / (t1 - t0))
+            out["sparkplug_payload_bytes_per_value"] = round(
+                (c.data_bytes - sp0) / max(values, 1), 2
+            )
+            out["sparkplug_broker_bytes_per_value"] = round(wire / max(values, 1), 2)
+        if nb is not None and nb.opcua is not None:
+            out["opcua_values_pushed_per_s"] = round(
+                (nb.opcua.counters.values_pushed - ov0) / (t1 - t0)
+            )
+        for t in tasks:
+            t.cancel()
+    if client is not None:
+        client.kill()
+        await client.wait()
+    return out
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--nests", type=int, default=80)
+    ap.add_argument("--per-nest", type=int, default=200)
+    ap.add_argument("--phases", default="off,sparkplug,opcua,both")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        async with MosquittoBroker(Path(tmp) / "broker", tls=False, acl=False) as broker:
+            results = [await phase(p, args, broker, Path(tmp)) for p in args.phases.split(",")]
+    by = {r["phase"]: r for r in results}
+    off = by.get("off", {}).get("cpu_core_fraction", 0.0)
+    summary: dict[str, object] = {
+        "benchmark": "northbound",
+        "tags": args.nests * args.per_nest,
+        "seconds": args.seconds,
+        "cpus": os.cpu_count(),
+        "phases": results,
+    }
+    for p in ("sparkplug", "opcua", "both"):
+        if p in by:
+            summary[f"cpu_{p}_core_fraction"] = round(by[p]["cpu_core_fraction"] - off, 4)  # type: ignore[operator]
+    if "off" in by and "both" in by:
+        summary["fast_p99_jitter_ms"] = {
+            "off": by["off"]["fast_jitter_ms"].get("p99_ms"),  # type: ignore[union-attr]
+            "both": by["both"]["fast_jitter_ms"].get("p99_ms"),  # type: ignore[union-attr]
+        }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

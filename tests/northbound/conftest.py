@@ -1,0 +1,130 @@
+"""A real twin with a real desired-state write path for the northbound tests.
+
+``PlantRig`` = a ``Twin`` of two presses (``nest01``, ``nest02``), a node-level tag and nest01's
+gate outputs; ``EchoPlc`` is the write sink behind ``twin.run_writes``: it records every write
+that reached "the PLC" and reports it back in the next read, as a device would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import numpy as np
+
+from edgeos.clock import SystemClock
+from edgeos.config import TagConfig, TwinConfig
+from edgeos.driver import Quality, ReadResult, TagBinding, Value
+from edgeos.inference_runtime import gate_tags
+from edgeos.twin import Twin
+
+
+def _tag(name: str, address: int, **kw: object) -> TagConfig:
+    data: dict[str, object] = {
+        "name": name,
+        "connection": "plc",
+        "modbus": {"address": address, "type": "float32"},
+        "resolution": 0.1,
+    }
+    data.update(kw)
+    return TagConfig.model_validate(data)
+
+
+def plant_tags() -> list[object]:
+    tags: list[object] = []
+    for n, base in (("nest01", 0), ("nest02", 100)):
+        tags += [
+            _tag(
+                f"{n}.heater.sp",
+                base,
+                unit="°C",
+                writable=True,
+                limits={"min": 20, "max": 220},
+                max_rate=1000,
+            ),
+            _tag(f"{n}.heater.pv", base + 2, unit="°C", deadband=0.5),
+            _tag(
+                f"{n}.mode",
+                base + 4,
+                modbus={"address": base + 4, "type": "int16"},
+                resolution=None,
+                writable=True,
+                limits={"min": 0, "max": 3},
+            ),
+        ]
+    tags.append(_tag("uptime", 300, modbus={"address": 300, "type": "uint32"}, resolution=None))
+    tags += gate_tags(["nest01"])
+    return tags
+
+
+class EchoPlc:
+    """The twin's write path: what reached the PLC, echoed back by the next read."""
+
+    def __init__(self, twin: Twin) -> None:
+        self.twin = twin
+        self.writes: list[tuple[str, Value]] = []
+        self._echo: list[tuple[int, Value]] = []
+        self._wake = asyncio.Event()
+
+    async def write(self, binding: TagBinding, value: Value) -> None:
+        self.writes.append((binding.tag.name, value))
+        self._echo.append((binding.index, value))
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            echo, self._echo = self._echo, []
+            for index, value in echo:
+                apply(self.twin, {self.twin.names[index]: float(value)})
+
+
+def apply(
+    twin: Twin, values: Mapping[str, float], quality: int = Quality.GOOD, ts: float | None = None
+) -> np.ndarray:
+    idx = np.array([twin.index(n) for n in values], dtype=np.int32)
+    vals = np.array(list(values.values()), dtype=np.float64)
+    now = time.time() if ts is None else ts
+    result = ReadResult(
+        idx, vals, np.full(len(idx), quality, np.uint8), np.full(len(idx), now, np.float64)
+    )
+    return twin.apply(result, time.time())
+
+
+class PlantRig:
+    def __init__(self) -> None:
+        self.clock = SystemClock()
+        self.twin = Twin(plant_tags(), TwinConfig(), clock=self.clock, confirm_timeout_s=5.0)
+        self.plc = EchoPlc(self.twin)
+        apply(
+            self.twin,
+            {
+                "nest01.heater.sp": 180.0,
+                "nest01.heater.pv": 179.0,
+                "nest01.mode": 1,
+                "nest02.heater.sp": 170.0,
+                "nest02.heater.pv": 169.0,
+                "nest02.mode": 2,
+                "uptime": 42,
+                "nest01.gate.verdict": 0,
+                "nest01.gate.confidence": 0.93,
+            },
+        )
+
+    @contextlib.asynccontextmanager
+    async def running(self, *parts: object) -> AsyncIterator[None]:
+        """Run the write path, the echoing PLC and ``parts`` (objects with ``run()``)."""
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self.twin.run_writes(self.plc)),
+                tg.create_task(self.plc.run()),
+                *[tg.create_task(p.run()) for p in parts],  # type: ignore[attr-defined]
+            ]
+            try:
+                yield
+            finally:
+                for t in tasks:
+                    t.cancel()
