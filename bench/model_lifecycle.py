@@ -28,10 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# bench/drivers.py would shadow the ``drivers`` package the simulator imports.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 from edgeos.config import GuardConfig
 from edgeos.inference.engine import InferenceEngine
 from edgeos.inference.selfcheck import MODELS_DIR

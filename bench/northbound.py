@@ -21,11 +21,6 @@ import textwrap
 import time
 from pathlib import Path
 
-# `python bench/northbound.py` puts bench/ first on sys.path, where bench/drivers.py would
-# shadow the `drivers` package (the Modbus address model behind the tags).
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import numpy as np
 
 from edgeos.clock import SystemClock

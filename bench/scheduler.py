@@ -34,11 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's folder comes first on sys.path, and bench/drivers.py would
-# shadow the `drivers` package the runtime loads its drivers from.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 import numpy as np
 import psutil
 import tomli_w

@@ -47,8 +47,8 @@ class SimSource:
     name = "edgeos_sim physics (80x200, int16-scaled registers)"
 
     def __init__(self) -> None:
-        from edgeos_sim.layout import build_layout
-        from edgeos_sim.physics import LinePhysics
+        from edgeos_cloud.fleet.physics.layout import build_layout
+        from edgeos_cloud.fleet.physics.line import LinePhysics
 
         layout = build_layout(NESTS, TAGS_PER_NEST)
         self.physics = LinePhysics(layout, seed=3)

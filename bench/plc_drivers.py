@@ -7,7 +7,7 @@ holding registers in one unit. Goals: ≤ 15 % of one core, ≤ 130 requests per
 If ``bench/opcua_bench.py`` exists and defines ``async def run(quick: bool) -> dict``, its keys
 (``opcua_items``, ``opcua_notifications_per_s``) are merged into the output.
 
-    python bench/drivers.py [--quick] [--connections N]
+    python bench/plc_drivers.py [--quick] [--connections N]
 """
 
 from __future__ import annotations
