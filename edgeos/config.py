@@ -45,6 +45,7 @@ from edgeos.config_tags import (
     derived_tag,
 )
 from edgeos.errors import ConfigError, ConfigIssue
+from edgeos.northbound.config import NorthboundConfig, check_northbound
 from edgeos.tags import (
     FLOAT_TYPES,
     INTEGER_TYPES,
@@ -110,6 +111,8 @@ class Config(_Model):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     ota: OtaConfig = Field(default_factory=OtaConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    #: The plant side: Sparkplug B edge node and OPC UA server of the twin (docs/northbound.md).
+    northbound: NorthboundConfig = Field(default_factory=NorthboundConfig)
 
     _all_tags: tuple[Tag, ...] | None = PrivateAttr(default=None)
 
@@ -165,6 +168,7 @@ def parse_config(text: str, *, source: str = "<string>", check_drivers: bool = T
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc), source) from exc
     tags, issues = cross_check(config, check_drivers=check_drivers)
+    issues = [*issues, *check_northbound(config.northbound, tags)]
     if issues:
         raise ConfigError(issues, source)
     config._all_tags = tags
@@ -198,5 +202,6 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             "uplink": config.uplink.model_copy(update=uplink_update),
             "inference": config.inference.model_copy(update={"models": models}),
             "ota": config.ota.model_copy(update={"trusted_root": fix(config.ota.trusted_root)}),
+            "northbound": config.northbound.resolve_paths(base),
         }
     )
