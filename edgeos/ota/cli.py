@@ -77,6 +77,8 @@ class _Device:
     control_socket: Path | None = None
     #: The device key that seals reports (``[uplink] key_file`` or ``--key-file``).
     key_file: Path | None = None
+    #: The configuration file: config bundles' profiles are re-validated against it.
+    config_path: Path | None = None
 
 
 def _device(args: argparse.Namespace) -> _Device:
@@ -109,6 +111,7 @@ def _device(args: argparse.Namespace) -> _Device:
         max_attempts=ota.max_attempts,
         control_socket=control_socket,
         key_file=key_file,
+        config_path=Path(args.config) if args.config is not None else None,
     )
 
 
@@ -120,7 +123,17 @@ def _slots(dev: _Device) -> Any:
         hardware=dev.hardware,
         max_attempts=dev.max_attempts,
         models_hook=_models_hook(dev),
+        config_check=_config_check(dev),
     )
+
+
+def _config_check(dev: _Device) -> Any:
+    """Config bundles carry profiles: re-validated against this gateway's own file."""
+    if dev.config_path is None:
+        return None
+    from edgeos.profile import bundle_check
+
+    return bundle_check(dev.config_path)
 
 
 def _models_hook(dev: _Device) -> Any:

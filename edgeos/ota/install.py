@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from edgeos_protocol.bundle import MANIFEST_NAME, FileEntry, Manifest, extract_bundle
@@ -148,11 +149,14 @@ def compose_config_slot(
     unpack: Path,
     expected_digest: str | None,
     quota_bytes: int | None,
+    check_config: Callable[[Path], None] | None = None,
 ) -> Manifest:
     """Build a slot in ``staging`` = the ``active`` slot's runtime + the bundle's new config/.
 
     A config change is trialled exactly like a code change, so a bad config rolls back on its
-    own. The bundle is unpacked into ``unpack`` first (removed afterwards).
+    own. The bundle is unpacked into ``unpack`` first (removed afterwards). ``check_config``
+    (the gateway's profile re-validation, :func:`edgeos.profile.bundle_check`) sees the
+    unpacked bundle before anything is composed and refuses it by raising ``Rejected``.
     """
     base, problems = verify_tree(active)
     if base is None or problems:
@@ -162,6 +166,8 @@ def compose_config_slot(
         cfg = extract_bundle(
             bundle, unpack, expected_digest=expected_digest, quota_bytes=quota_bytes
         )
+        if check_config is not None:
+            check_config(unpack)
         staging.mkdir()
         files: list[FileEntry] = []
         for entry in base.files:

@@ -82,8 +82,11 @@ class SlotManager:
         max_attempts: int = 3,
         full_verify_at_boot: bool = True,
         models_hook: ModelsHook | None = None,
+        config_check: Callable[[Path], None] | None = None,
     ) -> None:
         self.root = Path(root)
+        #: Re-validates a config bundle against this gateway's own file before composing.
+        self.config_check = config_check
         self.hardware = hardware
         self.max_attempts = max_attempts
         self.full_verify_at_boot = full_verify_at_boot
@@ -288,6 +291,7 @@ class SlotManager:
                     unpack=self.slots_dir / ".staging-config",
                     expected_digest=expected_digest,
                     quota_bytes=quota_bytes,
+                    check_config=self.config_check,
                 )
             else:
                 composed = extract_bundle(

@@ -53,6 +53,7 @@ class Reason(StrEnum):
     HEALTH = "health"  # trial slot did not prove healthy
     CRASH_LOOP = "crash_loop"  # trial slot used up its boot attempts
     CORRUPT_SLOT = "corrupt_slot"  # a slot no longer matches its manifest
+    PROFILE_REFUSED = "profile_refused"  # a config profile outside this gateway's own limits
 
 
 class Rejected(UpdateRejected):

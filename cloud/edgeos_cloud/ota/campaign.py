@@ -185,6 +185,14 @@ class Campaign:
                             )
             return True
 
+    def halt(self, reason: str) -> None:
+        """Stop a running campaign for a reason of the caller's (a fleet rollout's canaries did
+        worse than the champion they replaced): no further stage is pointed at the bundle."""
+        with self._locked() as data:
+            if data["status"] in ("created", "running"):
+                data["status"] = "halted"
+                data["halted_reason"] = reason[:500]
+
     @staticmethod
     def _failure_rate(data: dict[str, Any], group: str) -> tuple[float, int]:
         reports = [d for d in data["devices"].values() if d["group"] == group]

@@ -33,9 +33,19 @@ __all__ = ["create_device", "revoke_device"]
 
 
 def create_device(
-    registry: DeviceRegistry, ca: CertificateAuthority, device: str, broker_url: str, bundle: Path
+    registry: DeviceRegistry,
+    ca: CertificateAuthority,
+    device: str,
+    broker_url: str,
+    bundle: Path,
+    *,
+    ota_group: str | None = None,
 ) -> DeviceRecord:
     """Register ``device``, issue its client certificate and write its bundle (0600).
+
+    ``ota_group`` (``device add --group``): the OTA channel the installer writes into
+    ``[ota] group``; the fleet's bootstrap points it at the group's champion models and profile
+    (docs/fleet.md#bootstrap). Not a secret; older installers ignore it.
 
     A reserved or invalid id, or a name the CA issued under another role, is refused
     (``ValueError``) before anything is written.
@@ -56,6 +66,8 @@ def create_device(
         "ca_cert": ca.cert_pem.decode(),
         "broker": broker_url,
     }
+    if ota_group is not None:
+        doc["ota_group"] = ota_group
     bundle.parent.mkdir(parents=True, exist_ok=True)
     write_private(bundle, json.dumps(doc, indent=1).encode())
     return record

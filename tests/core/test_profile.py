@@ -1,0 +1,236 @@
+"""Profiles on the gateway: export, check, apply as a config-only OTA bundle, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from edgeos.app import Runtime
+from edgeos.config import Config
+from edgeos.control import request
+from edgeos.ota.slots import SlotManager
+from edgeos.profile import (
+    ProfileRefused,
+    apply_profile,
+    bundle_check,
+    effective_config,
+    export_profile,
+    summary_of,
+)
+from edgeos_protocol.bundle import BundleSources, build_bundle
+from edgeos_protocol.outcome import Reason, Rejected
+from edgeos_protocol.profile import PROFILE_FILE, Profile, parse_profile, parse_summary
+from edgeos_sim import SimLine, SimOptions
+from edgeos_sim.line import write_line_config
+from edgeos_testing.ota import HARDWARE, STUB_PACKAGE, write_stub_runtime
+
+
+def _config(tmp_path: Path, port: int = 1, **overrides: object) -> Config:
+    return write_line_config(
+        tmp_path / "edgeos.toml",
+        modbus_port=port,
+        opcua_url=None,
+        state_dir=tmp_path / "state",
+        nests=2,
+        tags_per_nest=20,
+        overrides={"uplink": {"enabled": False}, "device": {"hardware": HARDWARE}, **overrides},
+    )
+
+
+def _profile(version: int = 2, **tunables: object) -> Profile:
+    return parse_profile({"name": "line-a", "version": version, "tunables": tunables})
+
+
+def test_export_carries_the_tunables_and_no_hard_limits(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    profile = export_profile(config, name="line-a")
+    t = profile.tunables
+    assert t.guard.alpha == 0.005 and t.scan_periods == {"default": 1000.0, "fast": 100.0}
+    assert t.deadbands["nest01.heater.pv"] == 0.2
+    assert (
+        "hard" not in profile.canonical().decode() and "120.0" not in profile.canonical().decode()
+    )
+    assert validate_clean(profile, config)
+
+
+def validate_clean(profile: Profile, config: Config) -> bool:
+    from edgeos_protocol.profile import validate
+
+    return validate(profile, summary_of(config)) == []
+
+
+def test_apply_changes_only_tunables(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    applied = apply_profile(
+        config,
+        _profile(
+            guard={"alpha": 0.002},
+            deadbands={"nest01.heater.pv": 0.5},
+            scan_periods={"fast": 200.0},
+        ),
+    )
+    assert applied.inference.guard.alpha == 0.002
+    assert applied.scan_group("fast").period_ms == 200.0
+    by_name = {t.name: t for t in applied.all_tags}
+    assert by_name["nest01.heater.pv"].deadband == 0.5
+    assert by_name["nest02.heater.pv"].deadband == 0.2
+    before = {t.name: (t.limits, t.writable, t.max_rate) for t in config.all_tags}
+    assert {t.name: (t.limits, t.writable, t.max_rate) for t in applied.all_tags} == before
+    assert config.inference.guard.alpha == 0.005  # the file's config is not modified
+
+
+def test_a_profile_cannot_loosen_the_guard_or_set_what_the_gateway_does_not_apply(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path)
+    with pytest.raises(ProfileRefused) as refused:
+        apply_profile(
+            config, _profile(guard={"alpha": 0.05}, setpoints={"nest01.heater.sp": 999.0})
+        )
+    text = str(refused.value)
+    assert "tunables.guard.alpha: 0.05 is above" in text
+    assert "tunables.setpoints: " in text and "does not apply setpoints" in text
+    assert "outside the hard limits [120.0, 200.0]" in text
+
+
+def _provisioned(tmp_path: Path, config_path: Path) -> SlotManager:
+    root = tmp_path / "state" / "slots"
+    slots = SlotManager(root, hardware=HARDWARE, config_check=bundle_check(config_path))
+    src = tmp_path / "release"
+    write_stub_runtime(src / "pkgs", version="1.0.0")
+    full = build_bundle(
+        "full",
+        "1.0.0",
+        HARDWARE,
+        BundleSources(packages=[src / "pkgs" / STUB_PACKAGE]),
+        tmp_path / "dist",
+        entry=STUB_PACKAGE,
+    )
+    slots.provision(full)
+    return slots
+
+
+def _config_bundle(tmp_path: Path, profile: Profile | dict[str, object], version: str) -> Path:
+    src = tmp_path / f"cfg-{version}" / "config"
+    src.mkdir(parents=True)
+    body = profile.canonical() if isinstance(profile, Profile) else json.dumps(profile).encode()
+    (src / Path(PROFILE_FILE).name).write_bytes(body)
+    return build_bundle("config", version, HARDWARE, BundleSources(config=src), tmp_path / "dist")
+
+
+def test_a_profile_beyond_hard_limits_is_refused_by_the_installer_and_nothing_changes(
+    tmp_path: Path,
+) -> None:
+    _config(tmp_path)
+    slots = _provisioned(tmp_path, tmp_path / "edgeos.toml")
+    before = slots.read_state()
+    # Crafted past the cloud's check: a raw document that widens a hard limit, and one that
+    # loosens the guard.
+    for version, doc in (
+        ("2", {"name": "x", "version": 2, "tunables": {"limits": {"nest01.heater.sp": [0, 900]}}}),
+        ("3", _profile(guard={"alpha": 0.9})),
+    ):
+        with pytest.raises(Rejected) as refused:
+            slots.install(_config_bundle(tmp_path, doc, version))
+        assert refused.value.reason == Reason.PROFILE_REFUSED
+        assert slots.read_state().trial is None
+        assert slots.read_state().active == before.active
+        assert not slots.slot_path("b").exists()
+    assert "unknown key" in str(refused.value) or "above" in str(refused.value)
+
+
+def test_a_fitting_profile_is_trialled_and_in_force_after_the_boot_check(tmp_path: Path) -> None:
+    config = _config(tmp_path, ota={"enabled": False, "group": "line-a"})
+    slots = _provisioned(tmp_path, tmp_path / "edgeos.toml")
+    profile = _profile(guard={"alpha": 0.003}, scan_periods={"fast": 250.0})
+    result = slots.install(_config_bundle(tmp_path, profile, "2"))
+    assert result.restart_required and slots.read_state().trial == "b"
+    slots.boot_check()  # what ExecStartPre does: current -> the trial slot
+    eff = effective_config(config, config_path=tmp_path / "edgeos.toml")
+    assert eff.refused is None and eff.profile == profile
+    assert eff.config.inference.guard.alpha == 0.003
+    summary = eff.summary()
+    assert summary.profile is not None and summary.profile.sha256 == profile.digest()
+    assert summary.guard.alpha_max == 0.005  # the ceiling is the file's, not the profile's
+    assert summary.ota_group == "line-a" and summary.config_sha256
+
+
+def test_a_profile_that_no_longer_fits_the_file_is_not_applied(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    path = tmp_path / "state" / "slots" / "current" / PROFILE_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_profile(guard={"alpha": 0.2}).canonical())
+    eff = effective_config(config)
+    assert eff.profile is None and eff.config is config
+    assert eff.refused is not None and "tighten the guard" in eff.refused
+    assert eff.summary().profile_refused == eff.refused
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeos", "profile", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=False,
+    )
+
+
+def test_profile_commands_export_diff_and_check(tmp_path: Path) -> None:
+    _config(tmp_path)
+    cfg = str(tmp_path / "edgeos.toml")
+    exported = _cli("export", "--config", cfg, "--offline", "--json", "--name", "line-a")
+    assert exported.returncode == 0, exported.stderr
+    a = parse_profile(exported.stdout)
+    (tmp_path / "a.json").write_text(exported.stdout)
+    b = _profile(guard={"alpha": 0.004}, scan_periods={"fast": 100.0, "default": 1000.0})
+    (tmp_path / "b.json").write_bytes(b.canonical())
+    d = _cli("diff", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert d.returncode == 1 and "guard.alpha: 0.005 -> 0.004" in d.stdout
+    assert _cli("check", str(tmp_path / "b.json"), "--config", cfg).returncode == 0
+    bad = _profile(guard={"alpha": 0.5})
+    (tmp_path / "bad.json").write_bytes(bad.canonical())
+    checked = _cli("check", str(tmp_path / "bad.json"), "--config", cfg, "--json")
+    assert checked.returncode == 1 and json.loads(checked.stdout)["ok"] is False
+    assert a.tunables.deadbands
+
+
+@pytest.fixture
+async def line() -> AsyncIterator[SimLine]:
+    async with SimLine(SimOptions(nests=2, tags_per_nest=20, opcua_port=None, tick_hz=20)) as sim:
+        yield sim
+
+
+async def test_the_running_runtime_exports_its_profile_and_emits_its_summary_once(
+    line: SimLine, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, port=line.modbus_port)
+    runtime = Runtime(config, config_path=tmp_path / "edgeos.toml")
+    events = runtime._drain_events()
+    summaries = [e for e in events if e["type"] == "config_summary"]
+    assert len(summaries) == 1
+    summary = parse_summary(summaries[0]["summary"])
+    assert summary.tags["nest01.heater.sp"].limits is not None
+    assert not [e for e in runtime._drain_events() if e["type"] == "config_summary"]
+    task = asyncio.create_task(runtime.run())
+    try:
+        async with asyncio.timeout(20):
+            await runtime.ready.wait()
+        sock = tmp_path / "state" / "control.sock"
+        doc = await asyncio.to_thread(request, sock, "profile.export", name="line-a", version=4)
+        exported = parse_profile(doc)
+        assert exported.version == 4 and exported.tunables.guard.alpha == 0.005
+        live = await asyncio.to_thread(request, sock, "profile.summary")
+        assert parse_summary(live).device == config.device.id
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
