@@ -233,6 +233,15 @@ class InferenceConfig(_Model):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
+class RenewalConfig(_Model):
+    """Client-certificate renewal over the air (docs/credentials.md)."""
+
+    #: Renew when the MQTT client certificate ends within this many days ("" URL: off).
+    renew_before_days: PositiveFloat = 60
+    check_interval_s: PositiveFloat = 3600
+    retry_s: PositiveFloat = 300
+
+
 class OtaConfig(_Model):
     enabled: bool = False
     repository_url: str = ""
@@ -243,6 +252,8 @@ class OtaConfig(_Model):
     health_window_s: PositiveFloat = 120
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     check_interval_s: PositiveFloat = 300
+    #: Certificate renewal talks to ``repository_url`` too (``POST /certificates``).
+    renewal: RenewalConfig = Field(default_factory=RenewalConfig)
 
 
 class ControlConfig(_Model):

@@ -71,6 +71,24 @@ class RuntimeCollector(Collector):
             )
             steps.add_metric([device], float(clock.get("steps", 0)))
             yield steps
+        creds = doc.get("credentials", {})
+        expiry = GaugeMetricFamily(
+            "edgeos_credential_expiry_timestamp_seconds",
+            "Unix time a credential expires (client certificate, CA bundle, trusted TUF roles)",
+            labels=["device", "kind"],
+        )
+        for key, value in creds.items():
+            named = key in ("client_certificate_expires", "ca_expires") or key.startswith("tuf_")
+            if named and isinstance(value, int | float):
+                expiry.add_metric([device, key.removesuffix("_expires")], float(value))
+        if expiry.samples:
+            yield expiry
+        if creds:
+            fails = CounterMetricFamily(
+                "edgeos_cert_renewal_failures", "Failed renewal attempts", labels=["device"]
+            )
+            fails.add_metric([device], float(creds.get("failures", 0)))
+            yield fails
         up = GaugeMetricFamily(
             "edgeos_uptime_seconds", "Seconds since the runtime started", labels=["device"]
         )
@@ -114,6 +132,11 @@ def _scan_groups(device: str, groups: Any) -> Iterator[GaugeMetricFamily | Count
     skipped = CounterMetricFamily(
         "edgeos_scan_skipped", "Ticks skipped on overrun", labels=["device", "group"]
     )
+    missed = CounterMetricFamily(
+        "edgeos_scan_missed",
+        "Ticks missed because the dispatcher woke late (overloaded or blocked loop)",
+        labels=["device", "group"],
+    )
     for name, g in groups.items():
         j = g.get("jitter", {})
         for q in ("p50", "p99"):
@@ -121,7 +144,8 @@ def _scan_groups(device: str, groups: Any) -> Iterator[GaugeMetricFamily | Count
         jitter.add_metric([device, name, "max"], float(j.get("max_ms", 0.0)) / 1e3)
         ticks.add_metric([device, name], float(g.get("ticks", 0)))
         skipped.add_metric([device, name], float(g.get("skipped", 0)))
-    yield from (jitter, ticks, skipped)
+        missed.add_metric([device, name], float(g.get("missed", 0)))
+    yield from (jitter, ticks, skipped, missed)
 
 
 def _flat(device: str, prefix: str, doc: Mapping[str, Any]) -> Iterator[GaugeMetricFamily]:

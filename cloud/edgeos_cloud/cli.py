@@ -16,6 +16,8 @@
     edgeos-receiver quarantine reingest [--device D] [--epoch E --seq S]  # after a fix
     edgeos-receiver shadow get D
     edgeos-receiver shadow set D TAG VALUE           # queue a desired change (a command)
+    edgeos-receiver pki refresh [--ota-repo R] [--broker-pid-file F] [--textfile F]
+    edgeos-receiver pki status | rollover-ca | retire-ca   # docs/credentials.md
 
 Every subcommand takes ``--config FILE`` (default ``$EDGEOS_RECEIVER_CONFIG`` or
 ``./receiver.toml``). Exit codes: 0 ok, 1 failure, 2 invalid configuration or arguments.
@@ -45,6 +47,7 @@ from edgeos_cloud.receiver.registry import DeviceRegistry
 from edgeos_cloud.receiver.storage import QuarantineEntry, Storage, open_storage
 from edgeos_protocol.credentials import check_device_id
 from edgeos_protocol.errors import ConfigError, EdgeosError
+from edgeos_protocol.pipes import quiet_on_closed_pipe
 
 __all__ = ["main", "parse_time"]
 
@@ -104,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     add = dsub.add_parser("add", parents=[common], help="register a device, write its bundle")
     add.add_argument("device")
     add.add_argument("--bundle", type=Path, help="bundle file (default ./<ID>.credentials.json)")
+    add.add_argument("--group", help="similarity group: start with its champion models + profile")
+    add.add_argument("--channel", help="the device's OTA channel ([ota] group; default: its id)")
+    add.add_argument("--fleet-home", type=Path, help="fleet state folder (with --group)")
+    add.add_argument("--ota-repo", type=Path, help="the OTA repository (with --group)")
     rev = dsub.add_parser("revoke", parents=[common], help="disable a device's keys and cert")
     rev.add_argument("device")
     dsub.add_parser("list", parents=[common], help="registered devices")
@@ -138,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     qi.add_argument("--device")
     qi.add_argument("--epoch", type=_epoch_arg)
     qi.add_argument("--seq", type=int)
+    _pki_parser(sub, common)
     return p
 
 
@@ -148,6 +156,7 @@ def _epoch_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an epoch id") from None
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edgeos-receiver`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -161,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         from edgeos_cloud.models.cli import models_main
 
         return models_main(argv[1:])
+    if argv[:1] == ["fleet"]:
+        # Mesh twin learning (groups, leaderboard, competitions, rollouts): docs/fleet.md.
+        from edgeos_cloud.fleet.cli import fleet_main
+
+        return fleet_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "init":
@@ -181,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             return _shadow(config, args)
         if args.command == "quarantine":
             return _quarantine(config, args)
+        if args.command == "pki":
+            return _pki(config, args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # the reader went away: quiet_on_closed_pipe ends quietly
     except (EdgeosError, OSError, KeyError, ValueError, FileExistsError) as exc:
         print(f"edgeos-receiver: {exc}", file=sys.stderr)
         return 1
@@ -233,12 +251,32 @@ def _device(config: ReceiverConfig, args: argparse.Namespace) -> int:
             return 2
         ca = CertificateAuthority.open_or_create(config.registry.dir / "ca")
         bundle = args.bundle or Path(f"{args.device}.credentials.json")
-        record = create_device(registry, ca, args.device, config.device_broker_url, bundle)
-        print(
-            json.dumps(
-                {"device": record.device, "key_id": record.current_key_id, "bundle": str(bundle)}
-            )
+        if args.group and (args.fleet_home is None or args.ota_repo is None):
+            print("edgeos-receiver: --group needs --fleet-home and --ota-repo", file=sys.stderr)
+            return 2
+        channel = (args.channel or args.device) if args.group else None
+        record = create_device(
+            registry, ca, args.device, config.device_broker_url, bundle, ota_group=channel
         )
+        out: dict[str, object] = {
+            "device": record.device,
+            "key_id": record.current_key_id,
+            "bundle": str(bundle),
+        }
+        if args.group:
+            from edgeos_cloud.fleet.bootstrap import Bootstrap
+            from edgeos_cloud.fleet.rollout import Rollouts
+
+            enrolment = Bootstrap(Rollouts(args.ota_repo, args.fleet_home)).enroll(
+                args.device, args.group, channel
+            )
+            out["bootstrap"] = {
+                "group": enrolment.group,
+                "channel": enrolment.channel,
+                "models": enrolment.models,
+                "state": enrolment.state,
+            }
+        print(json.dumps(out))
         return 0
     if args.device_command == "revoke":
         ca = CertificateAuthority.open_or_create(config.registry.dir / "ca")
@@ -265,6 +303,8 @@ def _device(config: ReceiverConfig, args: argparse.Namespace) -> int:
 
 
 def _devices(config: ReceiverConfig) -> int:
+    ca_dir = config.registry.dir / "ca"
+    expiries = CertificateAuthority(ca_dir).device_expiries() if ca_dir.exists() else {}
     with _storage(config) as storage:
         for s in storage.device_summaries():
             print(
@@ -286,6 +326,7 @@ def _devices(config: ReceiverConfig) -> int:
                         "rejects": s.rejects,
                         "quarantined": s.quarantined,
                         "quarantine_reasons": s.quarantine_reasons,
+                        "cert_expires": _iso_dt(expiries.get(s.device)),
                     }
                 )
             )
@@ -424,7 +465,11 @@ def _init(directory: Path, broker: str, hosts: list[str]) -> int:
     broker_dir.mkdir(exist_ok=True)
     acl = broker_dir / "acl"
     acl.write_text(device_acl(ca.service_identities("receiver")), encoding="utf-8")
-    port = urlsplit(broker).port or 8883
+    # The snippet is the devices' TLS listener. A plain mqtt:// URL is how the receiver itself
+    # reaches the broker (a listener on the broker host, docs/local-broker.md); devices still
+    # connect over TLS, on 8883.
+    tls = urlsplit(broker).scheme == "mqtts"
+    port = (urlsplit(broker).port or 8883) if tls else 8883
     snippet = broker_dir / "mosquitto.conf"
     snippet.write_text(
         mosquitto_config(
@@ -438,6 +483,17 @@ def _init(directory: Path, broker: str, hosts: list[str]) -> int:
         encoding="utf-8",
     )
     config = directory / "receiver.toml"
+    # [broker.tls] only for mqtts://: a plain mqtt:// receiver would ignore it.
+    tls_lines = (
+        [
+            "[broker.tls]",
+            f'ca_file = "{ca.ca_file.relative_to(directory)}"',
+            'cert_file = "pki/receiver.crt"',
+            'key_file = "pki/receiver.key"',
+        ]
+        if tls
+        else []
+    )
     if not config.exists():
         config.write_text(
             "\n".join(
@@ -445,10 +501,7 @@ def _init(directory: Path, broker: str, hosts: list[str]) -> int:
                     "[broker]",
                     f'url = "{broker}"',
                     'group = "receivers"',
-                    "[broker.tls]",
-                    f'ca_file = "{ca.ca_file.relative_to(directory)}"',
-                    'cert_file = "pki/receiver.crt"',
-                    'key_file = "pki/receiver.key"',
+                    *tls_lines,
                     "",
                     "[storage]",
                     'url = "sqlite:///data/receiver.db"',
@@ -470,6 +523,114 @@ def _init(directory: Path, broker: str, hosts: list[str]) -> int:
                 "broker_key": str(pki / "server.key"),
                 "broker_acl": str(acl),
                 "broker_config": str(snippet),
+            }
+        )
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- pki
+
+
+def _pki_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    pki = sub.add_parser("pki", help="renew the CRL and service certificates, CA rollover")
+    psub = pki.add_subparsers(dest="pki_command", required=True)
+    refresh = psub.add_parser(
+        "refresh",
+        parents=[common],
+        help="re-sign the CRL, renew service certificates inside their window, refresh TUF "
+        "metadata, reload the broker (run by edgeos-cloud-refresh.timer)",
+    )
+    refresh.add_argument("--crl-within-days", type=float, default=23.0)
+    refresh.add_argument("--cert-within-days", type=float, default=30.0)
+    refresh.add_argument(
+        "--server-cert",
+        type=Path,
+        help="the broker's certificate (default: pki/server.crt next to the config); its key "
+        "is the .key next to it",
+    )
+    refresh.add_argument("--force-server", action="store_true", help="renew the broker's now")
+    refresh.add_argument("--ota-repo", type=Path, help="also `ota refresh` this repository")
+    refresh.add_argument(
+        "--broker-pid-file", type=Path, help="SIGHUP this pid when something changed"
+    )
+    refresh.add_argument("--textfile", type=Path, help="write expiry metrics (node_exporter)")
+    for name, text in (
+        ("status", "when each credential expires (JSON)"),
+        ("rollover-ca", "start a CA rollover: new signing CA, bundle = new + old"),
+        ("retire-ca", "end the rollover overlap: drop the previous CA"),
+    ):
+        p = psub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--server-cert", type=Path)
+        p.add_argument("--ota-repo", type=Path)
+        if name == "rollover-ca":
+            p.add_argument("--name", default="edgeos CA")
+            p.add_argument("--days", type=int, default=3650)
+
+
+def _iso_dt(when: dt.datetime | None) -> str | None:
+    return None if when is None else when.astimezone(dt.UTC).isoformat()
+
+
+def _pki(config: ReceiverConfig, args: argparse.Namespace) -> int:
+    from edgeos_cloud.renewal import credential_expiries, write_textfile
+
+    ca = CertificateAuthority(config.registry.dir / "ca")
+    base = args.config.resolve().parent
+    server_cert = args.server_cert or base / "pki" / "server.crt"
+    if args.pki_command == "rollover-ca":
+        ca.rollover(args.name, days=args.days)
+        print(json.dumps({"ca": str(ca.ca_file), "crl": str(ca.crl_file), "reload": True}))
+        return 0
+    if args.pki_command == "retire-ca":
+        print(json.dumps({"retired": ca.retire(), "reload": True}))
+        return 0
+    if args.pki_command == "status":
+        doc = credential_expiries(ca, server_cert, args.ota_repo)
+        print(json.dumps({k: _iso_dt(v) for k, v in sorted(doc.items())}, indent=1))
+        return 0
+    changed: list[str] = []
+    now = dt.datetime.now(dt.UTC)
+    next_update = ca.crl_next_update()
+    if next_update is None or next_update - now <= dt.timedelta(days=args.crl_within_days):
+        ca.refresh_crl()
+        changed.append("crl")
+    within = dt.timedelta(days=args.cert_within_days)
+    if server_cert.exists():
+        renewed = ca.renew_in_place(
+            server_cert, server_cert.with_suffix(".key"), within=within, force=args.force_server
+        )
+        if renewed is not None:
+            changed.append("server_certificate")
+    tls = config.broker.tls
+    if (
+        tls is not None
+        and tls.cert_file.exists()
+        and tls.key_file.exists()
+        and ca.renew_in_place(tls.cert_file, tls.key_file, within=within) is not None
+    ):
+        changed.append("receiver_certificate")
+    if args.ota_repo is not None:
+        from edgeos_cloud.ota.repository import OtaRepository
+
+        OtaRepository(args.ota_repo).refresh_timestamp()
+        changed.append("tuf")
+    reloaded = False
+    broker_files = {"crl", "server_certificate"}
+    if args.broker_pid_file is not None and broker_files & set(changed):
+        # Mosquitto 2.0 re-reads cafile, certfile/keyfile and crlfile on SIGHUP and keeps
+        # its connected clients (measured: docs/credentials.md).
+        os.kill(int(args.broker_pid_file.read_text().split()[0]), signal.SIGHUP)
+        reloaded = True
+    expiries = credential_expiries(ca, server_cert, args.ota_repo)
+    if args.textfile is not None:
+        write_textfile(args.textfile, expiries)
+    print(
+        json.dumps(
+            {
+                "changed": changed,
+                "broker_reloaded": reloaded,
+                "expiries": {k: _iso_dt(v) for k, v in sorted(expiries.items())},
             }
         )
     )

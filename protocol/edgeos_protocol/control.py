@@ -61,6 +61,14 @@ class ControlKind(IntEnum):
     #: "hardware", "outcome", "version", "reason", "detail", "at"}``. Not an MQTT uplink kind:
     #: the receiver never accepts it (see ``edgeos_cloud.ota.reports``).
     OTA_REPORT = 16
+    #: device → cloud (``POST /certificates``): ``{"device", "csr"}`` — a PKCS#10 request (PEM)
+    #: for a new MQTT client certificate, signed by the new private key the device made for
+    #: it. Not an MQTT uplink kind (see ``edgeos_cloud.renewal``).
+    CERT_REQUEST = 17
+    #: cloud → device, the answer to a ``CERT_REQUEST``: ``{"device", "request": counter of
+    #: the request it answers, "cert": PEM, "ca": PEM trust bundle}``, sealed with the same
+    #: device key, so neither a forged nor a replayed answer is installed.
+    CERT_RESPONSE = 18
 
 
 #: Most sequence numbers one ack may name as quarantined (one transaction's worth at most).

@@ -51,6 +51,17 @@ def test_receiver_unit_runs_the_cloud_distribution_with_a_memory_bound() -> None
     assert unit["Service"]["MemoryMax"]
 
 
+def test_cloud_refresh_timer_runs_pki_refresh_well_inside_every_expiry() -> None:
+    """CRL 30 d (re-signed at 23 d left), TUF timestamp 1 d: a run every 12 h, catching up
+    after downtime, and a broker *reload* (never a restart, which drops every device)."""
+    timer = _parse(CLOUD_UNITS / "edgeos-cloud-refresh.timer")["Timer"]
+    assert timer["OnUnitActiveSec"] == "12h" and timer["Persistent"] == "yes"
+    svc = _parse(CLOUD_UNITS / "edgeos-cloud-refresh.service")["Service"]
+    assert svc["Type"] == "oneshot"
+    assert "edgeos-cloud pki refresh" in svc["ExecStart"] and "--ota-repo" in svc["ExecStart"]
+    assert svc["ExecStartPost"] == "+/bin/systemctl reload mosquitto.service"
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -59,6 +70,7 @@ def test_receiver_unit_runs_the_cloud_distribution_with_a_memory_bound() -> None
         "edgeos-recovery.service",
         "edgeos-commit.service",
         "edgeos-update.service",
+        "cloud/edgeos-cloud-refresh.service",
     ],
 )
 def test_exposure_is_at_most_two(name: str) -> None:

@@ -15,6 +15,7 @@ API::
         broker.stop(); broker.start()                # orderly stop / start on the same port
         broker.kill()                                # SIGKILL (crash); restart() = stop + start
         broker.revoke("dev-1")                       # revoke in the CRL and restart the broker
+        broker.reload()                              # SIGHUP: re-read CA, certificate, CRL
 
 * ``tls=True``: listener on 127.0.0.1 with a server certificate from a fresh test CA,
   ``require_certificate true`` and ``use_identity_as_username true`` (the client certificate's
@@ -26,6 +27,9 @@ API::
   names) may read every device's uplink topics (plain or through ``$share/<g>/…``) and publish
   every device's ``ack`` and ``cmd``. Anything else is denied. The TLS listener's lines are
   :func:`edgeos_cloud.broker.mosquitto_config`, the snippet ``edgeos-cloud init`` writes.
+* ``limits=`` (:class:`edgeos_cloud.broker.BrokerLimits`): the production queue and packet
+  limits (``edgeos-cloud init`` writes them too). ``None`` (the default): Mosquitto's own
+  queue defaults (1,000 queued messages per session) and a 32 MiB packet size.
 * ``ca=`` reuses an existing :class:`~edgeos_cloud.receiver.pki.CertificateAuthority` (e.g. the
   receiver's own) instead of creating one under ``directory/ca``.
 
@@ -48,7 +52,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from edgeos_cloud.broker import device_acl, mosquitto_config
+from edgeos_cloud.broker import BrokerLimits, device_acl, mosquitto_config
 from edgeos_cloud.receiver.pki import CertificateAuthority
 from edgeos_testing.net import free_port
 
@@ -84,12 +88,14 @@ class MosquittoBroker:
         directory: str | Path,
         *,
         tls: bool = True,
+        env: dict[str, str] | None = None,
         acl: bool = True,
         ca: CertificateAuthority | None = None,
         receivers: Iterable[str] = ("receiver",),
         port: int | None = None,
         extra_config: str = "",
         start_timeout: float = 10.0,
+        limits: BrokerLimits | None = None,
     ) -> None:
         binary = mosquitto_path()
         if binary is None:
@@ -103,7 +109,10 @@ class MosquittoBroker:
         self.receiver_identity = self.receivers[0] if self.receivers else "receiver"
         self.port = port if port is not None else free_port()
         self.extra_config = extra_config
+        self.limits = limits
         self.start_timeout = start_timeout
+        #: Extra environment of the broker process (e.g. libfaketime's, ``clockjump``).
+        self.env = env
         self.config_file = self.directory / "mosquitto.conf"
         self.log_file = self.directory / "mosquitto.log"
         self._creds: dict[str, ClientCredentials] = {}
@@ -124,6 +133,12 @@ class MosquittoBroker:
         if self._ca is None:
             raise RuntimeError("a plain (tls=False) broker has no CA")
         return self._ca
+
+    @property
+    def server_cert_file(self) -> Path:
+        """The broker's certificate (its key is ``server.key`` next to it); TLS mode only."""
+        assert self._server.cert_file is not None
+        return self._server.cert_file
 
     @property
     def url(self) -> str:
@@ -184,8 +199,9 @@ class MosquittoBroker:
             "log_type notice",
             "log_type information",
             "connection_messages true",
-            "max_packet_size 33554432",
         ]
+        if self.limits is None:
+            lines.append("max_packet_size 33554432")
         if os.geteuid() == 0:
             # As root Mosquitto would switch to the `mosquitto` user, which cannot read the
             # test's 0600 key files; "root" tells it to stay who it is.
@@ -206,10 +222,13 @@ class MosquittoBroker:
                     acl_file=acl_file,
                     port=self.port,
                     host=self.host,
+                    limits=self.limits,
                 )
             )
         else:
             lines += ["per_listener_settings false", "allow_anonymous true"]
+            if self.limits is not None:
+                lines += self.limits.lines()
             if acl_file is not None:
                 lines.append(f"acl_file {acl_file}")
             lines.append(f"listener {self.port} {self.host}")
@@ -230,6 +249,7 @@ class MosquittoBroker:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=None if self.env is None else {**os.environ, **self.env},
         )
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -277,6 +297,26 @@ class MosquittoBroker:
         """Stop and start again on the same port (re-reads the config, ACL and CRL)."""
         self.stop()
         self.start()
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """SIGHUP: Mosquitto 2.0 re-reads its config, ``cafile``, ``certfile``/``keyfile`` and
+        ``crlfile`` and keeps connected clients. Returns once the broker logged the reload
+        (it is single-threaded: the next connection is handled with the new files)."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError("the broker is not running")
+        before = self._log_count("Reloading config.")
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self._log_count("Reloading config.") <= before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not reload\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def _log_count(self, text: str) -> int:
+        try:
+            return self.log_file.read_text(encoding="utf-8", errors="replace").count(text)
+        except FileNotFoundError:
+            return 0
 
     def revoke(self, identity: str) -> None:
         """Revoke every certificate of ``identity`` and restart so the broker loads the CRL."""

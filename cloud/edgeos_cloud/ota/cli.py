@@ -52,8 +52,8 @@ def _repo_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--registry",
         type=Path,
-        help="the receiver's registry directory: device keys that authenticate /reports "
-        "(without it, /reports is off)",
+        help="the receiver's registry directory: device keys that authenticate /reports and "
+        "/certificates, and the CA that answers the latter (without it, both are off)",
     )
     cmd("refresh", "re-sign snapshot and timestamp (run well inside the timestamp expiry)")
     rotate = cmd("rotate-key", "replace or revoke a role key", root_keys=True)
@@ -150,7 +150,19 @@ def _serve_forever(repo_dir: Path, host: str, port: int, registry: Path | None) 
 
     # Reports move campaigns: they are taken only sealed under a registered device's key.
     intake = None if registry is None else ReportIntake.from_registry(repo_dir, registry)
-    server = serve(repo_dir, host, port, on_report=None if intake is None else intake.accept)
+    # Certificate renewal (docs/credentials.md): sealed like reports, answered sealed.
+    renewal = None
+    if registry is not None:
+        from edgeos_cloud.renewal import CertificateRenewal
+
+        renewal = CertificateRenewal(registry, repo_dir)
+    server = serve(
+        repo_dir,
+        host,
+        port,
+        on_report=None if intake is None else intake.accept,
+        on_certificate=None if renewal is None else renewal.answer,
+    )
     print(f"serving {repo_dir} on {server.url}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -358,9 +358,27 @@ class OtaRepository(Repository):
         }
 
     def refresh_timestamp(self) -> None:
-        """Re-sign timestamp (and snapshot) so devices keep trusting an unchanged repository."""
+        """Re-sign timestamp (and snapshot) so devices keep trusting an unchanged repository.
+
+        Targets (online key too) is re-signed first when it expires within twice the
+        snapshot expiry, so a quiet repository never lets it lapse; root needs the offline
+        keys and is left alone (:meth:`expiries` shows when it is due).
+        """
+        targets_left = self.targets().expires - datetime.now(UTC)
+        if targets_left <= 2 * self.expiry.for_role(Snapshot.type):
+            with self.edit_targets():
+                pass
         self.do_snapshot(force=True)
         self.do_timestamp(force=True)
+
+    def expiries(self) -> dict[str, datetime]:
+        """When each role's current metadata expires (UTC)."""
+        out: dict[str, datetime] = {}
+        for role in (Root.type, *ONLINE_ROLES):
+            path = self.metadata_dir / f"{role}.json"
+            if path.exists():
+                out[role] = Metadata.from_file(str(path)).signed.expires
+        return out
 
     # ------------------------------------------------------------------ keys
 
@@ -422,7 +440,8 @@ def _load_signers(directory: Path, keyids: set[str]) -> list[Signer]:
 
 
 class RepoRequestHandler(BaseHTTPRequestHandler):
-    """Serves ``/metadata/*`` and ``/targets/*`` read-only; ``POST /reports`` takes outcomes."""
+    """Serves ``/metadata/*`` and ``/targets/*`` read-only; ``POST /reports`` takes outcomes,
+    ``POST /certificates`` renews client certificates (when the server has the handlers)."""
 
     server: RepoServer
     protocol_version = "HTTP/1.1"
@@ -464,6 +483,9 @@ class RepoRequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_POST(self) -> None:
+        if self.path == "/certificates" and self.server.on_certificate is not None:
+            self._certificate(self.server.on_certificate)
+            return
         if self.path != "/reports" or self.server.on_report is None:
             self._refuse(HTTPStatus.NOT_FOUND, "no such endpoint")
             return
@@ -478,6 +500,22 @@ class RepoRequestHandler(BaseHTTPRequestHandler):
         reply = b'{"ok": true}\n'
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def _certificate(self, on_certificate: Callable[[bytes], bytes]) -> None:
+        """``POST /certificates``: a sealed renewal request in, a sealed certificate out."""
+        body = self._read_bounded_body(self.server.max_report_bytes)
+        if body is None:
+            return
+        try:
+            reply = on_certificate(body)
+        except ReportRefused as exc:
+            self._refuse(exc.status, str(exc))
+            return
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
         self.wfile.write(reply)
@@ -548,9 +586,13 @@ class RepoServer(ThreadingHTTPServer):
         on_report: Callable[[bytes], object] | None = None,
         max_report_bytes: int = 16 << 10,
         request_timeout_s: float = 15.0,
+        on_certificate: Callable[[bytes], bytes] | None = None,
     ) -> None:
         super().__init__((host, port), handler)
         self.repo_dir = Path(repo_dir)
+        #: Gets the raw body of ``POST /certificates`` (a sealed renewal request) and returns
+        #: the sealed answer (``edgeos_cloud.renewal``); raises :class:`ReportRefused`.
+        self.on_certificate = on_certificate
         #: Gets the raw body of ``POST /reports`` (a sealed report); raises
         #: :class:`ReportRefused` to refuse it.
         self.on_report = on_report
@@ -593,9 +635,12 @@ def serve(
     port: int = 0,
     *,
     on_report: Callable[[bytes], object] | None = None,
+    on_certificate: Callable[[bytes], bytes] | None = None,
 ) -> RepoServer:
     """Start serving ``repo_dir`` in a background thread; returns the running server."""
-    return RepoServer(repo_dir, host, port, on_report=on_report).start()
+    return RepoServer(
+        repo_dir, host, port, on_report=on_report, on_certificate=on_certificate
+    ).start()
 
 
 @contextlib.contextmanager
