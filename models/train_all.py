@@ -46,7 +46,7 @@ from edgeos_protocol.features import (  # noqa: E402
     freshness,
 )
 from edgeos_protocol.manifest import render_manifest  # noqa: E402
-from edgeos_sim.physics import ELASTICITY_MAX, ELASTICITY_MIN  # noqa: E402
+from edgeos_cloud.fleet.physics.recipe import ELASTICITY_MAX, ELASTICITY_MIN  # noqa: E402
 from edgeos_sim.simline import (  # noqa: E402
     E_BEST,
     SimLine,

@@ -1,8 +1,8 @@
 """A simulated tyre-curing line served over real Modbus TCP and OPC UA servers.
 
-* :mod:`edgeos_sim.layout` — every tag: name, unit, Modbus register, OPC UA node id;
-* :mod:`edgeos_sim.physics` — the presses and the raw-material batches;
-* :mod:`edgeos_sim.recipe` — the quality model: set-points, targets, the true optimum;
+* :mod:`edgeos_cloud.fleet.physics` — the pure physics (tag layout, presses and raw-material
+  batches, quality model and true optimum), shared with the cloud's twin simulator;
+  ``edgeos_sim.layout``/``physics``/``recipe`` re-export it;
 * :mod:`edgeos_sim.servers` — :class:`SimLine`, the line on pymodbus and asyncua servers;
 * :mod:`edgeos_sim.truth` — the log of every served value and its reader;
 * :mod:`edgeos_sim.cli` — ``edgeos sim``.
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edgeos_sim.layout import Layout, TagSpec, build_layout
-from edgeos_sim.physics import LinePhysics
-from edgeos_sim.recipe import (
+from edgeos_cloud.fleet.physics.layout import Layout, TagSpec, build_layout
+from edgeos_cloud.fleet.physics.line import LinePhysics
+from edgeos_cloud.fleet.physics.recipe import (
     CycleRecord,
     LineState,
     Setpoints,

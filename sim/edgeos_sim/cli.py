@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from edgeos_protocol.pipes import quiet_on_closed_pipe
 from edgeos_sim.servers import SimLine, SimOptions
 
 __all__ = ["build_parser", "main"]
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``edgeos sim``; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return asyncio.run(_serve(options, as_json=args.json))
+    except BrokenPipeError:
+        raise  # the reader went away: quiet_on_closed_pipe ends quietly
     except (ValueError, OSError) as exc:
         print(f"edgeos sim: {exc}", file=sys.stderr)
         return 1

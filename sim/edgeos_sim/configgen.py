@@ -7,7 +7,7 @@ never drift from the simulator's register map.
 
 from __future__ import annotations
 
-from edgeos_sim.layout import Layout, TagSpec, build_layout
+from edgeos_cloud.fleet.physics.layout import Layout, TagSpec, build_layout
 
 __all__ = ["FAST_TAGS", "OPCUA_TAGS", "render_small_line", "render_tyre_line"]
 

@@ -42,9 +42,15 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from edgeos_sim.layout import OPCUA_NAMESPACE_URI, Layout, LayoutMode, TagSpec, build_layout
-from edgeos_sim.physics import LinePhysics
-from edgeos_sim.recipe import optimal_setpoints
+from edgeos_cloud.fleet.physics.layout import (
+    OPCUA_NAMESPACE_URI,
+    Layout,
+    LayoutMode,
+    TagSpec,
+    build_layout,
+)
+from edgeos_cloud.fleet.physics.line import LinePhysics
+from edgeos_cloud.fleet.physics.recipe import optimal_setpoints
 from edgeos_sim.truth import GroundTruth, TruthLog
 
 __all__ = ["SimLine", "SimOptions"]

@@ -1,17 +1,18 @@
-"""Adapter between the simulated tyre line (:mod:`edgeos_sim.physics`) and the inference code.
+"""Adapter between the simulated tyre line (:mod:`edgeos_cloud.fleet.physics`) and inference.
 
 Training (``models/train_all.py``), the tests and the benchmark step the line's physics
 in-process, fast-forwarded, and read the same key tags a gateway would read from the twin. This
 module keeps that glue in one place:
 
-* :class:`SimLine` owns a :class:`~edgeos_sim.physics.LinePhysics`, samples the
+* :class:`SimLine` owns a :class:`~edgeos_cloud.fleet.physics.line.LinePhysics`, samples the
   :data:`~edgeos_protocol.features.KEY_SUFFIXES` columns of every nest, applies set-point
   writes by tag name, and builds the writable tags' :class:`~edgeos.config.TagConfig` (hard
   limits, ``max_rate``) from the simulator's layout so the guard checks the real limits;
 * :func:`lagged_optimum` turns the simulator's *true* optimum into the set-points a station
   should be given at load time, compensating the platen's first-order lag (the label the
   correction model learns), and :func:`expected_elasticity` predicts the noise-free outcome of
-  a recipe written at load time (labels for the model's outcome heads).
+  a recipe written at load time (labels for the model's outcome heads); both are the cloud's
+  physics (:mod:`edgeos_cloud.fleet.physics.cure`), re-exported here.
 
 * :meth:`SimLine.new_rubber` switches the line to a raw material the models were never told
   about (its lab Mooney reading relates differently to how it cures), the drift the cloud's
@@ -28,7 +29,6 @@ is used by the runtime on a device.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,17 +38,16 @@ import numpy.typing as npt
 
 from drivers.modbus import ModbusAddress
 from edgeos.config import Limits, TagConfig
-from edgeos_protocol.features import KEY_SUFFIXES, SAMPLE_PERIOD_S
-from edgeos_sim import physics as _physics
-from edgeos_sim.layout import KEY_TAG_COUNT, Layout, build_layout
-from edgeos_sim.physics import LinePhysics
-from edgeos_sim.recipe import (
-    Setpoints,
-    default_policy,
-    quality,
-    target_pressure,
-    target_temperature,
+from edgeos_cloud.fleet.physics.cure import (
+    E_BEST,
+    expected_elasticity,
+    lagged_optimum,
+    reward,
 )
+from edgeos_cloud.fleet.physics.layout import KEY_TAG_COUNT, Layout, build_layout
+from edgeos_cloud.fleet.physics.line import LinePhysics
+from edgeos_cloud.fleet.physics.recipe import Setpoints, default_policy
+from edgeos_protocol.features import KEY_SUFFIXES, SAMPLE_PERIOD_S
 
 __all__ = [
     "E_BEST",
@@ -71,79 +70,6 @@ F64 = npt.NDArray[np.float64]
 _MOONEY_COL = KEY_SUFFIXES.index("batch.mooney")
 #: Set-points the correction model and the guard act on.
 SETPOINT_SUFFIXES: tuple[str, str] = ("heater.sp", "press.sp")
-#: Elastic modulus of a perfectly cured tyre (MPa); the reward peaks there.
-E_BEST = 6.6
-
-# Physics constants the lag compensation needs, as fractions of the cycle. The simulator keeps
-# them private (no public accessor yet); they are read from it when present so the labels follow
-# the physics, with the values of the first physics release as the fallback.
-_HEATER_TAU_F: float = getattr(_physics, "_HEATER_TAU_F", 0.15)
-_PRESSURE_TAU_F: float = getattr(_physics, "_PRESSURE_TAU_F", 0.03)
-_LOAD_F: float = getattr(_physics, "_LOAD_F", 0.1)
-_CURE_F: float = getattr(_physics, "_NOMINAL_CURE_F", 0.6)
-_RESIDUAL_BAR: float = getattr(_physics, "_RESIDUAL_BAR", 0.3)
-#: Heat lost by an open mould during loading (°C/s); a literal inside the physics step.
-_LOAD_LOSS_C_PER_S = 0.4
-
-
-def reward(elasticity: npt.ArrayLike) -> F64:
-    """Reward of a tyre: the best modulus minus the distance from it (MPa; higher is better)."""
-    e = np.asarray(elasticity, dtype=np.float64)
-    result: F64 = E_BEST - np.abs(e - E_BEST)
-    return result
-
-
-def _lag_terms(cycle_s: float) -> tuple[float, float, float]:
-    tau = _HEATER_TAU_F * cycle_s
-    cure = _CURE_F * cycle_s
-    e0 = math.exp(-_LOAD_F * cycle_s / tau)
-    h = tau / cure * (1.0 - math.exp(-cure / tau))
-    return tau, e0, h
-
-
-def _mean_cure_temp(sp: F64, pv0: F64, cycle_s: float) -> F64:
-    tau, e0, h = _lag_terms(cycle_s)
-    result: F64 = sp * (1 - h * e0) + h * e0 * pv0 - _LOAD_LOSS_C_PER_S * tau * h * (1 - e0)
-    return result
-
-
-def _pressure_rise(cycle_s: float) -> float:
-    tau = _PRESSURE_TAU_F * cycle_s
-    cure = _CURE_F * cycle_s
-    return tau / cure * (1.0 - math.exp(-cure / tau))
-
-
-def lagged_optimum(batch_property: F64, fresh: F64, pv0: F64, cycle_s: float) -> tuple[F64, F64]:
-    """Heater and pressure set-points that, written at load, give the optimal cure means."""
-    tau, e0, h = _lag_terms(cycle_s)
-    t_star = target_temperature(batch_property, fresh)
-    sp = (t_star - h * e0 * pv0 + _LOAD_LOSS_C_PER_S * tau * h * (1 - e0)) / (1 - h * e0)
-    r = _pressure_rise(cycle_s)
-    p_sp = (target_pressure(batch_property) - _RESIDUAL_BAR * r) / (1 - r)
-    return np.clip(sp, 120.0, 200.0), np.clip(p_sp, 5.0, 30.0)
-
-
-def expected_elasticity(
-    heater_sp: F64,
-    press_sp: F64,
-    *,
-    batch_property: F64,
-    fresh: F64,
-    pv0: F64,
-    cycle_s: float,
-) -> F64:
-    """Noise-free modulus of a tyre whose recipe is written at load time (default cure)."""
-    mean_t = _mean_cure_temp(heater_sp, pv0, cycle_s)
-    r = _pressure_rise(cycle_s)
-    mean_p = press_sp * (1 - r) + _RESIDUAL_BAR * r
-    return quality(
-        mean_t,
-        mean_p,
-        _CURE_F * cycle_s,
-        batch_property=batch_property,
-        freshness=fresh,
-        cycle_s=cycle_s,
-    )
 
 
 class SimLine:

@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from edgeos_sim.layout import Layout, LayoutMode, build_layout
+from edgeos_cloud.fleet.physics.layout import Layout, LayoutMode, build_layout
 
 __all__ = ["GroundTruth", "Series", "TruthLog"]
 

@@ -9,7 +9,7 @@ import pytest
 from edgeos.config import GuardConfig
 from edgeos.inference.engine import InferenceEngine
 from edgeos.inference.selfcheck import MODELS_DIR
-from edgeos_sim.physics import ELASTICITY_MAX, ELASTICITY_MIN
+from edgeos_cloud.fleet.physics.recipe import ELASTICITY_MAX, ELASTICITY_MIN
 from edgeos_sim.simline import SimClock, SimLine, drive, reward, tyres
 
 CHAMPIONS = [MODELS_DIR / f"{n}.toml" for n in ("anomaly", "quality", "correction")]

@@ -15,7 +15,7 @@ from drivers.modbus import ModbusRef
 from drivers.opcua import OpcUaAddress
 from edgeos.config import load_config
 from edgeos_sim.configgen import OPCUA_TAGS, render_small_line, render_tyre_line
-from edgeos_sim.layout import build_layout
+from edgeos_cloud.fleet.physics.layout import build_layout
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeos_sim.layout import KEY_TAG_COUNT, MAX_REGISTERS_PER_REQUEST, build_layout
+from edgeos_cloud.fleet.physics.layout import KEY_TAG_COUNT, MAX_REGISTERS_PER_REQUEST, build_layout
 
 
 def test_flat_layout_of_a_full_line_is_contiguous_on_one_unit() -> None:

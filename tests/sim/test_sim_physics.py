@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeos_sim.layout import Alarm, CycleState, build_layout
-from edgeos_sim.physics import LinePhysics
-from edgeos_sim.recipe import ELASTICITY_MIN, default_policy, optimal_setpoints, quality
+from edgeos_cloud.fleet.physics.layout import Alarm, CycleState, build_layout
+from edgeos_cloud.fleet.physics.line import LinePhysics
+from edgeos_cloud.fleet.physics.recipe import ELASTICITY_MIN, default_policy, optimal_setpoints, quality
 
 
 def _line(nests: int = 4, **kw: float) -> LinePhysics:

@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from edgeos_protocol.pipes import quiet_on_closed_pipe
+
 __all__ = ["build_parser", "main"]
 
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``edgeos demo``: 0 when everything stopped cleanly and data flowed."""
     args = build_parser().parse_args(argv)
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as exc:
         print_error(str(exc))
         return exc.exit_code
+    except BrokenPipeError:
+        raise  # the reader went away: quiet_on_closed_pipe ends quietly
     except (EdgeosError, OSError) as exc:
         print_error(f"cannot run: {exc}")
         return 1

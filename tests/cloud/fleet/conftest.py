@@ -15,20 +15,21 @@ from edgeos.inference.selfcheck import MODELS_DIR
 from edgeos_protocol.features import KEY_SUFFIXES
 from edgeos_protocol.fleet import PROFILE_EVENT, fingerprint_of, fingerprint_report
 from edgeos_protocol.manifest import load_manifest
-from edgeos_sim.simline import FleetRecorder, SimClock, SimLine, record_run
+from edgeos_sim.simline import FleetRecorder, SimClock, SimLine
 
 WALL = 1_700_000_000.0
-MANIFESTS = [MODELS_DIR / "anomaly.toml", MODELS_DIR / "correction.toml", MODELS_DIR / "quality.toml"]
+MANIFESTS = [
+    MODELS_DIR / "anomaly.toml",
+    MODELS_DIR / "correction.toml",
+    MODELS_DIR / "quality.toml",
+]
 
 
 def line_fingerprint(hardware: str = "rpi4-aarch64") -> dict[str, Any]:
     """The fingerprint report a gateway on a simulated line sends."""
-    fp = fingerprint_of(
-        templates={"press": KEY_SUFFIXES},
-        manifests=[load_manifest(m) for m in MANIFESTS],
-        hardware=hardware,
-    )
-    return fingerprint_report(fp, ts=WALL + 0.5)
+    manifests = [load_manifest(m) for m in MANIFESTS]
+    fp = fingerprint_of(templates={"press": KEY_SUFFIXES}, manifests=manifests, hardware=hardware)
+    return fingerprint_report(fp, ts=WALL + 0.5, versions={m.task: m.key for m in manifests})
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ def fleet_db(tmp_path_factory: pytest.TempPathFactory) -> FleetDb:
     registry = directory / "registry"
     profiles = {"gw-a": "press-a@1", "gw-b": "press-b@2"}
     settled = {
-        device: record_gateway(url, registry, device, seed=seed, seconds=900, profile=profiles[device])
+        device: record_gateway(
+            url, registry, device, seed=seed, seconds=900, profile=profiles[device]
+        )
         for device, seed in (("gw-a", 3), ("gw-b", 4))
     }
     # A third gateway on other hardware: comparable to neither.
@@ -98,4 +101,18 @@ def fleet_db(tmp_path_factory: pytest.TempPathFactory) -> FleetDb:
     return FleetDb(url, registry, ("gw-a", "gw-b", "gw-c"), settled, profiles)
 
 
-__all__ = ["FleetDb", "line_fingerprint", "record_gateway", "record_run"]
+@pytest.fixture
+def fingerprint_report_of() -> Any:
+    """``(hardware) → the fingerprint report`` a gateway on a simulated line sends."""
+    return line_fingerprint
+
+
+@pytest.fixture
+def record() -> Any:
+    """:func:`record_gateway`: one more gateway into a receiver database."""
+    return record_gateway
+
+
+@pytest.fixture
+def manifests() -> list[Path]:
+    return list(MANIFESTS)

@@ -1,0 +1,89 @@
+"""Prometheus metrics of mesh twin learning, per group and policy (docs/grafana/).
+
+:func:`render` builds a fresh ``CollectorRegistry`` from a leaderboard and the competition
+records and returns the text exposition format: write it where node-exporter's textfile
+collector reads it (``edgeos-cloud fleet metrics > …/edgeos_fleet.prom`` from a timer), so
+Prometheus keeps the leaderboard's history. Gauges:
+
+``edgeos_fleet_group_members{group}``                           gateways in a similarity group
+``edgeos_fleet_policy_reward{group,policy,model,profile}``      mean realised reward per tyre
+``edgeos_fleet_policy_adjusted_reward{group,policy,…}``         re-weighted to the material mix
+``edgeos_fleet_policy_uplift{group,policy,…}``                  mean r − d per tyre (vs default)
+``edgeos_fleet_policy_tyres{group,policy,…}``                   measured tyres
+``edgeos_fleet_policy_gate_error{group,policy,…}``              mean |predicted − realised| modulus
+``edgeos_fleet_policy_scrap_rate{group,policy,…}``              scrap verdicts per judged tyre
+``edgeos_fleet_competitions{group,decision}``                   competitions recorded, by decision
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+from edgeos_cloud.fleet.competition import Competition
+from edgeos_cloud.fleet.evidence import PolicyRow
+
+__all__ = ["render"]
+
+_POLICY = ["group", "policy", "model", "profile"]
+
+
+def render(
+    rows: Sequence[PolicyRow],
+    competitions: Iterable[Competition] = (),
+    members: Mapping[str, int] | None = None,
+) -> bytes:
+    reg = CollectorRegistry()
+    group_members = Gauge(
+        "edgeos_fleet_group_members", "Gateways in the group", ["group"], registry=reg
+    )
+    gauges = {
+        "mean_reward": Gauge(
+            "edgeos_fleet_policy_reward", "Mean realised reward per tyre", _POLICY, registry=reg
+        ),
+        "adjusted_reward": Gauge(
+            "edgeos_fleet_policy_adjusted_reward",
+            "Mean reward re-weighted to the group's raw-material mix",
+            _POLICY,
+            registry=reg,
+        ),
+        "uplift_vs_default": Gauge(
+            "edgeos_fleet_policy_uplift",
+            "Mean realised minus default-policy reward per tyre",
+            _POLICY,
+            registry=reg,
+        ),
+        "tyres": Gauge("edgeos_fleet_policy_tyres", "Measured tyres", _POLICY, registry=reg),
+        "gate_error": Gauge(
+            "edgeos_fleet_policy_gate_error",
+            "Mean absolute gate error vs realised modulus",
+            _POLICY,
+            registry=reg,
+        ),
+        "scrap_rate": Gauge(
+            "edgeos_fleet_policy_scrap_rate",
+            "Scrap verdicts per judged tyre",
+            _POLICY,
+            registry=reg,
+        ),
+    }
+    decisions = Gauge(
+        "edgeos_fleet_competitions",
+        "Competitions recorded, by decision",
+        ["group", "decision"],
+        registry=reg,
+    )
+    for group, n in (members or {}).items():
+        group_members.labels(group).set(n)
+    for row in rows:
+        labels = (row.group, row.policy, row.model, row.profile)
+        for attr, gauge in gauges.items():
+            value = getattr(row, attr)
+            if value is not None:
+                gauge.labels(*labels).set(float(value))
+    counts = Counter((c.group, c.decision) for c in competitions)
+    for (group, decision), n in counts.items():
+        decisions.labels(group, decision).set(n)
+    return generate_latest(reg)
