@@ -16,6 +16,14 @@ No device id can be a service name (:func:`edgeos_protocol.credentials.check_dev
 by the registry and the CA), and :func:`device_acl` refuses to grant receiver rights to a name
 that is not one, so no device certificate can ever carry a receiver's username.
 
+The snippet also sizes the broker's queues (:class:`BrokerLimits`): Mosquitto keeps **one**
+queue per client session, so every device's batches wait in the same queue for a receiver's
+session; at Mosquitto's default (1,000 messages) one device publishing junk faster than the
+receivers read fills it within a second and the broker then silently drops *other* devices'
+batches. Mosquitto has no per-client publish rate limit (EMQX and VerneMQ have one; see
+docs/receiver.md, "Where the broker can still drop"), so the queue is sized in bytes for the
+fleet instead: a flood then costs latency until the bound, not healthy batches.
+
 ``edgeos-cloud init DIR`` writes ``DIR/broker/acl`` and ``DIR/broker/mosquitto.conf`` (a
 snippet to include in the broker's configuration); the test harness
 (``edgeos_testing.mosquitto``) runs a real Mosquitto on the same two generators.
@@ -24,12 +32,55 @@ snippet to include in the broker's configuration); the test harness
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgeos_protocol.credentials import is_service_identity
 from edgeos_protocol.topics import DEFAULT_PREFIX
 
-__all__ = ["device_acl", "mosquitto_config"]
+__all__ = ["BrokerLimits", "device_acl", "mosquitto_config"]
+
+#: Room in an MQTT PUBLISH packet beyond its payload: fixed header, topic, packet id.
+PACKET_OVERHEAD = 64 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerLimits:
+    """Mosquitto's global queue and packet limits for an edgeos fleet (per client session).
+
+    * ``max_packet_size`` — the receiver's ``limits.max_payload_bytes`` plus
+      :data:`PACKET_OVERHEAD`: a larger message could only be refused by the receiver's door,
+      so the broker refuses it first (and disconnects its sender) instead of queueing it.
+    * ``max_queued_messages`` / ``max_queued_bytes`` — what the broker holds for one session
+      beyond its in-flight window; whichever is reached first, later messages for the session
+      are dropped. For the receivers' session size them for the fleet: batches per second of
+      the whole fleet times the longest receiver pause to ride out (a restart, a database
+      failover), and that times the mean batch size. Defaults: 500,000 messages (1,000
+      gateways at one batch per 3 s for 25 minutes) and 1 GiB. They also bound what one
+      flooding device can park in the broker before drops start again.
+    * ``max_inflight_messages`` — QoS 1 messages sent to a session and not yet PUBACKed
+      (Mosquitto's default 20). The receiver withholds PUBACKs when full, so this window times
+      the largest payload bounds what the receiver holds unadmitted.
+    """
+
+    max_packet_size: int = (16 << 20) + PACKET_OVERHEAD
+    max_queued_messages: int = 500_000
+    max_queued_bytes: int = 1 << 30
+    max_inflight_messages: int = 20
+
+    @classmethod
+    def for_payload(cls, max_payload_bytes: int, **kwargs: int) -> BrokerLimits:
+        """Limits whose packet size matches a receiver's ``limits.max_payload_bytes``."""
+        return cls(max_packet_size=max_payload_bytes + PACKET_OVERHEAD, **kwargs)
+
+    def lines(self) -> list[str]:
+        """The Mosquitto configuration lines (all global options)."""
+        return [
+            f"max_packet_size {self.max_packet_size}",
+            f"max_queued_messages {self.max_queued_messages}",
+            f"max_queued_bytes {self.max_queued_bytes}",
+            f"max_inflight_messages {self.max_inflight_messages}",
+        ]
 
 
 def device_acl(receivers: Iterable[str] = ("receiver",), prefix: str = DEFAULT_PREFIX) -> str:
@@ -78,18 +129,21 @@ def mosquitto_config(
     acl_file: Path | None,
     port: int = 8883,
     host: str | None = None,
+    limits: BrokerLimits | None = BrokerLimits(),
 ) -> str:
     """The Mosquitto configuration lines of an edgeos TLS listener with the fleet's ACL.
 
     Client certificates are required and their CN is the username the ACL matches; anonymous
     clients are refused; revoked certificates are refused through the CA's CRL (re-read when
-    the listener starts).
+    the listener starts). ``limits`` sizes the broker's queues and packets
+    (:class:`BrokerLimits`); ``None`` leaves Mosquitto's defaults.
     """
     listener = f"listener {port} {host}" if host else f"listener {port}"
     return "\n".join(
         [
             "per_listener_settings false",
             "allow_anonymous false",
+            *(limits.lines() if limits is not None else []),
             *([f"acl_file {acl_file}"] if acl_file is not None else []),
             listener,
             f"cafile {ca_file}",

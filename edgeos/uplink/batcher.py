@@ -13,6 +13,12 @@ Gaps in an epoch's sequence (a batch the spool refused, records the spool droppe
 quarantined) are announced in later batches' ``meta["skip"]`` as ``[epoch, first, last]``
 ranges until an ack passes them, so the receiver's contiguous ack never waits for a batch that
 will not come (see ``docs/wire-format.md``).
+
+Scans the scheduler did not run (a scan still running at its next deadline, a dispatcher that
+woke late: the runtime was overloaded) are announced too, in ``meta["scans_skipped"]`` as
+``[group, connection, first_us, last_us, count]`` runs of skipped deadlines (wall clock), once,
+in the next batch sealed: those scans were never read, so the receiver must not take the hole
+in a tag's rows for accepted data that was lost.
 """
 
 from __future__ import annotations
@@ -96,6 +102,9 @@ class BatcherStats:
     refused_samples: int = 0
     epochs: int = 1
     skipped_ranges: int = 0
+    #: Scans announced as skipped by the scheduler (``meta["scans_skipped"]``), and their runs.
+    scans_skipped: int = 0
+    scan_skip_runs: int = 0
     encode_seconds: Histogram = field(default_factory=Histogram)
     append_seconds: Histogram = field(default_factory=Histogram)
 
@@ -110,6 +119,8 @@ class BatcherStats:
             "refused_samples": self.refused_samples,
             "epochs": self.epochs,
             "skipped_ranges": self.skipped_ranges,
+            "scans_skipped": self.scans_skipped,
+            "scan_skip_runs": self.scan_skip_runs,
             "encode": self.encode_seconds.summary_ms(),
             "append": self.append_seconds.summary_ms(),
         }
@@ -152,9 +163,10 @@ class Batcher:
         spool: Spool,
         suite: Suite = Suite.CHACHA20_POLY1305,
         interval_s: float = 3.0,
-        max_batch_samples: int = 500_000,
+        max_batch_samples: int = 200_000,
         source: ScanSource | None = None,
         drain_events: Callable[[], list[dict[str, Any]]] | None = None,
+        skipped_scans: Callable[[], Sequence[list[Any]]] | None = None,
         on_stored: Callable[[SealedBatch], None] | None = None,
         clock: Clock | None = None,
         level: int = 3,
@@ -169,6 +181,9 @@ class Batcher:
         self.max_batch_samples = max_batch_samples
         self.source = source
         self.drain_events = drain_events
+        self.skipped_scans = skipped_scans
+        #: Skipped-scan runs drained from the scheduler, not yet in a stored batch.
+        self._scan_skips: list[list[Any]] = []
         self.on_stored = on_stored
         self.clock = clock or SystemClock()
         self.level = level
@@ -288,7 +303,10 @@ class Batcher:
             if self.drain_events is not None:
                 events.extend(self.drain_events())
             self._take_spool_losses()
+            if self.skipped_scans is not None:
+                self._scan_skips.extend(self.skipped_scans())
             if not records and not events:
+                # Skipped-scan runs wait for the next batch that carries anything.
                 return None
             batch, samples, oldest = self._build(records, events)
             if self.epoch.exhausted:
@@ -317,6 +335,12 @@ class Batcher:
                 self._announce_gap(epoch, seq, seq)
                 raise
             self.counters.append_seconds.record(self.clock.monotonic() - t1)
+            if self._scan_skips:
+                # Announced once: in a stored batch (a refused one is itself an announced gap,
+                # and its runs are announced again in the next batch).
+                self.counters.scan_skip_runs += len(self._scan_skips)
+                self.counters.scans_skipped += sum(int(run[4]) for run in self._scan_skips)
+                self._scan_skips = []
             self.counters.batches += 1
             self.counters.samples += samples
             self.counters.events += len(events)
@@ -371,6 +395,8 @@ class Batcher:
         meta: dict[str, Any] = {}
         if self.skip:
             meta["skip"] = [list(s) for s in self.skip]
+        if self._scan_skips:
+            meta["scans_skipped"] = [list(run) for run in self._scan_skips]
         if oldest == math.inf:
             oldest = self.clock.time()
         return Batch(table, groups, events, meta), samples, oldest

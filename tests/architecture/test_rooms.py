@@ -164,8 +164,12 @@ def _top_level_and_requires(wheel: Path) -> tuple[set[str], list[str]]:
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
         meta = email.message_from_bytes(zf.read(meta_name))
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    # What `pip install <wheel>` installs: the requirements without an ``extra == …`` marker
+    # (the dev, speed, bench and models extras are opt-in).
     requires = [
-        r.split(";")[0].split("[")[0].strip().lower() for r in meta.get_all("Requires-Dist") or []
+        r.split(";")[0].split("[")[0].strip().lower()
+        for r in meta.get_all("Requires-Dist") or []
+        if "extra ==" not in r
     ]
     return tops, requires
 

@@ -212,7 +212,10 @@ class LimitsConfig(_Model):
     #: Sample groups in one batch.
     max_groups: Annotated[int, Field(ge=1)] = 4096
     #: Sample slots (rows x columns) in one batch.
-    max_samples: Annotated[int, Field(ge=1, le=4_000_000)] = 4_000_000
+    # Bounds one batch's decoded size (about 100 bytes per sample while storing): 250,000 keeps an
+    # amplification attack within +64 MB (bench/receiver_isolation.py). Keep it at or above the
+    # fleet's uplink.max_batch_samples (200,000 by default).
+    max_samples: Annotated[int, Field(ge=1, le=4_000_000)] = 250_000
     #: ``sample_blocks`` rows one batch may need (a block spans at most an hour of samples).
     max_blocks: Annotated[int, Field(ge=1)] = 48
     #: Events in one batch (each an ``events`` row).
@@ -254,11 +257,17 @@ class QuotasConfig(_Model):
     than a bucket still passes when the bucket is full (a device is slowed, never wedged).
     """
 
+    #: Messages per second of any kind (batches, command results, statuses), sustained;
+    #: checked first at the door, before a message costs anything more than its topic. A
+    #: gateway sends one batch per ``uplink.interval_s`` (3 s) and drains a backlog at
+    #: ``uplink.backlog_rate`` (20/s) on top; a device flooding junk is held to this rate
+    #: (after ``burst_s`` of it), the rest deferred as ``messages_per_s``.
+    messages_per_s: Annotated[float, Field(gt=0)] = 50.0
     #: Decoded samples per second, sustained.
     samples_per_s: Annotated[float, Field(gt=0)] = 200_000.0
     #: Events per second, sustained.
     events_per_s: Annotated[float, Field(gt=0)] = 1_000.0
-    #: How many seconds of the two rates above a device may send at once (a spool backlog
+    #: How many seconds of the three rates above a device may send at once (a spool backlog
     #: drained after an outage goes at the sustained rate once this is used).
     burst_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     #: Tag names this receiver has not seen from the device before, per day.
@@ -284,6 +293,12 @@ class IntakeConfig(_Model):
     #: leaves room for its re-sends; only a device that ignores acks reaches it.
     device_max_bytes: Annotated[int, Field(ge=1024)] = 16 << 20
     device_max_messages: Annotated[int, Field(ge=1, le=100_000)] = 32
+    #: Decoded samples per writer transaction: once its batches hold this many, the writer
+    #: commits and the messages it did not open go back to their lanes (behind the other
+    #: devices). Storing costs ~80 bytes per sample at its peak (packing, the shadow), so this
+    #: (plus one batch, ``limits.max_samples``) bounds the writer's memory, and one device's
+    #: huge batches cost the others one transaction per turn. A 16,000-tag batch holds 48,000.
+    max_samples_per_transaction: Annotated[int, Field(ge=1000)] = 500_000
 
 
 class CommandsConfig(_Model):

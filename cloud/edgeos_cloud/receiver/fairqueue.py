@@ -127,6 +127,21 @@ class FairQueue(Generic[K, T]):
                 turns.append(key)
         return out
 
+    def requeue(self, taken: list[Taken[K, T]]) -> None:
+        """Put messages taken but not worked on back at the head of their lanes.
+
+        They stay in flight and keep their place in the round: the next :meth:`take` starts
+        with them, in the order they were taken (so a device whose message was not worked on
+        is not sent behind the device that used up the writer's turn).
+        """
+        for t in reversed(taken):
+            self._lanes[t.key].queued.appendleft(t)
+            if t.key in self._turns:
+                self._turns.remove(t.key)
+            self._turns.appendleft(t.key)
+        if taken:
+            self._ready.set()
+
     def release(self, taken: list[Taken[K, T]]) -> None:
         """The writer is done with ``taken`` (stored, refused or failed): free their room."""
         for t in taken:

@@ -12,6 +12,7 @@ __all__ = ["DEFER_REASONS", "IntakeMetrics"]
 
 #: Why a message was deferred: not stored, not acknowledged; the device re-sends it later.
 DEFER_REASONS = (
+    "messages_per_s",  # quotas.messages_per_s (+ burst_s) used up (checked first at the door)
     "device_busy",  # the device's lane of the writer queue is full (a backlog or a flood)
     "bytes_per_day",  # quotas.bytes_per_day used up (checked at the door)
     "samples_per_s",  # quotas.samples_per_s (+ burst_s) used up (checked after decoding)
@@ -38,6 +39,8 @@ class IntakeMetrics:
             ["reason"],
             registry=r,
         )
+        # The door counts per message: label lookups once, not per message.
+        self.deferred_by = {reason: self.deferred.labels(reason) for reason in DEFER_REASONS}
         self.bytes_in_flight = Gauge(
             "edgeos_receiver_bytes_in_flight",
             "Bytes of admitted messages not yet stored (intake.max_bytes_in_flight bounds it)",

@@ -1,8 +1,9 @@
-"""Per-device quotas: token buckets for samples/s, events/s, new tags/day and bytes/day.
+"""Per-device quotas: token buckets for messages/s, samples/s, events/s, new tags/day, bytes/day.
 
-Two thread affinities, two instances' worth of state: :meth:`DeviceQuotas.admit_bytes` runs at
-the MQTT door (the event loop), :meth:`DeviceQuotas.admit_batch` in the writer thread after a
-batch was authenticated and decoded. Each touches only its own dictionaries, so no lock.
+Two thread affinities, two instances' worth of state: :meth:`DeviceQuotas.admit_message` and
+:meth:`DeviceQuotas.admit_bytes` run at the MQTT door (the event loop),
+:meth:`DeviceQuotas.admit_batch` in the writer thread after a batch was authenticated and
+decoded. Each touches only its own dictionaries, so no lock.
 
 A bucket may go into debt by one charge: it admits while it holds any tokens at all, then
 subtracts the whole cost. A batch larger than the bucket therefore passes when the bucket is
@@ -78,9 +79,29 @@ class DeviceQuotas:
         self.config = config
         self._clock = clock
         self._bytes: dict[str, TokenBucket] = {}
+        self._messages: dict[str, TokenBucket] = {}
         self._batches: dict[str, _BatchState] = {}
 
     # ---------------------------------------------------------------- door (event loop)
+
+    def admit_message(self, device: str) -> bool:
+        """Charge one message to the device's messages/s; False when it is used up.
+
+        The first check of the door: a device flooding small messages costs one dictionary
+        lookup and a few float operations per message beyond its rate.
+        """
+        now = self._clock()
+        bucket = self._messages.get(device)
+        if bucket is None:
+            if len(self._messages) >= MAX_DEVICES:
+                self._messages = {d: b for d, b in self._messages.items() if not b.is_full(now)}
+            c = self.config
+            bucket = TokenBucket.full(c.messages_per_s, c.messages_per_s * c.burst_s, now)
+            self._messages[device] = bucket
+        if not bucket.available(now):
+            return False
+        bucket.charge(1.0)
+        return True
 
     def admit_bytes(self, device: str, nbytes: int) -> bool:
         """Charge ``nbytes`` to the device's bytes/day unless it is exhausted."""

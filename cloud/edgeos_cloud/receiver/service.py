@@ -102,6 +102,8 @@ class _WriteResult:
     acks: list[tuple[str, int, int, int]] = field(
         default_factory=list
     )  # device, key id, epoch, seq
+    #: How many of the messages given were worked on; the rest go back to their lanes.
+    processed: int = 0
 
 
 class Receiver:
@@ -317,12 +319,17 @@ class Receiver:
             self._reject("oversized", device, f"{len(data)} bytes on {held.topic!r}")
             return True
         queue = self._queue
-        # Check the queue's room before charging the device's bytes/day for a message that
-        # would then have to wait.
+        # Check the queue's room before charging the device's quotas for a message that would
+        # then have to wait (and be charged again when it is let in).
         if queue.items_in_flight >= queue.max_items or (
             queue.bytes_in_flight and queue.bytes_in_flight + len(data) > queue.max_bytes
         ):
             return False
+        # Messages per second first: a device flooding junk is turned away here, before its
+        # messages cost a queue slot, a decode attempt or a write of its reject counts.
+        if not self._quotas.admit_message(device):
+            self._defer("messages_per_s", device, f"on {held.topic!r}")
+            return True
         if kind == "batch":
             # A device that overdrew its rates waits before it costs a decode.
             overdrawn = self._quotas.in_debt(device)
@@ -368,7 +375,7 @@ class Receiver:
 
         Called on the loop (the door) and in the writer thread (quotas after decoding).
         """
-        self.intake_metrics.deferred.labels(why).inc()
+        self.intake_metrics.deferred_by[why].inc()
         key = (device, f"deferred:{why}")
         with self._reject_lock:
             self._pending_rejects[key] = self._pending_rejects.get(key, 0) + 1
@@ -396,7 +403,10 @@ class Receiver:
                 await asyncio.sleep(backoff.next_delay())
                 await self._reopen_storage()
                 continue
-            self._release(taken)
+            # Past the transaction's sample budget the writer stopped: the rest wait their
+            # turn again, behind the other devices.
+            self._queue.requeue(taken[result.processed :])
+            self._release(taken[: result.processed])
             backoff.succeeded()
             for device, key_id, epoch, seq in result.acks:
                 await self._publish_ack(device, key_id, epoch, seq)
@@ -423,7 +433,13 @@ class Receiver:
             log.debug("storage still unavailable: %s", exc)
 
     def _write(self, items: list[_Message]) -> _WriteResult:
-        """Writer thread: open, store (one transaction), collect acks and command results."""
+        """Writer thread: open, store (one transaction), collect acks and command results.
+
+        Stops once the decoded batches hold ``intake.max_samples_per_transaction`` samples
+        (``result.processed`` says how many messages were worked on): a device sending huge
+        batches then costs the others one transaction per turn, and the writer's memory is
+        bounded by the budget plus one batch.
+        """
         storage = self._storage
         if storage is None:
             raise RuntimeError("storage is not open")
@@ -431,7 +447,14 @@ class Receiver:
         key_ids: list[int] = []
         quarantine: list[QuarantineRecord] = []
         statuses: list[DeviceStatus] = []
-        for item in items:
+        result = _WriteResult()
+        budget = self.config.intake.max_samples_per_transaction
+        samples = 0
+        result.processed = len(items)
+        for index, item in enumerate(items):
+            if samples >= budget:
+                result.processed = index
+                break
             if item.kind == "result":
                 self._handle_result(storage, item)
                 continue
@@ -456,24 +479,8 @@ class Receiver:
                 continue
             batches.append(batch)
             key_ids.append(batch.key_id)
-        result = _WriteResult()
-        if batches or quarantine:
-            started = time.perf_counter()
-            # A batch the database refuses comes back quarantined; the others are stored.
-            outcomes = storage.store(batches, quarantine)
-            self.metrics.store_seconds.observe(time.perf_counter() - started)
-            now = time.time()
-            # Older epochs named by skip lists: one ack each per transaction is enough.
-            others: dict[tuple[str, int, int], int] = {}
-            for batch, outcome, key_id in zip(batches, outcomes, key_ids, strict=False):
-                self._count(batch, outcome, now)
-                result.acks.append((outcome.device, key_id, outcome.epoch, outcome.ack_seq))
-                for epoch, seq in outcome.other_acks:
-                    others[(outcome.device, key_id, epoch)] = seq
-            for record, outcome in zip(quarantine, outcomes[len(batches) :], strict=True):
-                self._count_quarantine(record.detail, record.nbytes, outcome)
-                result.acks.append((outcome.device, record.key_id, outcome.epoch, outcome.ack_seq))
-            result.acks.extend((d, k, e, seq) for (d, k, e), seq in others.items())
+            samples += batch.sample_count
+        self._store(storage, batches, key_ids, quarantine, result)
         if statuses:
             storage.record_statuses(statuses)
             for status in statuses:
@@ -483,6 +490,34 @@ class Receiver:
         if pending:
             storage.record_rejects(pending, int(time.time() * 1e6))
         return result
+
+    def _store(
+        self,
+        storage: Storage,
+        batches: list[IngestBatch],
+        key_ids: list[int],
+        quarantine: list[QuarantineRecord],
+        result: _WriteResult,
+    ) -> None:
+        """One transaction: store ``batches`` and ``quarantine``, count them, collect acks."""
+        if not batches and not quarantine:
+            return
+        started = time.perf_counter()
+        # A batch the database refuses comes back quarantined; the others are stored.
+        outcomes = storage.store(batches, quarantine)
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        now = time.time()
+        # Older epochs named by skip lists: one ack each per transaction is enough.
+        others: dict[tuple[str, int, int], int] = {}
+        for batch, outcome, key_id in zip(batches, outcomes, key_ids, strict=False):
+            self._count(batch, outcome, now)
+            result.acks.append((outcome.device, key_id, outcome.epoch, outcome.ack_seq))
+            for epoch, seq in outcome.other_acks:
+                others[(outcome.device, key_id, epoch)] = seq
+        for record, outcome in zip(quarantine, outcomes[len(batches) :], strict=True):
+            self._count_quarantine(record.detail, record.nbytes, outcome)
+            result.acks.append((outcome.device, record.key_id, outcome.epoch, outcome.ack_seq))
+        result.acks.extend((d, k, e, seq) for (d, k, e), seq in others.items())
 
     def _open_status(self, item: _Message) -> DeviceStatus | None:
         try:
