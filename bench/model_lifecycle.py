@@ -34,22 +34,16 @@ from edgeos.inference.selfcheck import MODELS_DIR
 from edgeos.ota.slots import SlotManager
 from edgeos_cloud.models.lifecycle import Lifecycle, LifecycleConfig
 from edgeos_cloud.ota.repository import OtaRepository, serving
-from edgeos_protocol.bundle import BundleSources, build_bundle
 from edgeos_sim.simline import SimClock, SimLine, record_drifting_line
-from edgeos_testing.ota import HARDWARE, STUB_PACKAGE, Device, write_stub_runtime
+from edgeos_testing.ota import (
+    HARDWARE,
+    Device,
+    build_stub_release,
+)
 
 
 def _gateway(tmp: Path, repo: OtaRepository) -> Device:
-    src = tmp / "release"
-    write_stub_runtime(src / "pkgs", version="1.0.0")
-    bundle = build_bundle(
-        "full",
-        "1.0.0",
-        HARDWARE,
-        BundleSources(packages=[src / "pkgs" / STUB_PACKAGE]),
-        tmp / "dist",
-        entry=STUB_PACKAGE,
-    )
+    bundle = build_stub_release(tmp)
     slots = SlotManager(tmp / "device" / "slots", hardware=HARDWARE)
     slots.provision(bundle)
     (tmp / "device" / "root.json").write_bytes(repo.trusted_root())

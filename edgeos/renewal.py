@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from edgeos.httppost import PostFailed, post_sealed
 from edgeos_protocol.control import (
     ControlKind,
     counter_from_time,
@@ -264,26 +265,17 @@ class CertificateRenewer:
         return cert
 
     def _post(self, body: bytes) -> bytes:
-        import urllib3
-
-        pool = urllib3.PoolManager()
         try:
-            response = pool.request(
-                "POST",
+            return post_sealed(
                 f"{self.settings.url.rstrip('/')}/certificates",
-                body=body,
-                headers={"Content-Type": "application/octet-stream"},
-                timeout=urllib3.Timeout(total=self.settings.timeout_s),
-                retries=False,
+                body,
+                timeout_s=self.settings.timeout_s,
             )
-        except urllib3.exceptions.HTTPError as exc:
-            raise RenewalFailed("network", f"cannot reach {self.settings.url}: {exc}") from exc
-        finally:
-            pool.clear()
-        if response.status != 200:
-            text = response.data[:200].decode(errors="replace")
-            raise RenewalFailed("refused", f"HTTP {response.status}: {text}")
-        return bytes(response.data)
+        except PostFailed as exc:
+            if exc.status is None:
+                raise RenewalFailed("network", f"cannot reach {self.settings.url}: {exc}") from exc
+            text = exc.body[:200].decode(errors="replace")
+            raise RenewalFailed("refused", f"HTTP {exc.status}: {text}") from None
 
     def _check_answer(
         self, answer: bytes, counter: int, key: ec.EllipticCurvePrivateKey

@@ -41,15 +41,13 @@ from typing import Any
 from edgeos_cloud.ota.repository import ReportRefused
 from edgeos_cloud.receiver.pki import CertificateAuthority, CsrRefused, cert_not_after
 from edgeos_cloud.receiver.registry import DeviceRegistry
+from edgeos_cloud.sealed import open_sealed
 from edgeos_protocol.control import (
     MAX_CONTROL_BYTES,
     ControlKind,
     counter_from_time,
-    open_control,
-    parse_control_header,
     seal_control,
 )
-from edgeos_protocol.errors import EdgeosError
 from edgeos_protocol.fsutil import atomic_write_json, read_json
 
 __all__ = [
@@ -104,24 +102,16 @@ class CertificateRenewal:
         return self.accept(sealed).response
 
     def accept(self, sealed: bytes) -> Renewed:
-        if len(sealed) > MAX_REQUEST_BYTES:
-            raise RenewalRefused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large")
-        try:
-            kind, device, key_id = parse_control_header(sealed)
-        except EdgeosError as exc:
-            raise RenewalRefused(HTTPStatus.BAD_REQUEST, f"not a sealed request: {exc}") from None
-        if kind is not ControlKind.CERT_REQUEST:
-            raise RenewalRefused(HTTPStatus.BAD_REQUEST, f"{kind.name} is not a CERT_REQUEST")
-        try:
-            key = self.registry.key_for(device, key_id)
-        except Exception as exc:  # the registry says why (unknown, revoked, wrong key)
-            raise RenewalRefused(HTTPStatus.FORBIDDEN, f"no key: {exc}") from None
-        try:
-            control = open_control(
-                sealed, {key_id: key}, device=device, kinds=frozenset({ControlKind.CERT_REQUEST})
-            )
-        except EdgeosError as exc:
-            raise RenewalRefused(HTTPStatus.FORBIDDEN, f"request refused: {exc}") from None
+        control, key = open_sealed(
+            sealed,
+            ControlKind.CERT_REQUEST,
+            self.registry.key_for,
+            max_bytes=MAX_REQUEST_BYTES,
+            refused=RenewalRefused,
+            noun="request",
+            what="a CERT_REQUEST",
+        )
+        device, key_id = control.device, control.key_id
         payload = control.payload
         if payload.get("device") != device:
             raise RenewalRefused(

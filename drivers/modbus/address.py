@@ -8,7 +8,7 @@ Both Modbus drivers declare ``address_key = "modbus"`` and :class:`ModbusAddress
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Literal, Self
+from typing import Annotated, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,7 +41,39 @@ def _register_count(table: str, dtype: str, length: int | None) -> int:
     return REGISTER_COUNT[dtype]
 
 
-class ModbusAddress(BaseModel):
+class _RegisterFields(Protocol):
+    @property
+    def table(self) -> Table: ...
+    @property
+    def type(self) -> DataType: ...
+    @property
+    def length(self) -> int | None: ...
+
+
+class _Registers:
+    """What the validated address and its runtime record answer alike.
+
+    A mixin without fields of its own (the pydantic model's field order stays its own).
+    """
+
+    __slots__ = ()
+
+    @property
+    def register_count(self: _RegisterFields) -> int:
+        return _register_count(self.table, self.type, self.length)
+
+    # edgeos.tags.TagAddress ----------------------------------------------------------------
+
+    @property
+    def data_type(self: _RegisterFields) -> DataType:
+        return self.type
+
+    @property
+    def polled(self) -> bool:
+        return True
+
+
+class ModbusAddress(BaseModel, _Registers):
     """Where a tag's value lives in one Modbus device, and how it is encoded."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -73,20 +105,6 @@ class ModbusAddress(BaseModel):
             raise ValueError(f"address {self.address} + {self.register_count} registers > 65536")
         return self
 
-    @property
-    def register_count(self) -> int:
-        return _register_count(self.table, self.type, self.length)
-
-    # edgeos.tags.TagAddress ----------------------------------------------------------------
-
-    @property
-    def data_type(self) -> DataType:
-        return self.type
-
-    @property
-    def polled(self) -> bool:
-        return True
-
     def runtime(self, instance: EquipmentInstance | None = None) -> ModbusRef:
         """The compact record; for an equipment instance, shifted and on its unit id."""
         ref = ModbusRef(
@@ -104,7 +122,7 @@ class ModbusAddress(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class ModbusRef:
+class ModbusRef(_Registers):
     """The runtime form of :class:`ModbusAddress` (validated already; ~5× smaller)."""
 
     unit: int
@@ -116,18 +134,6 @@ class ModbusRef:
     length: int | None
     scale: float
     offset: float
-
-    @property
-    def register_count(self) -> int:
-        return _register_count(self.table, self.type, self.length)
-
-    @property
-    def data_type(self) -> DataType:
-        return self.type
-
-    @property
-    def polled(self) -> bool:
-        return True
 
     def runtime(self, instance: EquipmentInstance | None = None) -> ModbusRef:
         """Shifted by ``address_stride`` per instance, on the instance's unit id if it has one.

@@ -70,6 +70,14 @@ class ReadbackMismatch(TagError):
         super().__init__(f"write to {tag!r}: wrote registers {written}, read back {read}")
 
 
+def _endpoint_problem(parse: Callable[[str], object], endpoint: str) -> str | None:
+    try:
+        parse(endpoint)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def modbus_address(binding: TagBinding) -> AnyModbus:
     """The tag's Modbus address; ``ValueError`` for a tag of another driver."""
     address = binding.tag.address
@@ -135,6 +143,15 @@ class _ModbusDriver:
 
     def _make_links(self) -> list[Link]:
         raise NotImplementedError
+
+    def _client_options(self) -> dict[str, Any]:
+        # No retries and no reconnects of pymodbus's own: both are the supervisor's.
+        return {
+            "name": self.name,
+            "timeout": self._options.request_timeout_s,
+            "retries": 0,
+            "reconnect_delay": 0,
+        }
 
     def _lost(self, reason: str) -> None:
         # Only a drop after connect() succeeded counts; one while connect() is still opening
@@ -379,11 +396,7 @@ class ModbusTcpDriver(_ModbusDriver):
     @staticmethod
     def check_endpoint(endpoint: str) -> str | None:
         """What is wrong with ``endpoint`` for this driver, or ``None``."""
-        try:
-            parse_tcp_endpoint(endpoint)
-        except ValueError as exc:
-            return str(exc)
-        return None
+        return _endpoint_problem(parse_tcp_endpoint, endpoint)
 
     def _make_links(self) -> list[Link]:
         ep, opts = self._endpoint, self._options
@@ -392,10 +405,7 @@ class ModbusTcpDriver(_ModbusDriver):
             return AsyncModbusTcpClient(
                 ep.host,
                 port=ep.port,
-                name=self.name,
-                timeout=opts.request_timeout_s,
-                retries=0,
-                reconnect_delay=0,
+                **self._client_options(),
                 **hooks,
             )
 
@@ -442,11 +452,7 @@ class ModbusRtuDriver(_ModbusDriver):
     @staticmethod
     def check_endpoint(endpoint: str) -> str | None:
         """What is wrong with ``endpoint`` for this driver, or ``None``."""
-        try:
-            parse_rtu_endpoint(endpoint)
-        except ValueError as exc:
-            return str(exc)
-        return None
+        return _endpoint_problem(parse_rtu_endpoint, endpoint)
 
     def _make_links(self) -> list[Link]:
         ep, opts = self._endpoint, self._options
@@ -460,10 +466,7 @@ class ModbusRtuDriver(_ModbusDriver):
                 parity=opts.parity,
                 stopbits=opts.stopbits,
                 handle_local_echo=opts.handle_local_echo,
-                name=self.name,
-                timeout=opts.request_timeout_s,
-                retries=0,
-                reconnect_delay=0,
+                **self._client_options(),
                 **hooks,
             )
 

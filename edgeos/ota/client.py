@@ -32,6 +32,7 @@ from tuf.api.metadata import TargetFile  # type: ignore[attr-defined]
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig  # type: ignore[attr-defined]
 
 from edgeos.errors import UpdateError
+from edgeos.httppost import PostFailed, post_sealed
 from edgeos.ota.slots import SlotManager
 from edgeos.ota.state import InstallResult
 from edgeos_protocol.bundle import BundleKind, ProgressCallback, channel_path
@@ -361,21 +362,15 @@ class OtaClient:
             key_id=keyring.current_id,
             created_us=int(time.time() * 1e6),
         )
-        pool = urllib3.PoolManager()
         try:
-            response = pool.request(
-                "POST",
+            post_sealed(
                 f"{self.settings.repository_url.rstrip('/')}/reports",
-                body=body,
-                headers={"Content-Type": "application/octet-stream"},
-                timeout=urllib3.Timeout(total=self.settings.socket_timeout_s),
-                retries=False,
+                body,
+                timeout_s=self.settings.socket_timeout_s,
             )
-        except urllib3.exceptions.HTTPError as exc:
-            raise FetchError(Reason.NETWORK, f"cannot report outcome: {exc}") from exc
-        finally:
-            pool.clear()
-        if response.status != 200:
-            raise FetchError(Reason.NETWORK, f"report refused: HTTP {response.status}")
+        except PostFailed as exc:
+            if exc.status is None:
+                raise FetchError(Reason.NETWORK, f"cannot report outcome: {exc}") from exc
+            raise FetchError(Reason.NETWORK, f"report refused: HTTP {exc.status}") from None
         slots.mark_reported()
         return True

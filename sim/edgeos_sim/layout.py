@@ -6,30 +6,7 @@ pure physics moved there (issue #17); this module keeps the simulator's import p
 
 from __future__ import annotations
 
-from edgeos_cloud.fleet.physics.layout import (
-    AUX_CATEGORIES,
-    KEY_TAG_COUNT,
-    KEY_TAGS,
-    MAX_REGISTERS_PER_REQUEST,
-    OPCUA_NAMESPACE_URI,
-    Alarm,
-    CycleState,
-    Layout,
-    LayoutMode,
-    TagSpec,
-    build_layout,
-)
+from edgeos_cloud.fleet.physics import layout as _physics
+from edgeos_cloud.fleet.physics.layout import *  # noqa: F403 -- a shim re-exports, never copies
 
-__all__ = [
-    "AUX_CATEGORIES",
-    "KEY_TAGS",
-    "KEY_TAG_COUNT",
-    "MAX_REGISTERS_PER_REQUEST",
-    "OPCUA_NAMESPACE_URI",
-    "Alarm",
-    "CycleState",
-    "Layout",
-    "LayoutMode",
-    "TagSpec",
-    "build_layout",
-]
+__all__ = list(_physics.__all__)

@@ -6,36 +6,11 @@ pure physics moved there (issue #17); this module keeps the simulator's import p
 
 from __future__ import annotations
 
-from edgeos_cloud.fleet.physics.recipe import (
-    ELASTICITY_MAX,
-    ELASTICITY_MIN,
-    NOMINAL_CURE_F,
-    PRESSURE_TAU_F,
-    RESIDUAL_BAR,
-    CycleRecord,
-    LineState,
-    Setpoints,
-    default_policy,
-    optimal_setpoints,
-    quality,
-    target_cure_s,
-    target_pressure,
-    target_temperature,
-)
+from edgeos_cloud.fleet.physics import recipe as _physics
+from edgeos_cloud.fleet.physics.recipe import *  # noqa: F403 -- a shim re-exports, never copies
 
-__all__ = [
-    "ELASTICITY_MAX",
-    "ELASTICITY_MIN",
-    "NOMINAL_CURE_F",
-    "PRESSURE_TAU_F",
-    "RESIDUAL_BAR",
-    "CycleRecord",
-    "LineState",
-    "Setpoints",
-    "default_policy",
-    "optimal_setpoints",
-    "quality",
-    "target_cure_s",
-    "target_pressure",
-    "target_temperature",
-]
+# Constants the simulator's callers import from here, outside the physics module's ``__all__``.
+from edgeos_cloud.fleet.physics.recipe import NOMINAL_CURE_F, PRESSURE_TAU_F, RESIDUAL_BAR
+
+__all__ = ["NOMINAL_CURE_F", "PRESSURE_TAU_F", "RESIDUAL_BAR"]
+__all__ += _physics.__all__

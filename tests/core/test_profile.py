@@ -29,7 +29,7 @@ from edgeos_protocol.outcome import Reason, Rejected
 from edgeos_protocol.profile import PROFILE_FILE, Profile, parse_profile, parse_summary
 from edgeos_sim import SimLine, SimOptions
 from edgeos_sim.line import write_line_config
-from edgeos_testing.ota import HARDWARE, STUB_PACKAGE, write_stub_runtime
+from edgeos_testing.ota import HARDWARE, build_stub_release
 
 
 def _config(tmp_path: Path, port: int = 1, **overrides: object) -> Config:
@@ -103,16 +103,7 @@ def test_a_profile_cannot_loosen_the_guard_or_set_what_the_gateway_does_not_appl
 def _provisioned(tmp_path: Path, config_path: Path) -> SlotManager:
     root = tmp_path / "state" / "slots"
     slots = SlotManager(root, hardware=HARDWARE, config_check=bundle_check(config_path))
-    src = tmp_path / "release"
-    write_stub_runtime(src / "pkgs", version="1.0.0")
-    full = build_bundle(
-        "full",
-        "1.0.0",
-        HARDWARE,
-        BundleSources(packages=[src / "pkgs" / STUB_PACKAGE]),
-        tmp_path / "dist",
-        entry=STUB_PACKAGE,
-    )
+    full = build_stub_release(tmp_path)
     slots.provision(full)
     return slots
 

@@ -10,39 +10,10 @@ import pytest
 
 from edgeos.clock import VirtualClock
 from edgeos.config import TagConfig, TwinConfig
-from edgeos.driver import Quality, ReadResult, TagBinding, Value
+from edgeos.driver import Quality, ReadResult
 from edgeos.errors import ConnectError, WriteRefused
 from edgeos.twin import Twin
-
-
-class RecordingWritePath:
-    """A write path standing in for driver + supervisor: records, can fail, can be held."""
-
-    def __init__(self) -> None:
-        self.writes: list[tuple[str, Value]] = []
-        self.error: Exception | None = None
-        self.gate: asyncio.Event | None = None
-
-    async def write(self, binding: TagBinding, value: Value) -> None:
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.error is not None:
-            raise self.error
-        self.writes.append((binding.tag.name, value))
-
-
-def setpoint(name: str = "oven.sp", **kw: object) -> TagConfig:
-    data: dict[str, object] = {
-        "name": name,
-        "connection": "plc",
-        "modbus": {"address": 0, "type": "float32"},
-        "resolution": 0.1,
-        "writable": True,
-        "limits": {"min": 0, "max": 250},
-        "max_rate": 50,
-    }
-    data.update(kw)
-    return TagConfig.model_validate(data)
+from edgeos_testing.twin_writes import RecordingWritePath, running_writes, setpoint
 
 
 def reading(index: int, value: float, quality: int = Quality.GOOD) -> ReadResult:
@@ -79,11 +50,8 @@ class Rig:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     r = Rig()
-    task = asyncio.create_task(r.twin.run_writes(r.path))
-    yield r
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with running_writes(r.twin, r.path):
+        yield r
 
 
 async def test_write_is_applied_when_a_read_reports_it(rig: Rig) -> None:

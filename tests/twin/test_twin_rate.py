@@ -2,46 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
 from edgeos.clock import VirtualClock
-from edgeos.config import GuardConfig, TagConfig, TwinConfig
-from edgeos.driver import TagBinding, Value
+from edgeos.config import GuardConfig, TwinConfig
 from edgeos.inference.guard import ActuationGuard
 from edgeos.twin import LastWrite, Twin, WriteLog
+from edgeos_testing.twin_writes import RecordingWritePath, running_writes, setpoint
 
 SP = "nest01.heater.sp"
-
-
-class RecordingWritePath:
-    def __init__(self) -> None:
-        self.writes: list[tuple[str, Value]] = []
-
-    async def write(self, binding: TagBinding, value: Value) -> None:
-        self.writes.append((binding.tag.name, value))
-
-
-def setpoint(name: str = SP) -> TagConfig:
-    return TagConfig.model_validate(
-        {
-            "name": name,
-            "connection": "plc",
-            "modbus": {"address": 0, "type": "float32"},
-            "resolution": 0.1,
-            "writable": True,
-            "limits": {"min": 0, "max": 250},
-            "max_rate": 50,
-        }
-    )
 
 
 class Rig:
     def __init__(self) -> None:
         self.clock = VirtualClock()
-        self.tag = setpoint()
+        self.tag = setpoint(SP)
         self.twin = Twin([self.tag], TwinConfig(), clock=self.clock)
         self.path = RecordingWritePath()
 
@@ -49,11 +26,8 @@ class Rig:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     r = Rig()
-    task = asyncio.create_task(r.twin.run_writes(r.path))
-    yield r
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with running_writes(r.twin, r.path):
+        yield r
 
 
 async def test_the_write_log_records_a_completed_write_on_the_monotonic_clock(rig: Rig) -> None:
@@ -77,7 +51,7 @@ def test_write_log_ignores_booleans_and_strings() -> None:
 
 def test_write_log_ramp_is_the_largest_step_max_rate_allows() -> None:
     log = WriteLog()
-    tag = setpoint()
+    tag = setpoint(SP)
     assert log.ramp(tag, 200.0, now=5.0) == 200.0  # no reference: limits only
     log.record(SP, 150.0, 10.0)
     assert log.ramp(tag, 200.0, now=10.2) == pytest.approx(160.0)
@@ -112,7 +86,7 @@ async def test_guard_sharing_the_twins_write_log_ramps_from_an_operator_write(ri
 
 
 async def test_a_standalone_guard_keeps_its_own_record_of_decisions() -> None:
-    tag = setpoint()
+    tag = setpoint(SP)
     guard = ActuationGuard(GuardConfig(enabled=True), {SP: tag}, target=6.6)
     kw = {
         "proposal": None,

@@ -14,47 +14,18 @@ import numpy as np
 import pytest
 
 from edgeos.clock import VirtualClock
-from edgeos.config import TagConfig, TwinConfig
-from edgeos.driver import Quality, ReadResult, TagBinding, Value
+from edgeos.config import TwinConfig
+from edgeos.driver import Quality, ReadResult
 from edgeos.errors import ConnectError
 from edgeos.twin import Twin
-
-
-class HeldWritePath:
-    """Records writes; ``gate`` (when set) holds the wire; ``error`` (when set) is raised."""
-
-    def __init__(self) -> None:
-        self.writes: list[tuple[str, Value]] = []
-        self.gate: asyncio.Event | None = None
-        self.error: Exception | None = None
-
-    async def write(self, binding: TagBinding, value: Value) -> None:
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.error is not None:
-            raise self.error
-        self.writes.append((binding.tag.name, value))
-
-
-def setpoint(name: str = "oven.sp") -> TagConfig:
-    return TagConfig.model_validate(
-        {
-            "name": name,
-            "connection": "plc",
-            "modbus": {"address": 0, "type": "float32"},
-            "resolution": 0.1,
-            "writable": True,
-            "limits": {"min": 0, "max": 250},
-            "max_rate": 50,
-        }
-    )
+from edgeos_testing.twin_writes import RecordingWritePath, running_writes, setpoint
 
 
 class Rig:
     def __init__(self) -> None:
         self.clock = VirtualClock()
         self.twin = Twin([setpoint()], TwinConfig(), clock=self.clock, confirm_timeout_s=5.0)
-        self.path = HeldWritePath()
+        self.path = RecordingWritePath()
 
     def read(self, value: float, quality: int = Quality.GOOD) -> None:
         result = ReadResult(
@@ -69,11 +40,8 @@ class Rig:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     r = Rig()
-    task = asyncio.create_task(r.twin.run_writes(r.path))
-    yield r
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with running_writes(r.twin, r.path):
+        yield r
 
 
 async def test_wait_returns_applied_when_the_confirming_read_arrives(rig: Rig) -> None:

@@ -24,6 +24,7 @@ from tuf.api.serialization.json import JSONSerializer
 from edgeos.ota.client import ClientSettings, OtaClient
 from edgeos.ota.slots import SlotManager
 from edgeos_cloud.ota.repository import OtaRepository, RepoRequestHandler
+from edgeos_protocol.bundle import BundleSources, build_bundle
 
 __all__ = [
     "HARDWARE",
@@ -32,6 +33,7 @@ __all__ = [
     "EndlessHandler",
     "MakeRelease",
     "TrickleHandler",
+    "build_stub_release",
     "forge_metadata",
     "install_and_commit",
     "wait_for",
@@ -157,6 +159,24 @@ class EndlessHandler(RepoRequestHandler):
         while not self.server.stopping.is_set() and sent < (1 << 30):
             self.wfile.write(junk)  # BrokenPipeError ends the handler when the client quits
             sent += len(junk)
+
+
+def build_stub_release(work: Path, *, version: str = "1.0.0") -> Path:
+    """A ``full`` bundle of the healthy stub runtime, built under ``work``; its path.
+
+    The sources go to ``work/release``, the bundle to ``work/dist``: what a gateway is
+    provisioned with before a test publishes anything newer.
+    """
+    src = work / "release"
+    write_stub_runtime(src / "pkgs", version=version)
+    return build_bundle(
+        "full",
+        version,
+        HARDWARE,
+        BundleSources(packages=[src / "pkgs" / STUB_PACKAGE]),
+        work / "dist",
+        entry=STUB_PACKAGE,
+    )
 
 
 def forge_metadata(

@@ -25,20 +25,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from edgeos_cloud.ota.repository import ReportRefused
-from edgeos_protocol.control import (
-    MAX_CONTROL_BYTES,
-    ControlKind,
-    open_control,
-    parse_control_header,
-)
-from edgeos_protocol.errors import EdgeosError
+from edgeos_cloud.sealed import KeyLookup, open_sealed
+from edgeos_protocol.control import MAX_CONTROL_BYTES, ControlKind
 from edgeos_protocol.fsutil import atomic_write_json, read_json
 
 __all__ = [
@@ -54,9 +49,6 @@ __all__ = [
 MAX_REPORT_BYTES = min(MAX_CONTROL_BYTES, 16 << 10)
 OUTCOMES = ("committed", "rolled_back", "rejected")
 _MAX_TEXT = {"group": 64, "hardware": 64, "version": 64, "reason": 64, "at": 40, "detail": 2048}
-
-#: ``(device, key id) → key``; raises (any exception) when there is no usable key.
-KeyLookup = Callable[[str, int], bytes]
 
 
 class ReportRejected(ReportRefused):
@@ -98,24 +90,15 @@ class ReportIntake:
 
     def open(self, sealed: bytes) -> DeviceReport:
         """Authenticate and check one sealed report (no state changes)."""
-        if len(sealed) > MAX_REPORT_BYTES:
-            raise ReportRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "report too large")
-        try:
-            kind, device, key_id = parse_control_header(sealed)
-        except EdgeosError as exc:
-            raise ReportRejected(HTTPStatus.BAD_REQUEST, f"not a sealed report: {exc}") from None
-        if kind is not ControlKind.OTA_REPORT:
-            raise ReportRejected(HTTPStatus.BAD_REQUEST, f"{kind.name} is not a report")
-        try:
-            key = self._keys(device, key_id)
-        except Exception as exc:  # the registry says why (unknown, revoked, wrong key)
-            raise ReportRejected(HTTPStatus.FORBIDDEN, f"no key: {exc}") from None
-        try:
-            control = open_control(
-                sealed, {key_id: key}, device=device, kinds=frozenset({ControlKind.OTA_REPORT})
-            )
-        except EdgeosError as exc:
-            raise ReportRejected(HTTPStatus.FORBIDDEN, f"report refused: {exc}") from None
+        control, _ = open_sealed(
+            sealed,
+            ControlKind.OTA_REPORT,
+            self._keys,
+            max_bytes=MAX_REPORT_BYTES,
+            refused=ReportRejected,
+            noun="report",
+            what="a report",
+        )
         return _report(control.payload, control.device, control.counter, control.key_id)
 
     def accept(self, sealed: bytes) -> list[str]:

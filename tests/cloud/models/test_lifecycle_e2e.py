@@ -24,26 +24,20 @@ from edgeos_cloud.models.gate import run_gate
 from edgeos_cloud.models.lifecycle import Lifecycle
 from edgeos_cloud.models.litert import LiteModel
 from edgeos_cloud.ota.repository import OtaRepository, serving
-from edgeos_protocol.bundle import BundleSources, build_bundle
 from edgeos_protocol.manifest import load_manifest, read_verified
 from edgeos_sim.simline import FleetRecorder, SimClock, SimLine, drive
-from edgeos_testing.ota import HARDWARE, STUB_PACKAGE, Device, write_stub_runtime
+from edgeos_testing.ota import (
+    HARDWARE,
+    Device,
+    build_stub_release,
+)
 
 QUALITY = MODELS_DIR / "quality.toml"
 
 
 def _gateway(tmp_path: Path, repo: OtaRepository) -> Device:
     """A gateway provisioned with a full release and the repository's trusted root."""
-    src = tmp_path / "release"
-    write_stub_runtime(src / "pkgs", version="1.0.0")
-    bundle = build_bundle(
-        "full",
-        "1.0.0",
-        HARDWARE,
-        BundleSources(packages=[src / "pkgs" / STUB_PACKAGE]),
-        tmp_path / "dist",
-        entry=STUB_PACKAGE,
-    )
+    bundle = build_stub_release(tmp_path)
     root = tmp_path / "device" / "slots"
     slots = SlotManager(root, hardware=HARDWARE)
     slots.provision(bundle)
