@@ -1,7 +1,8 @@
 """Plant-facing interfaces of the twin: a Sparkplug B edge node and an OPC UA server.
 
 See ``docs/northbound.md``. ``Northbound(config.northbound, twin, device_id=…).run()`` is a child
-of the runtime's TaskGroup; asyncua is imported only when the OPC UA server is configured.
+of the runtime's TaskGroup; the OPC UA server (asyncua) runs in a child process of its own,
+started only when configured.
 
 Importing this package loads only the configuration models, so ``edgeos.config`` can import
 them without a cycle (the runtime part needs the twin, which needs ``edgeos.config``).

@@ -2,7 +2,8 @@
 
 Built from ``[northbound]``, the twin and (optionally) the inference loop's guard; ``run`` is a
 child of the runtime's root TaskGroup and runs each enabled interface as a child of its own.
-The OPC UA server (and with it asyncua) is imported only when it is configured.
+The OPC UA server runs in a child process (asyncua is loaded there, never here; see
+:mod:`edgeos.northbound.opcua`), started only when it is configured.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from edgeos.twin import Twin
 
 if TYPE_CHECKING:
     from edgeos.inference_runtime import InferenceLoop
-    from edgeos.northbound.opcua_server import OpcUaTwinServer
+    from edgeos.northbound.opcua import OpcUaService
 
 __all__ = ["Northbound", "guard_stats_of"]
 
@@ -67,7 +68,7 @@ class Northbound:
         self.hub.attach()
         guard = guard_stats if guard_stats is not None else guard_stats_of(inference)
         self.sparkplug: SparkplugNode | None = None
-        self.opcua: OpcUaTwinServer | None = None
+        self.opcua: OpcUaService | None = None
         sp = config.sparkplug
         if sp is not None and sp.enabled:
             self.sparkplug = SparkplugNode(
@@ -81,9 +82,9 @@ class Northbound:
             )
         ua = config.opcua
         if ua is not None and ua.enabled:
-            from edgeos.northbound.opcua_server import OpcUaTwinServer
+            from edgeos.northbound.opcua import OpcUaService
 
-            self.opcua = OpcUaTwinServer(
+            self.opcua = OpcUaService(
                 ua, twin, self.hub, device_id=device_id, clock=self.clock, guard_stats=guard
             )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -65,11 +66,14 @@ class EchoPlc:
     def __init__(self, twin: Twin) -> None:
         self.twin = twin
         self.writes: list[tuple[str, Value]] = []
+        #: The thread each write reached "the PLC" on (the runtime's loop, whoever wrote).
+        self.write_threads: list[int] = []
         self._echo: list[tuple[int, Value]] = []
         self._wake = asyncio.Event()
 
     async def write(self, binding: TagBinding, value: Value) -> None:
         self.writes.append((binding.tag.name, value))
+        self.write_threads.append(threading.get_ident())
         self._echo.append((binding.index, value))
         self._wake.set()
 

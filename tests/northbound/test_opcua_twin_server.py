@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -218,3 +222,100 @@ async def test_sign_only_endpoint_serves_reads(tmp_path: Path, pki: dict[str, Pa
         client_of(nb, pki, "mes", "Sign") as c,
     ):
         assert await (await node(c, "uptime")).read_value() == 42
+
+
+# ---------------------------------------------------------------- the server's own process
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_server_runs_in_its_own_process_and_stops_and_restarts_with_the_northbound_task(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    rig = PlantRig()
+    nb = Northbound(opcua_config(tmp_path, pki), rig.twin, device_id="gw-1", clock=rig.clock)
+    assert nb.opcua is not None
+    pids = []
+    for round_ in range(2):
+        async with rig.running(nb):
+            async with asyncio.timeout(30):
+                await nb.opcua.ready.wait()
+            pid = nb.opcua.pid
+            assert pid is not None and pid != os.getpid() and alive(pid)
+            pids.append(pid)
+            async with client_of(nb, pki, "mes") as c:
+                assert await (await node(c, "uptime")).read_value() == 42, round_
+        assert not alive(pids[-1])  # stopped and reaped when the task ended, not later
+        assert nb.opcua.pid is None and not nb.opcua.ready.is_set()
+    assert pids[0] != pids[1]
+
+
+async def test_write_from_the_server_process_reaches_the_desired_state_path_on_the_runtime_loop(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    rig = PlantRig()
+    async with served(rig, opcua_config(tmp_path, pki)) as nb, client_of(nb, pki, "eng") as c:
+        assert nb.opcua is not None and nb.opcua.pid != os.getpid()
+        sp = await node(c, "nest02.heater.sp")
+        await sp.write_value(ua.DataValue(ua.Variant(175.0, ua.VariantType.Double)))
+        assert rig.plc.writes == [("nest02.heater.sp", pytest.approx(175.0))]
+        assert rig.plc.write_threads == [threading.get_ident()]  # the runtime's loop's thread
+        change = rig.twin.desired("nest02.heater.sp")
+        assert change is not None and change.status == "applied" and change.source == "opcua:eng"
+        assert nb.stats()["opcua"]["writes"] == {"applied": 1}
+
+
+async def test_values_superseded_while_the_server_lags_are_counted_and_the_latest_is_served(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    rig = PlantRig()
+    async with served(rig, opcua_config(tmp_path, pki)) as nb, client_of(nb, pki, "mes") as c:
+        service = nb.opcua
+        assert service is not None and service.pid is not None
+        got: asyncio.Queue[float] = asyncio.Queue()
+
+        class Handler:
+            def datachange_notification(self, n, val, data):  # type: ignore[no-untyped-def]
+                got.put_nowait(val)
+
+        sub = await c.create_subscription(20, Handler())
+        await sub.subscribe_data_change(await node(c, "nest02.heater.pv"))
+        assert await asyncio.wait_for(got.get(), 20) == pytest.approx(169.0)  # first push done
+
+        # The server's process stopped (SIGSTOP): a server that lags as far as it can.
+        os.kill(service.pid, signal.SIGSTOP)
+        try:
+            before = service.handoff.superseded
+            for value in (171.0, 173.0, 175.0):
+                apply(rig.twin, {"nest02.heater.pv": value})
+                service.pump_once()  # what the pump task does after each scan
+            assert service.handoff.superseded - before == 2
+            assert nb.stats()["opcua"]["values_pending"] == 1
+        finally:
+            os.kill(service.pid, signal.SIGCONT)
+        assert await asyncio.wait_for(got.get(), 20) == pytest.approx(175.0)  # 171, 173: never
+        assert nb.stats()["opcua"]["values_superseded"] >= 2
+        await sub.delete()
+
+
+async def test_a_server_that_cannot_start_fails_the_northbound_task_with_its_error(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    rig = PlantRig()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = opcua_config(tmp_path, pki, endpoint=f"opc.tcp://127.0.0.1:{port}/edgeos/")
+        nb = Northbound(config, rig.twin, device_id="gw-1", clock=rig.clock)
+        with pytest.raises(ExceptionGroup) as err:
+            async with asyncio.timeout(60):
+                await nb.run()
+    assert err.group_contains(OSError)
+    assert nb.opcua is not None and nb.opcua.pid is None
