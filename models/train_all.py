@@ -35,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from edgeos_cloud.fleet.physics.recipe import ELASTICITY_MAX, ELASTICITY_MIN  # noqa: E402
 from edgeos_protocol.features import (  # noqa: E402
     ANOMALY_FEATURES,
     CORRECTION_FEATURES,
@@ -46,7 +47,6 @@ from edgeos_protocol.features import (  # noqa: E402
     freshness,
 )
 from edgeos_protocol.manifest import render_manifest  # noqa: E402
-from edgeos_cloud.fleet.physics.recipe import ELASTICITY_MAX, ELASTICITY_MIN  # noqa: E402
 from edgeos_sim.simline import (  # noqa: E402
     E_BEST,
     SimLine,

@@ -19,9 +19,9 @@ import pytest
 
 from edgeos.app import Runtime
 from edgeos.inference.selfcheck import MODELS_DIR
+from edgeos_cloud.fleet.physics.recipe import CycleRecord
 from edgeos_sim import SimLine, SimOptions
 from edgeos_sim.line import write_line_config
-from edgeos_cloud.fleet.physics.recipe import CycleRecord
 from edgeos_sim.simline import expected_elasticity
 
 ALPHA = 0.005

@@ -14,8 +14,8 @@ from pymodbus.client import AsyncModbusTcpClient
 from drivers.modbus import ModbusRef
 from drivers.opcua import OpcUaAddress
 from edgeos.config import load_config
-from edgeos_sim.configgen import OPCUA_TAGS, render_small_line, render_tyre_line
 from edgeos_cloud.fleet.physics.layout import build_layout
+from edgeos_sim.configgen import OPCUA_TAGS, render_small_line, render_tyre_line
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -7,7 +7,12 @@ import pytest
 
 from edgeos_cloud.fleet.physics.layout import Alarm, CycleState, build_layout
 from edgeos_cloud.fleet.physics.line import LinePhysics
-from edgeos_cloud.fleet.physics.recipe import ELASTICITY_MIN, default_policy, optimal_setpoints, quality
+from edgeos_cloud.fleet.physics.recipe import (
+    ELASTICITY_MIN,
+    default_policy,
+    optimal_setpoints,
+    quality,
+)
 
 
 def _line(nests: int = 4, **kw: float) -> LinePhysics:
