@@ -10,11 +10,12 @@ PYPROJECTS := pyproject.toml cloud/pyproject.toml sim/pyproject.toml testsupport
 STAMP := $(VENV)/.installed-$(shell cat $(PYPROJECTS) | md5sum | cut -c1-12)
 LINT_PATHS := $(wildcard edgeos drivers protocol cloud sim testsupport tests bench hil_tests models examples)
 
-.PHONY: help venv services lint format test test-slow bench demo models clean
+.PHONY: help venv services lint format test test-loaded test-slow bench demo models clean
 
 help:
 	@echo "make demo       set up and run the whole thing locally (simulated line, runtime, broker, receiver)"
 	@echo "make test       set up and run lint + the test suite"
+	@echo "make test-loaded  \`make test\` $(LOADED_RUNS) times in a row with both cores kept busy (stress-ng)"
 	@echo "make test-slow  also the slow soak/fuzz tests"
 	@echo "make bench      run every benchmark (each prints one JSON object)"
 	@echo "make lint       ruff + mypy --strict + import-linter (the gateway/cloud/protocol boundaries)"
@@ -45,6 +46,20 @@ format: venv
 
 test: venv services lint
 	$(PY) -m pytest
+
+# `make test` LOADED_RUNS times in a row while stress-ng keeps every core busy: the suite must not
+# depend on an idle machine (issue #20). stress-ng is installed by .ci/ensure-services; the hog
+# is stopped when the runs end, also when one fails or is interrupted.
+LOADED_RUNS ?= 3
+LOADED_HOG ?= stress-ng --cpu $(shell nproc) --quiet
+test-loaded: venv services
+	@command -v stress-ng >/dev/null || { echo "test-loaded: stress-ng is not installed" >&2; exit 1; }
+	@set -u; $(LOADED_HOG) & hog=$$!; \
+	trap 'kill $$hog 2>/dev/null; wait $$hog 2>/dev/null' EXIT INT TERM; \
+	for i in $$(seq 1 $(LOADED_RUNS)); do \
+	  echo "== test-loaded: run $$i of $(LOADED_RUNS) under '$(LOADED_HOG)'" >&2; \
+	  $(MAKE) --no-print-directory test || { echo "== test-loaded: run $$i failed" >&2; exit 1; }; \
+	done; echo "== test-loaded: $(LOADED_RUNS) runs passed under load" >&2
 
 test-slow: venv services
 	$(PY) -m pytest -m slow
