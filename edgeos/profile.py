@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Any
 
 from edgeos.config import Config, load_config
 from edgeos.errors import ConfigError
-from edgeos_protocol.fleet import PROFILE_EVENT
+from edgeos_protocol.fleet import PROFILE_EVENT, fingerprint_of, fingerprint_report
 from edgeos_protocol.outcome import Reason, Rejected
 from edgeos_protocol.profile import (
     EVENT_TYPE,
@@ -217,6 +217,36 @@ class Effective:
 
     def export(self, *, name: str = "", version: int = 1) -> Profile:
         return export_profile(self.config, name=name, version=version)
+
+
+@dataclass
+class FingerprintReport:
+    """The ``fleet_fingerprint`` event, once per start (an uplink event source), next to the
+    ``config_summary``: the equipment templates' tag names, the input contracts of the models
+    the engine loaded and the hardware target (:func:`edgeos_protocol.fleet.fingerprint_of`),
+    with the champion versions in force as ``versions`` (docs/fleet.md). ``models`` yields
+    ``(role, loaded model)`` like the engine's registry; it is read at the first drain, when the
+    engine has loaded its configured models."""
+
+    config: Config
+    models: Iterable[tuple[str, Any]]
+    now: Callable[[], float]
+    _sent: bool = field(default=False, repr=False)
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        if self._sent:
+            return []
+        self._sent = True
+        loaded = list(self.models)
+        # Champions first: a task's contract is its champion's (fingerprint_of keeps the first).
+        loaded.sort(key=lambda rm: rm[0] != "champion")
+        fp = fingerprint_of(
+            templates={n: [t.name for t in tpl.tags] for n, tpl in self.config.templates.items()},
+            manifests=[m.manifest for _, m in loaded],
+            hardware=self.config.device.hardware,
+        )
+        versions = {m.manifest.task: m.manifest.key for role, m in loaded if role == "champion"}
+        return [fingerprint_report(fp, ts=self.now(), versions=versions)]
 
 
 def ota_root(config: Config) -> Path:

@@ -6,7 +6,9 @@
     edgeos-cloud fleet … competitions [--group G]
     edgeos-cloud fleet … calibrate --group G            # the group's twin simulator
     edgeos-cloud fleet … screen --group G NAME=heater.sp:164.5 NAME=press.sp:16.6 [--combine]
-    edgeos-cloud fleet … rollouts
+    edgeos-cloud fleet … rollouts [--json]
+    edgeos-cloud fleet … run-once --group G --champion POLICY [--challenger POLICY …]
+                         [--canary DEVICE …] [--models-config models.toml]  # the loop's step
     edgeos-cloud fleet … metrics                         # Prometheus text (docs/grafana/)
 
 A POLICY is ``<model key>|<profile key>`` as the leaderboard prints it. Exit status: 0 done,
@@ -60,7 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--group", required=True)
     sc.add_argument("candidates", nargs="+", help="NAME=suffix:value[,suffix:value]")
     sc.add_argument("--combine", action="store_true", help="two candidates and their union")
-    sub.add_parser("rollouts", help="rollouts of winners (canary, group, halted)")
+    ro = sub.add_parser("rollouts", help="rollouts of winners (canary, group, halted)")
+    ro.add_argument("--json", action="store_true", dest="json_here", help="print JSON")
+    ru = sub.add_parser("run-once", help="watch a rollout, or decide and roll out a winner")
+    ru.add_argument("--group", required=True)
+    ru.add_argument("--champion", required=True)
+    ru.add_argument("--challenger", action="append")
+    ru.add_argument("--canary", action="append")
+    ru.add_argument("--hardware")
+    ru.add_argument("--min-tyres", type=int, default=20, help="canary tyres before advancing")
+    ru.add_argument("--alpha", type=float, default=0.005, help="the gateways' guard α")
+    ru.add_argument("--models-config", type=Path, help="models.toml: for a model winner")
     sub.add_parser("metrics", help="Prometheus text exposition of the leaderboard")
     return p
 
@@ -101,7 +113,7 @@ def fleet_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "rollouts":
-            return _rollouts(config, args.json)
+            return _rollouts(config, args.json or args.json_here)
         if args.command == "competitions":
             return _competitions(config, args)
         if args.command == "screen":
@@ -182,6 +194,8 @@ def _with_storage(config: FleetConfig, storage: Any, args: argparse.Namespace) -
             args.json,
         )
         return 0
+    if args.command == "run-once":
+        return _run_once(config, storage, args)
     if args.command == "calibrate":
         from edgeos_cloud.fleet.twinsim import calibrate_from_storage
 
@@ -254,3 +268,35 @@ def _rollouts(config: FleetConfig, as_json: bool) -> int:
 
     _print([asdict(r) for r in Rollouts(config.ota_repo, config.home).all()], as_json)
     return 0
+
+
+def _run_once(config: FleetConfig, storage: Any, args: argparse.Namespace) -> int:
+    from edgeos_cloud.fleet.loop import run_once
+    from edgeos_cloud.fleet.rollout import RolloutRefused
+
+    if config.ota_repo is None:
+        raise _Deferred("no ota_repo in [fleet]: rollouts need the TUF repository")
+    lifecycle = None
+    if args.models_config is not None:
+        from edgeos_cloud.models.cli import load_config
+        from edgeos_cloud.models.lifecycle import Lifecycle
+
+        lifecycle = Lifecycle(load_config(args.models_config))
+    try:
+        step = run_once(
+            config,
+            storage,
+            args.group,
+            champion=args.champion,
+            challengers=args.challenger,
+            canaries=args.canary,
+            hardware=args.hardware,
+            lifecycle=lifecycle,
+            min_tyres=args.min_tyres,
+            alpha=args.alpha,
+        )
+    except RolloutRefused as exc:
+        print(f"edgeos-cloud fleet: {exc}", file=sys.stderr)
+        return 1
+    _print(step.as_dict(), args.json)
+    return 1 if step.action == "refused" else 0

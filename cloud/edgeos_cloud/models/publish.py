@@ -32,7 +32,7 @@ from edgeos_protocol.manifest import ManifestError, load_manifest, read_verified
 if TYPE_CHECKING:
     from edgeos_cloud.models.lifecycle import Lifecycle
 
-__all__ = ["next_bundle_version", "publish_version"]
+__all__ = ["next_bundle_version", "publish_challenger_bundle", "publish_version"]
 
 
 def next_bundle_version(published: dict[str, dict[str, Any]], hardware: str) -> str:
@@ -47,17 +47,10 @@ def next_bundle_version(published: dict[str, dict[str, Any]], hardware: str) -> 
     return str(best[0] + 1)
 
 
-def publish_version(
-    lifecycle: Lifecycle,
-    version: RegisteredVersion,
-    group: str,
-    repo_dir: Path,
-    *,
-    max_failure_rate: float = 0.0,
-    min_reports: int = 1,
-) -> dict[str, Any]:
-    """Publish ``version`` to ``group``'s gateways as a challenger (see the module docstring)."""
-    from edgeos_cloud.ota.campaign import Campaign, Stage
+def _publish_bundle(
+    lifecycle: Lifecycle, version: RegisteredVersion, group: str, repo_dir: Path
+) -> tuple[RegisteredVersion, Any, Any]:
+    """Steps 1–3 without a campaign: ``(version, repository, published target)``."""
     from edgeos_cloud.ota.repository import OtaRepository
 
     current = lifecycle.registry.get(version.name, version.number)
@@ -91,6 +84,52 @@ def publish_version(
             "models", bundle_version, hardware, BundleSources(models=models), tmp / "dist"
         )
         published = repo.publish(bundle)
+    return current, repo, published
+
+
+def _make_challenger(
+    lifecycle: Lifecycle, current: RegisteredVersion, group: str, target: str, why: str
+) -> RegisteredVersion:
+    lifecycle.registry.client.set_model_version_tag(
+        current.name, str(current.number), f"bundle.{group}", target
+    )
+    return lifecycle.registry.set_stage(
+        lifecycle.registry.get(current.name, current.number), group, "challenger", why
+    )
+
+
+def publish_challenger_bundle(
+    lifecycle: Lifecycle, version: RegisteredVersion, group: str, repo_dir: Path
+) -> dict[str, Any]:
+    """Steps 1, 2, 3 (publish only: **no campaign**, no channel moves) and 4: for a caller that
+    runs its own staged campaign — the fleet's rollout (canary first, watch, halt + rollback:
+    :meth:`edgeos_cloud.fleet.rollout.Rollouts.start_model`)."""
+    current, _, published = _publish_bundle(lifecycle, version, group, repo_dir)
+    staged = _make_challenger(
+        lifecycle, current, group, published.target_path, f"published as {published.target_path}"
+    )
+    return {
+        "version": staged.as_dict(),
+        "bundle": published.target_path,
+        "bundle_version": published.version,
+        "campaign": None,
+        "group": group,
+    }
+
+
+def publish_version(
+    lifecycle: Lifecycle,
+    version: RegisteredVersion,
+    group: str,
+    repo_dir: Path,
+    *,
+    max_failure_rate: float = 0.0,
+    min_reports: int = 1,
+) -> dict[str, Any]:
+    """Publish ``version`` to ``group``'s gateways as a challenger (see the module docstring)."""
+    from edgeos_cloud.ota.campaign import Campaign, Stage
+
+    current, repo, published = _publish_bundle(lifecycle, version, group, repo_dir)
     name = f"{current.name}-{current.manifest_version.replace('.', '-')}-{group}"
     campaign = Campaign.create(
         repo,
@@ -99,13 +138,11 @@ def publish_version(
         [Stage(group, (group,), max_failure_rate, min_reports)],
     )
     campaign.start()
-    lifecycle.registry.client.set_model_version_tag(
-        current.name, str(current.number), f"bundle.{group}", published.target_path
-    )
-    staged = lifecycle.registry.set_stage(
-        lifecycle.registry.get(current.name, current.number),
+    staged = _make_challenger(
+        lifecycle,
+        current,
         group,
-        "challenger",
+        published.target_path,
         f"published as {published.target_path} (campaign {name})",
     )
     return {
