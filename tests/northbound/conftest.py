@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edgeos.clock import SystemClock
 from edgeos.config import TagConfig, TwinConfig
@@ -132,3 +138,81 @@ class PlantRig:
             finally:
                 for t in tasks:
                     t.cancel()
+
+
+# ------------------------------------------------------------------ node-opcua (an independent client)
+
+#: The newest node-opcua whose ``engines`` still accepts Node 18/20 (2.183.0 needs >= 22.13).
+NODE_OPCUA_VERSION = "2.182.2"
+NODE_MIN_MAJOR = 18
+
+
+def _node_opcua_cache() -> Path:
+    """``$EDGEOS_NODE_CACHE``, else /var/cache/edgeos (if writable), else ~/.cache/edgeos."""
+    if env := os.environ.get("EDGEOS_NODE_CACHE"):
+        return Path(env) / "node-opcua"
+    system = Path("/var/cache/edgeos")
+    try:
+        system.mkdir(parents=True, exist_ok=True)
+        if os.access(system, os.W_OK):
+            return system / "node-opcua"
+    except OSError:
+        pass
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return xdg / "edgeos" / "node-opcua"
+
+
+def _install_node_opcua(version: str) -> Path:
+    """The folder node-opcua ``version`` is installed in; npm installs it there when missing.
+
+    Installs into a temporary sibling and renames it into place, so a crashed install or two
+    concurrent test runs never leave a half-filled folder behind the version's name. Raises
+    ``RuntimeError`` with the reason when node or npm is missing or the install fails.
+    """
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise RuntimeError("node and npm are needed for the node-opcua client (not on PATH)")
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
+    major = int(out.stdout.strip().lstrip("v").split(".")[0])
+    if major < NODE_MIN_MAJOR:
+        raise RuntimeError(
+            f"node-opcua {version} needs Node >= {NODE_MIN_MAJOR}, found {out.stdout}"
+        )
+    target = _node_opcua_cache() / version
+    if (target / "node_modules" / "node-opcua" / "package.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{version}.", dir=target.parent))
+    try:
+        (staging / "package.json").write_text('{"private": true}\n')
+        done = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", f"node-opcua@{version}"],
+            cwd=staging,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,  # the reason goes into the skip message
+        )
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"npm install node-opcua@{version} failed: {' | '.join(tail)}")
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another run installed it first (the target exists and is not empty): use theirs.
+            if not (target / "node_modules" / "node-opcua" / "package.json").is_file():
+                raise
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"npm install node-opcua@{version} timed out ({exc.timeout} s)") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def node_opcua() -> Path:
+    """node-opcua installed from npm into the cache (on first use); skips when it cannot be."""
+    try:
+        return _install_node_opcua(NODE_OPCUA_VERSION)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"node-opcua client unavailable: {exc}")
