@@ -42,8 +42,8 @@ from edgeos.errors import (
 from edgeos.gcpolicy import GcPolicy
 from edgeos.memory import process_figures
 from edgeos.metrics import MetricsServer, make_registry
-from edgeos.scheduler import Scheduler
-from edgeos.supervisor import Backoff, ConnectionSupervisor, Timeouts
+from edgeos.scheduler import ReadyFn, Scheduler
+from edgeos.supervisor import Backoff, ConnectionSupervisor, ConnState, Timeouts
 from edgeos.systemd import Notifier, watchdog_interval_s
 from edgeos.twin import Twin
 from edgeos.uplink_runtime import UplinkRuntime
@@ -51,6 +51,8 @@ from edgeos_protocol.validation import format_validation_error
 
 if TYPE_CHECKING:
     from edgeos.inference_runtime import InferenceLoop
+    from edgeos.northbound import Northbound
+    from edgeos.renewal import CertificateRenewer
 
 __all__ = ["Runtime"]
 
@@ -84,7 +86,14 @@ class Runtime:
         clock: Clock | None = None,
         notifier: Notifier | None = None,
         ready_timeout_s: float = 10.0,
+        config_path: Path | None = None,
     ) -> None:
+        from edgeos.profile import effective_config
+
+        # The operator's file plus the active slot's profile, re-validated against the file
+        # (docs/fleet.md#profiles); the file alone when the profile does not fit.
+        self.profile = effective_config(config, config_path=config_path)
+        config = self.profile.config
         self.config = config
         self.clock = clock or SystemClock()
         self.notifier = notifier or Notifier()
@@ -115,6 +124,7 @@ class Runtime:
             keep_scan_log=config.uplink.enabled,  # the batcher is its only consumer
         )
         self._event_sources.append(self.twin.drain_events)
+        self._event_sources.append(self.profile.drain_events)  # config_summary, once per start
         self.clockwatch = ClockWatch(self.clock)
         self._event_sources.append(self.clockwatch.drain_events)
 
@@ -127,6 +137,26 @@ class Runtime:
             self._status_providers["inference"] = self.inference.stats
             self._status_providers["gates"] = self._gates_status
             self._status_providers["guard"] = self._guard_status
+        from edgeos.profile import FingerprintReport
+
+        # fleet_fingerprint with the champion versions in force, once per start (docs/fleet.md).
+        models = self.inference.engine.registry if self.inference is not None else ()
+        self._event_sources.append(FingerprintReport(config, models, self.clock.time).drain_events)
+
+        # The plant side (Sparkplug B, OPC UA server): off the scan loop, in its own tasks.
+        self.northbound: Northbound | None = None
+        if config.northbound.enabled:
+            from edgeos.northbound import Northbound
+
+            self.northbound = Northbound(
+                config.northbound,
+                self.twin,
+                device_id=config.device.id,
+                clock=self.clock,
+                inference=self.inference,
+                state_dir=config.device.state_dir,
+            )
+            self._status_providers["northbound"] = self.northbound.stats
 
         self.supervisors: dict[str, ConnectionSupervisor] = {}
         by_conn: dict[str, list[TagBinding]] = {}
@@ -161,11 +191,16 @@ class Runtime:
             )
 
         self.gc = GcPolicy()
-        self.scheduler = Scheduler(self.clock, config.scan_groups, gc_policy=self.gc)
+        # Skipped scans are announced in the batches (the batcher is the skip log's consumer).
+        self.scheduler = Scheduler(
+            self.clock, config.scan_groups, gc_policy=self.gc, skip_log=config.uplink.enabled
+        )
         for name, sup in self.supervisors.items():
             polled = {b.tag.scan_group for b in by_conn.get(name, []) if b.tag.polled}
             for group in sorted(polled):
-                self.scheduler.add_job(group, name, self._scan_job(sup, group))
+                self.scheduler.add_job(
+                    group, name, self._scan_job(sup, group), ready=self._first_attempt_ended(sup)
+                )
 
         self.uplink: UplinkRuntime | None = None
         if config.uplink.enabled:
@@ -173,10 +208,36 @@ class Runtime:
                 config,
                 tags=tags,
                 scan_source=self.twin.scan_log,
+                skipped_scans=self._skipped_scans,
                 drain_events=self._drain_events,
                 on_command=self._on_command,
                 clock=self.clock,
             )
+
+        # Client-certificate renewal (docs/credentials.md): needs TLS and the cloud's URL.
+        self.renewer: CertificateRenewer | None = None
+        tls = config.uplink.tls
+        if self.uplink is not None and tls is not None and config.ota.repository_url:
+            from edgeos.renewal import CertificateRenewer, RenewalSettings
+
+            r = config.ota.renewal
+            self.renewer = CertificateRenewer(
+                RenewalSettings(
+                    device=config.device.id,
+                    url=config.ota.repository_url,
+                    cert_file=tls.cert_file,
+                    key_file=tls.key_file,
+                    ca_file=tls.ca_file,
+                    broker=config.uplink.broker,
+                    renew_before_days=r.renew_before_days,
+                    check_interval_s=r.check_interval_s,
+                    retry_s=r.retry_s,
+                ),
+                self.uplink.keyring,
+                connects=self._uplink_connects,
+            )
+            self._event_sources.append(self.renewer.drain_events)
+        self._status_providers["credentials"] = self._credentials_status
 
     # ------------------------------------------------------------- data path
 
@@ -188,6 +249,27 @@ class Runtime:
             self._progress += 1
 
         return scan
+
+    def _first_attempt_ended(self, sup: ConnectionSupervisor) -> ReadyFn:
+        """A connection's first scan waits until its first connect attempt has ended (up or
+        down), at most its connect timeout: a scan before that would report BAD_COMM for a
+        PLC that is up and only still being connected to."""
+        deadline: float | None = None
+
+        def ready() -> bool:
+            nonlocal deadline
+            if sup.state is not ConnState.CONNECTING:
+                return True
+            now = self.clock.monotonic()
+            if deadline is None:
+                deadline = now + sup.connect_timeout_s
+            return now >= deadline
+
+        return ready
+
+    def _skipped_scans(self) -> list[list[Any]]:
+        """Runs of ticks that started no scan, as ``meta["scans_skipped"]`` entries."""
+        return [run.wire() for run in self.scheduler.drain_skips()]
 
     def _on_notification(self, result: ReadResult) -> None:
         self.twin.apply(result, self.clock.time())
@@ -268,6 +350,16 @@ class Runtime:
             self.inference._events.append(event)
         return events
 
+    async def _op_profile_export(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The tunables in force (file + applied profile) as a profile document."""
+        profile = self.profile.export(
+            name=str(req.get("name") or ""), version=int(req.get("version") or 1)
+        )
+        return profile.model_dump(mode="json")
+
+    async def _op_profile_summary(self, _: dict[str, Any]) -> dict[str, Any]:
+        return self.profile.summary().model_dump(mode="json")
+
     def _gates_status(self) -> dict[str, Any]:
         assert self.inference is not None
         gate = self.inference.engine.gate
@@ -319,6 +411,18 @@ class Runtime:
             doc[name] = provider()
         return doc
 
+    def _uplink_connects(self) -> int:
+        publisher = self.uplink.publisher if self.uplink is not None else None
+        return publisher.counters.connects if publisher is not None else 0
+
+    def _credentials_status(self) -> dict[str, Any]:
+        """Expiry (Unix time) of the client certificate, the CA bundle and trusted TUF roles."""
+        from edgeos.renewal import tuf_expiries
+
+        doc = self.renewer.status() if self.renewer is not None else {}
+        doc.update(tuf_expiries(self.ota_root() / "tuf" / "metadata"))
+        return doc
+
     def add_status_provider(self, name: str, provider: Callable[[], dict[str, Any]]) -> None:
         """A part (inference, OTA) that adds a section to the status document."""
         self._status_providers[name] = provider
@@ -350,12 +454,16 @@ class Runtime:
                     tg.create_task(sup.run(), name=f"supervisor:{sup.name}")
                 tg.create_task(self.scheduler.run(), name="scheduler")
                 tg.create_task(self.clockwatch.run(), name="clockwatch")
+                if self.renewer is not None:
+                    tg.create_task(self.renewer.run(), name="cert-renewal")
                 if self.inference is not None:
                     tg.create_task(self.inference.run(), name="inference")
                 tg.create_task(
                     self.twin.run_writes(_SupervisedWrites(self.supervisors)), name="writes"
                 )
                 tg.create_task(self.twin.run_snapshots(snapshot), name="snapshots")
+                if self.northbound is not None:
+                    tg.create_task(self.northbound.run(), name="northbound")
                 if self.uplink is not None:
                     self.uplink.start(tg)
                 handlers = {
@@ -364,6 +472,8 @@ class Runtime:
                     "inference.learning": self._op_learning,
                     "models.updated": self._op_models_updated,
                     "debug.memory": self._op_debug_memory,
+                    "profile.export": self._op_profile_export,
+                    "profile.summary": self._op_profile_summary,
                 }
                 tg.create_task(ControlServer(self._control_path(), handlers).run(), name="control")
                 if self.config.control.metrics_listen:
@@ -464,14 +574,14 @@ class Runtime:
         log.info("stopped")
 
 
-def run_forever(config: Config) -> int:
+def run_forever(config: Config, *, config_path: Path | None = None) -> int:
     """Run the runtime in this process until SIGTERM/SIGINT; the ``edgeos run`` entry point."""
     from edgeos.gcpolicy import new_event_loop
 
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        runtime = Runtime(config)
+        runtime = Runtime(config, config_path=config_path)
         # Fail start here, with the path, rather than deep inside the first snapshot or spool.
         runtime.state_dir.mkdir(parents=True, exist_ok=True)
     except (ConfigError, ProvisioningError, StorageError, TransportError) as exc:

@@ -19,6 +19,7 @@ from typing import Any
 from edgeos import __version__
 from edgeos.config import Config, load_config
 from edgeos.errors import ConfigError
+from edgeos_protocol.pipes import quiet_on_closed_pipe
 
 __all__ = ["main"]
 
@@ -38,6 +39,12 @@ _DELEGATED: dict[str, tuple[str, str, str, bool]] = {
         "edgeos.ota.cli",
         "gateway_main",
         "A/B slots: status, check, install, boot-check, commit, recover",
+        True,
+    ),
+    "profile": (
+        "edgeos.profile",
+        "main",
+        "configuration profiles: export, diff, check",
         True,
     ),
 }
@@ -101,7 +108,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edgeos.logs import setup_logging
 
     setup_logging(args.log_format or config.logging.format, args.log_level or config.logging.level)
-    return run_forever(config)
+    return run_forever(config, config_path=Path(args.config))
 
 
 def _control_socket(args: argparse.Namespace) -> Path:
@@ -153,7 +160,10 @@ def twin_row_text(row: dict[str, Any]) -> str:
     its outcome (a refused ``desired=9999`` must not read like a pending one)."""
     shown = row.get("value")
     if isinstance(shown, float):
-        shown = f"{shown:.6g}"
+        # Every decimal digit a float64 holds (15, DBL_DIG): "%g" showed 1999999990 as 2e+09
+        # and -123456.789 as -123457. Not repr(): a scaled register (604 × 0.1) would show its
+        # binary noise, 60.400000000000006, where the tag's value is 60.4.
+        shown = f"{shown:.15g}"
     extra = ""
     if row.get("desired") is not None:
         outcome = outcome_text(row.get("desired_status"), row.get("desired_reason"))
@@ -390,6 +400,7 @@ def _run_plugin(name: str, argv: list[str]) -> int:
     return func(argv)
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in _DELEGATED:

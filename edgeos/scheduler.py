@@ -22,6 +22,15 @@ Rules the dispatcher keeps:
   own instant; a longer one is checked at the job's ticks. The cancelled scan is counted in
   ``timeouts``; the tick at which it was cancelled is skipped because the scan is still
   unwinding.
+* **Start gate.** A job registered with ``ready`` starts no scan until ``ready()`` is true
+  (the runtime's: the connection's first connect attempt has ended, bounded by its connect
+  timeout); ticks before that pass without a scan and are not counted as skipped or missed —
+  a tag is never reported ``BAD_COMM`` for a connection that was still opening.
+* **Skipped scans are recorded.** With ``skip_log=True`` every tick that started no scan
+  (``skipped`` or ``missed``) is kept as runs of consecutive ticks per job
+  (:class:`SkippedScans`, wall-clock deadlines) until :meth:`Scheduler.drain_skips`; the
+  batcher announces them in the next batch (``meta["scans_skipped"]``), so the cloud knows
+  those scans were not read rather than read and lost.
 * **Errors.** An exception from a job is counted in ``errors`` and logged when the job starts
   failing and when it recovers, never once per failed scan.
 * **Idle time.** When no scan is running and the next deadline is far enough away, the
@@ -44,16 +53,47 @@ from edgeos.config import ScanGroupConfig
 from edgeos.gcpolicy import GcPolicy
 from edgeos.histogram import Histogram
 
-__all__ = ["GroupStats", "JobFn", "Scheduler"]
+__all__ = ["GroupStats", "JobFn", "ReadyFn", "Scheduler", "SkippedScans"]
 
 log = logging.getLogger(__name__)
 
 JobFn = Callable[[], Awaitable[None]]
+#: A job's start gate: asked at each tick until it first answers True.
+ReadyFn = Callable[[], bool]
 
 # Heap entry kinds; at the same instant timeouts are handled before ticks.
 _TIMEOUT = 0
 _TICK = 1
 _GOLDEN = 0.6180339887498949
+#: Runs of skipped ticks kept for the batcher at most (a runtime without a consumer, or one
+#: whose batcher stalls, must not grow without bound); older runs are dropped and counted.
+_MAX_SKIP_RUNS = 4096
+
+
+@dataclass(slots=True)
+class SkippedScans:
+    """Consecutive ticks of one job that started no scan: the job was still running at its
+    deadline (overrun) or the dispatcher woke late (a blocked or starved loop)."""
+
+    group: str
+    job: str
+    #: Wall-clock times (s) of the first and last skipped deadline.
+    first_ts: float
+    last_ts: float
+    count: int
+    #: Tick numbers of the run (internal: consecutive ticks extend it).
+    first_k: int = 0
+    last_k: int = 0
+
+    def wire(self) -> list[Any]:
+        """``[group, job, first_us, last_us, count]``: one entry of ``meta["scans_skipped"]``."""
+        return [
+            self.group,
+            self.job,
+            round(self.first_ts * 1e6),
+            round(self.last_ts * 1e6),
+            self.count,
+        ]
 
 
 @dataclass(slots=True)
@@ -106,6 +146,10 @@ class _Job:
     run_id: int = 0
     failing: bool = False
     removed: bool = False
+    #: Start gate (None once open).
+    ready: ReadyFn | None = None
+    #: The job's current run in the skip log (extended by the next consecutive tick).
+    skip_run: SkippedScans | None = None
 
 
 class Scheduler:
@@ -123,6 +167,7 @@ class Scheduler:
         gc_policy: GcPolicy | None = None,
         stagger: bool = True,
         start_delay_s: float = 0.0,
+        skip_log: bool = False,
     ) -> None:
         self._clock = clock
         self._groups: dict[str, _Group] = {}
@@ -145,14 +190,20 @@ class Scheduler:
         self._origin = 0.0
         self._wake_at = 0.0
         self._running = 0
+        self._keep_skips = skip_log
+        self._skips: list[SkippedScans] = []
+        #: Skipped ticks dropped from a full skip log (never announced).
+        self.skips_dropped = 0
 
     # --------------------------------------------------------------------------- registration
 
-    def add_job(self, group: str, name: str, fn: JobFn) -> None:
+    def add_job(self, group: str, name: str, fn: JobFn, *, ready: ReadyFn | None = None) -> None:
         """Register ``fn`` (one connection's scan) to run on every tick of ``group``.
 
         Jobs added before ``run()`` are staggered across the period; a job added while running
-        starts at its phase after the dispatcher's next wake-up.
+        starts at its phase after the dispatcher's next wake-up. With ``ready``, no scan starts
+        before ``ready()`` is true (the ticks until then are neither run nor counted); the
+        caller bounds how long it can stay false.
         """
         g = self._groups.get(group)
         if g is None:
@@ -160,7 +211,7 @@ class Scheduler:
             raise KeyError(f"unknown scan group {group!r} (known: {known})")
         if any(job.name == name for job in g.jobs):
             raise ValueError(f"job {name!r} already registered in scan group {group!r}")
-        job = _Job(g, name, fn)
+        job = _Job(g, name, fn, ready=ready)
         g.jobs.append(job)
         if self._tg is not None:
             phase = self._phase(g, len(g.jobs) - 1, len(g.jobs))
@@ -252,17 +303,58 @@ class Scheduler:
             # Guard the float division: never start before the deadline we report.
             while job.base + latest * period > now and latest > k:
                 latest -= 1
-            if latest > k:
-                g.stats.missed += latest - k
             deadline = job.base + latest * period
             self._push(job.base + (latest + 1) * period, _TICK, job, latest + 1)
+            if job.ready is not None:
+                if not job.ready():
+                    continue
+                job.ready = None
+            if latest > k:
+                g.stats.missed += latest - k
+                self._record_skip(job, k, latest - 1)
             if job.task is not None:
                 g.stats.skipped += 1
+                self._record_skip(job, latest, latest)
                 # The slack absorbs float rounding when the timeout equals the period.
                 if job.scope is not None and deadline >= job.timeout_at - 1e-9:
                     self._expire(job, job.run_id)
                 continue
             self._start(job, deadline)
+
+    def _record_skip(self, job: _Job, first_k: int, last_k: int) -> None:
+        """Keep ticks ``first_k..last_k`` of ``job`` (no scan started) for the batcher."""
+        if not self._keep_skips:
+            return
+        period = job.group.period
+        # Deadlines are on the monotonic clock; the cloud reads wall-clock times.
+        to_wall = self._clock.time() - self._clock.monotonic()
+        first_ts = job.base + first_k * period + to_wall
+        last_ts = job.base + last_k * period + to_wall
+        count = last_k - first_k + 1
+        run = job.skip_run
+        if run is not None and run.last_k == first_k - 1:
+            run.last_k = last_k
+            run.last_ts = last_ts
+            run.count += count
+            return
+        if len(self._skips) >= _MAX_SKIP_RUNS:
+            oldest = self._skips.pop(0)
+            self.skips_dropped += oldest.count
+            for other in self._groups[oldest.group].jobs:
+                if other.skip_run is oldest:
+                    other.skip_run = None  # never extend a run that will not be announced
+        run = SkippedScans(job.group.config.name, job.name, first_ts, last_ts, count)
+        run.first_k, run.last_k = first_k, last_k
+        job.skip_run = run
+        self._skips.append(run)
+
+    def drain_skips(self) -> list[SkippedScans]:
+        """The runs of skipped ticks recorded since the last call (oldest first)."""
+        runs, self._skips = self._skips, []
+        for g in self._groups.values():
+            for job in g.jobs:
+                job.skip_run = None
+        return runs
 
     def _start(self, job: _Job, deadline: float) -> None:
         assert self._tg is not None
@@ -361,6 +453,8 @@ class Scheduler:
         }
         if self._gc is not None:
             out["gc"] = self._gc.stats()
+        if self._keep_skips:
+            out["skip_log"] = {"pending_runs": len(self._skips), "dropped": self.skips_dropped}
         return out
 
 

@@ -4,16 +4,17 @@ The same renderer serves ``edgeos status`` (one shot) and the live demo dashboar
 document (``Runtime.status()``; ``edgeos status --json`` prints it) has these keys, each optional:
 
 ``device, version, state, uptime_s, status_line`` · ``connections``: list of supervisor stats ·
-``scan_groups``: ``{name: {period_ms, ticks, skipped, timeouts, jitter: {p50_ms, p99_ms, max_ms},
-duration: {...}}}`` · ``twin``: ``{tags, by_quality, writable, history_mb, desired_pending,
-desired_outcomes}`` · ``uplink``: ``{state, batches_sealed, acked, backlog_batches, spool_bytes,
-last_ack_age_s, bytes_per_sample, dropped}`` · ``gates``: ``{verdicts: {continue, correct,
-scrap}}`` · ``guard``: decisions by kind · ``ota``: ``{active_slot, trial_slot, version,
-committed_version}``.
+``scan_groups``: ``{name: {period_ms, ticks, skipped, missed, timeouts, jitter: {p50_ms, p99_ms,
+max_ms}, duration: {...}}}`` · ``twin``: ``{tags, by_quality, writable, history_mb,
+desired_pending, desired_outcomes}`` · ``uplink``: ``{state, batches_sealed, acked,
+backlog_batches, spool_bytes, last_ack_age_s, bytes_per_sample, dropped,
+scans_skipped_announced}`` · ``gates``: ``{verdicts: {continue, correct, scrap}}`` · ``guard``:
+decisions by kind · ``ota``: ``{active_slot, trial_slot, version, committed_version}``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,7 +70,8 @@ def _connections(conns: list[Mapping[str, Any]]) -> Table:
 
 def _groups(groups: Mapping[str, Mapping[str, Any]]) -> Table:
     table = Table(title="scan groups", expand=True, title_justify="left")
-    for col in ("group", "period", "ticks", "skipped", "jitter p50/p99/max ms", "scan p99 ms"):
+    columns = ("group", "period", "ticks", "skipped/missed", "jitter p50/p99/max ms", "scan p99 ms")
+    for col in columns:
         table.add_column(col)
     for name, g in groups.items():
         j = g.get("jitter", {})
@@ -78,7 +80,7 @@ def _groups(groups: Mapping[str, Mapping[str, Any]]) -> Table:
             name,
             f"{float(g.get('period_ms', 0)):g} ms",
             str(g.get("ticks", 0)),
-            str(g.get("skipped", 0)),
+            f"{g.get('skipped', 0)} / {g.get('missed', 0)}",
             f"{float(j.get('p50_ms', 0)):.2f} / {float(j.get('p99_ms', 0)):.2f} / "
             f"{float(j.get('max_ms', 0)):.2f}",
             f"{float(d.get('p99_ms', 0)):.2f}",
@@ -136,6 +138,9 @@ def render_status(doc: Mapping[str, Any]) -> RenderableType:
             side.append(("bytes/sample", f"{float(up['bytes_per_sample']):.3f}"))
         if up.get("dropped"):
             side.append(("dropped", str(up["dropped"])))
+        if up.get("scans_skipped_announced"):
+            # Scans not read (overload), announced to the cloud: not data lost.
+            side.append(("scans skipped", str(up["scans_skipped_announced"])))
     gates = doc.get("gates") or {}
     if gates:
         v = gates.get("verdicts", {})
@@ -176,6 +181,26 @@ def render_status(doc: Mapping[str, Any]) -> RenderableType:
                 f"stepped {clock['steps']}× (last {float(clock.get('last_step_s') or 0):+.1f} s)",
             )
         )
+    creds = doc.get("credentials") or {}
+    if creds:
+        side.append(("credentials", _credentials(creds)))
     if side:
         parts.append(_kv("gateway", side))
     return Panel(Group(*parts), title="edgeos status", border_style="blue")
+
+
+def _credentials(creds: Mapping[str, Any]) -> str:
+    """``client cert 2027-03-01 (412 d), CA …, tuf timestamp …`` plus a renewal failure."""
+    now = time.time()
+    names = {"client_certificate_expires": "client cert", "ca_expires": "CA"}
+    names.update({f"tuf_{r}": f"tuf {r}" for r in ("root", "targets", "snapshot", "timestamp")})
+    shown = []
+    for key, label in names.items():
+        when = creds.get(key)
+        if isinstance(when, int | float):
+            day = time.strftime("%Y-%m-%d", time.gmtime(when))
+            shown.append(f"{label} {day} ({(when - now) / 86400:.0f} d)")
+    text = ", ".join(shown) or "-"
+    if creds.get("state") == "failed":
+        text += f"; renewal failing: {creds.get('last_error')}"
+    return text

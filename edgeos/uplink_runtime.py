@@ -35,6 +35,7 @@ class UplinkRuntime:
         drain_events: Callable[[], list[dict[str, Any]]],
         on_command: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
         clock: Clock,
+        skipped_scans: Callable[[], Sequence[list[Any]]] | None = None,
     ) -> None:
         self.config = config
         self.tags = tuple(tags)
@@ -43,6 +44,7 @@ class UplinkRuntime:
         self.keyring = Keyring.load(config.uplink.key_file, config.uplink.retired_key_files)
         self._scan_source = scan_source
         self._drain_events = drain_events
+        self._skipped_scans = skipped_scans
         self._on_command = on_command
         self.spool: Spool | None = None
         self.batcher: Batcher | None = None
@@ -82,6 +84,7 @@ class UplinkRuntime:
             max_batch_samples=up.max_batch_samples,
             source=self._scan_source,
             drain_events=self._drain_events,
+            skipped_scans=self._skipped_scans,
             on_stored=self.publisher.notify,
             clock=self.clock,
         )
@@ -117,6 +120,8 @@ class UplinkRuntime:
             "spool_bytes": s.get("disk_bytes", 0),
             "last_ack_age_s": p.get("last_ack_age_s"),
             "dropped": s.get("dropped_records", 0) + b["refused_batches"],
+            # Scans the scheduler skipped under overload, announced in the batches.
+            "scans_skipped_announced": b["scans_skipped"],
             "batcher": b,
             "publisher": p,
             "spool": s,

@@ -157,10 +157,13 @@ async def test_runtime_sigstop_watchdog(make_rig: Any, hil_report: Any) -> None:
             "pings_before_stop": pings_before,
             "stop_to_restart_s": round(fired_after, 2),
             "ready_messages": sup.ready,
+            "start_timeouts": sup.start_timeouts,
         },
     )
-    if sup.fired != 1:
-        outcome.problems.append(f"watchdog fired {sup.fired} times, expected 1")
+    if sup.fired != 1 or sup.start_timeouts:
+        outcome.problems.append(
+            f"watchdog fired {sup.fired} times (expected 1), {sup.start_timeouts} start timeouts"
+        )
     _judge(hil_report, outcome)
 
 
@@ -243,10 +246,11 @@ def _quota_checks(outcome: Outcome, full: dict[str, Any], rig: Rig) -> None:
         fig.stored_batches + fig.announced_gap_batches + fig.pending_on_disk_batches
     ):
         outcome.problems.append("accepted ≠ stored + announced + pending")
-    outcome.notes["status_dropped_vs_announced"] = [
-        dropped,
-        fig.announced_gap_batches + fig.announced_but_stored,
-    ]
+    outcome.notes["status_dropped_vs_announced"] = [dropped, fig.announced_seqs]
+    if dropped != fig.announced_seqs:
+        outcome.problems.append(
+            f"status counts {dropped} dropped batches, meta.skip names {fig.announced_seqs}"
+        )
 
 
 async def test_wall_clock_jumps(make_rig: Any, hil_report: Any, tmp_path: Path) -> None:

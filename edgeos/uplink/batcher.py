@@ -11,8 +11,9 @@ in memory.
 
 Gaps in an epoch's sequence (a batch the spool refused, records the spool dropped or
 quarantined) are announced in later batches' ``meta["skip"]`` as ``[epoch, first, last]``
-ranges until an ack passes them, so the receiver's contiguous ack never waits for a batch that
-will not come (see ``docs/wire-format.md``).
+ranges until a batch that carried them is acknowledged, so the receiver's contiguous ack never
+waits for a batch that will not come (see ``docs/wire-format.md``), and every gap the status
+counts reaches the receiver.
 
 Scans the scheduler did not run (a scan still running at its next deadline, a dispatcher that
 woke late: the runtime was overloaded) are announced too, in ``meta["scans_skipped"]`` as
@@ -203,6 +204,8 @@ class Batcher:
         self._subtables: OrderedDict[bytes, TagTable] = OrderedDict()
         #: Announced gaps ``(epoch, first, last)`` not yet passed by an ack.
         self.skip: list[tuple[int, int, int]] = []
+        #: Announced gap → (epoch, seq) of the first stored batch that carried it.
+        self._carried: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._take_spool_losses()
 
     def _new_epoch(self) -> Epoch:
@@ -238,8 +241,23 @@ class Batcher:
         }
 
     def on_ack(self, epoch: int, seq: int) -> None:
-        """Forget announced gaps an ack has passed (called by the publisher)."""
-        self.skip = [s for s in self.skip if not (s[0] == epoch and s[2] <= seq)]
+        """Forget announced gaps once a batch that carried them is acknowledged (called by the
+        publisher): the receiver has read the announcement then.
+
+        Forgetting a gap as soon as an ack passed it lost announcements: a batch dropped from
+        the spool while the receiver already held it (sent before a partition, its ack lost
+        with the link) was announced only in batches sealed during the partition, dropped
+        too; the first ack after the heal passed it, and the status counted a drop the
+        receiver never heard of (the "13 vs 12" of docs/hil.md).
+        """
+        keep = []
+        for s in self.skip:
+            carrier = self._carried.get(s)
+            if carrier is not None and carrier[0] == epoch and carrier[1] <= seq:
+                del self._carried[s]
+            else:
+                keep.append(s)
+        self.skip = keep
 
     # ------------------------------------------------------------------ loop
 
@@ -308,6 +326,7 @@ class Batcher:
             if not records and not events:
                 # Skipped-scan runs wait for the next batch that carries anything.
                 return None
+            announced = list(self.skip)
             batch, samples, oldest = self._build(records, events)
             if self.epoch.exhausted:
                 self.epoch = self._new_epoch()
@@ -335,6 +354,8 @@ class Batcher:
                 self._announce_gap(epoch, seq, seq)
                 raise
             self.counters.append_seconds.record(self.clock.monotonic() - t1)
+            for gap in announced:
+                self._carried.setdefault(gap, (epoch, seq))
             if self._scan_skips:
                 # Announced once: in a stored batch (a refused one is itself an announced gap,
                 # and its runs are announced again in the next batch).
@@ -357,6 +378,8 @@ class Batcher:
 
     def _announce_gap(self, epoch: int, first: int, last: int) -> None:
         self.skip = merge_ranges([*self.skip, (epoch, first, last)])
+        # A merged range is a new announcement: it needs a carrier of its own.
+        self._carried = {g: c for g, c in self._carried.items() if g in self.skip}
         self.counters.skipped_ranges += 1
 
     def _take_spool_losses(self) -> None:

@@ -99,6 +99,8 @@ async def test_runtime_scans_writes_and_serves_control(line: SimLine, tmp_path: 
 
 
 async def test_dead_plc_costs_nothing_and_tags_go_bad(tmp_path: Path) -> None:
+    """A read on a connection that is down never reaches the driver and never waits for the
+    peer: the group keeps ticking, every scan finishes, the tags go BAD_COMM."""
     async with SimLine(SimOptions(nests=1, tags_per_nest=20, opcua_port=None)) as sim:
         port = sim.modbus_port
     # The line is gone: the port refuses.
@@ -112,16 +114,51 @@ async def test_dead_plc_costs_nothing_and_tags_go_bad(tmp_path: Path) -> None:
         overrides={"uplink": {"enabled": False}},
     )
     runtime = Runtime(config)
+    sup = runtime.supervisors["line-plc"]
     task = await _run(runtime)
     try:
         async with asyncio.timeout(10):
             while not (runtime.twin.quality == Quality.BAD_COMM).all():
                 await asyncio.sleep(0.05)
+        assert sup.state.value == "down"
+        before = {n: g["ticks"] for n, g in runtime.scheduler.stats()["groups"].items()}
+        # Scans go on while the PLC is dead (event: more ticks than before, in every group).
+        async with asyncio.timeout(10):
+            while not all(
+                g["ticks"] > before[n] + 2 for n, g in runtime.scheduler.stats()["groups"].items()
+            ):
+                await asyncio.sleep(0.05)
         groups = runtime.scheduler.stats()["groups"]
-        assert all(g["ticks"] > 0 and g["errors"] == 0 for g in groups.values())
-        assert runtime.supervisors["line-plc"].state.value == "down"
+        # Costs nothing: no request was ever put on the wire for a dead peer …
+        assert sup.driver.stats.requests == 0
+        for g in groups.values():
+            # … every scan finished (none still waiting, none cancelled, none failed) …
+            assert g["errors"] == 0 and g["timeouts"] == 0
+            assert g["duration"]["count"] >= g["ticks"] - 1
+            # … and none waited for the peer: a scan that had would have lasted at least the
+            # connection's request timeout (a bound on waiting, not a performance figure).
+            assert g["duration"]["max_ms"] < sup.request_timeout_s * 1e3
     finally:
         await _stop(task)
+
+
+async def test_first_scan_waits_for_the_first_connect(line: SimLine, tmp_path: Path) -> None:
+    """The PLC is up: no tag is ever reported BAD_COMM because the first scan ran before the
+    connection had finished opening (the first group's first job is due at once, before any
+    TCP connect can complete)."""
+    config = _config(line, tmp_path)
+    runtime = Runtime(config)
+    seen: list[int] = []
+    runtime.twin.subscribe(lambda record: seen.extend(np.unique(record.quality).tolist()))
+    task = await _run(runtime)
+    try:
+        async with asyncio.timeout(10):
+            while not (runtime.twin.quality == Quality.GOOD).all():
+                await asyncio.sleep(0.05)
+    finally:
+        await _stop(task)
+    assert seen, "no scan was applied"
+    assert int(Quality.BAD_COMM) not in seen, sorted(set(seen))
 
 
 async def test_refuses_to_start_with_a_world_readable_key(line: SimLine, tmp_path: Path) -> None:

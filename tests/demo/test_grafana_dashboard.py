@@ -37,7 +37,9 @@ def test_every_panel_queries_real_receiver_metrics() -> None:
             used.add(name)
         for label in re.findall(r"(?:by|without) \(([a-z_, ]+)\)", expr):
             for key in (k.strip() for k in label.split(",")):
-                assert key in {"instance", "le"} | set().union(*exported.values()), (key, expr)
+                # ``kind``: the credential-expiry gauge of pki refresh and the gateways.
+                allowed = {"instance", "le", "kind"} | set().union(*exported.values())
+                assert key in allowed, (key, expr)
     # The fleet view the issue asks for: batches/s, samples/s, rejects by reason, lag, last seen.
     assert {
         "edgeos_receiver_batches_total",
@@ -49,3 +51,41 @@ def test_every_panel_queries_real_receiver_metrics() -> None:
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
     assert doc["__inputs"][0]["name"] == "DS_PROMETHEUS"
+
+
+def test_credential_expiry_panel_alerts_days_ahead_on_both_sides_gauges(tmp_path: Path) -> None:
+    """The panel reads the gauge both sides export (cloud: ``pki refresh --textfile``;
+    gateway: its metrics endpoint), by ``kind``, and turns red 14 days before an expiry."""
+    import datetime as dt
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edgeos.metrics import make_registry
+    from edgeos_cloud.renewal import EXPIRY_METRIC, write_textfile
+
+    doc = json.loads(DASHBOARD.read_text())
+    [panel] = [p for p in doc["panels"] if EXPIRY_METRIC in p["targets"][0]["expr"]]
+    assert "by (kind)" in panel["targets"][0]["expr"]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [(s["color"], s["value"]) for s in steps] == [
+        ("red", None),
+        ("orange", 14),
+        ("green", 30),
+    ]
+    # The cloud's text file and the gateway's endpoint both carry the gauge with `kind`.
+    path = tmp_path / "creds.prom"
+    write_textfile(path, {"crl": dt.datetime(2030, 1, 1, tzinfo=dt.UTC)})
+    cloud = {
+        s.labels["kind"]
+        for f in text_string_to_metric_families(path.read_text())
+        for s in f.samples
+        if s.name == EXPIRY_METRIC
+    }
+    registry: CollectorRegistry = make_registry(
+        lambda: {"device": "gw", "credentials": {"client_certificate_expires": 1.9e9}}
+    )
+    gateway = {
+        s.labels["kind"] for f in registry.collect() for s in f.samples if s.name == EXPIRY_METRIC
+    }
+    assert cloud == {"crl"} and gateway == {"client_certificate"}

@@ -88,7 +88,11 @@ async def test_read_write_over_the_serial_line(line: SerialLine) -> None:
 
 
 async def test_garbage_between_frames_then_reads_succeed(line: SerialLine) -> None:
-    d = make(line.device_b, request_timeout_s=0.3)
+    # The default 1 s request timeout, not a short one: server, pump and driver share this
+    # test's loop, and on a loaded machine one round trip took longer than 0.3 s; every answer
+    # then arrived after its request had timed out and the scan saw "no answer to any
+    # request" — a finding about the test's timeout, not about resynchronisation.
+    d = make(line.device_b)
     await d.connect()
     try:
         assert np.all((await d.read("default")).quality == Quality.GOOD)
@@ -97,9 +101,9 @@ async def test_garbage_between_frames_then_reads_succeed(line: SerialLine) -> No
         await d.read("default")
         # Noise towards the device. pymodbus's RTU server does not delimit frames by silence,
         # so it may swallow the next request with the noise: that request times out, only its
-        # tags go BAD_COMM, the scan goes on, and the line is clean afterwards.
+        # tags go BAD_COMM, the scan goes on, and the line is clean afterwards. (The noise is
+        # in the pty when inject_to_a returns: nothing to wait for before the next request.)
         line.inject_to_a(b"\x55\xaa\x07")
-        await asyncio.sleep(0.01)
         first = await d.read("default")
         assert set(first.bad_reasons) <= {"timeout"}
         assert int(np.sum(first.quality == Quality.BAD_COMM)) <= max(

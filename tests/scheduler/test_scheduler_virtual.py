@@ -294,3 +294,60 @@ async def test_cancelling_run_cancels_scans_in_progress() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cancelled.is_set()
+
+
+async def test_a_gated_job_starts_no_scan_before_it_is_ready_and_counts_no_skip() -> None:
+    clock = VirtualClock(start=START)
+    sched = Scheduler(clock, [group("g", 10)], skip_log=True)
+    starts: list[float] = []
+    ready_at = START + 0.035
+
+    sched.add_job("g", "conn", recorder(clock, starts), ready=lambda: clock.monotonic() >= ready_at)
+    await run_for(sched, clock, 0.095)  # deadlines 0..9; ready from deadline 4 on
+
+    assert starts == pytest.approx([START + k * 0.010 for k in range(4, 10)])
+    stats = sched.group_stats("g")
+    # Ticks before the gate opened are not scans the runtime failed to run.
+    assert stats.ticks == 6 and stats.skipped == stats.missed == 0
+    assert sched.drain_skips() == []
+
+
+async def test_skipped_ticks_are_kept_as_runs_with_wall_clock_deadlines() -> None:
+    clock = VirtualClock(start=START)
+    sched = Scheduler(clock, [group("g", 10)], skip_log=True)
+
+    async def slow() -> None:
+        await clock.sleep_until(clock.monotonic() + 0.025)  # 2.5 periods: skips 2 ticks
+
+    sched.add_job("g", "plc", slow)
+    await run_for(sched, clock, 0.095)  # starts at 0, 3, 6, 9; skips 1-2, 4-5, 7-8
+
+    runs = sched.drain_skips()
+    assert sched.group_stats("g").skipped == 6
+    assert [(r.group, r.job, r.count) for r in runs] == [("g", "plc", 2)] * 3
+    wall = clock.time() - clock.monotonic()
+    firsts = [START + wall + k * 0.010 for k in (1, 4, 7)]
+    assert [r.first_ts for r in runs] == pytest.approx(firsts)
+    assert [r.last_ts - r.first_ts for r in runs] == pytest.approx([0.010] * 3)
+    assert runs[0].wire() == ["g", "plc", round(firsts[0] * 1e6), round(runs[0].last_ts * 1e6), 2]
+    # Drained once: the next batch does not announce them again.
+    assert sched.drain_skips() == []
+
+
+async def test_late_dispatcher_missed_ticks_are_kept_in_the_skip_log() -> None:
+    clock = LateClock(start=START)
+    sched = Scheduler(clock, [group("g", 10)], skip_log=True)
+    sched.add_job("g", "conn", recorder(clock, []))
+    await run_for(sched, clock, 0.5)
+
+    stats = sched.group_stats("g")
+    assert stats.missed > 0
+    assert sum(r.count for r in sched.drain_skips()) == stats.missed + stats.skipped
+
+
+async def test_without_skip_log_nothing_is_kept() -> None:
+    clock = LateClock(start=START)
+    sched = Scheduler(clock, [group("g", 10)])
+    sched.add_job("g", "conn", recorder(clock, []))
+    await run_for(sched, clock, 0.5)
+    assert sched.group_stats("g").missed > 0 and sched.drain_skips() == []

@@ -178,8 +178,32 @@ async def test_refused_batch_and_dropped_records_are_announced_as_gaps(tmp_path:
     last = list(spool.pending())[-1]
     _, batch = open_sealed(last.payload, epoch_key_for(parse_header(last.payload), RING.current))
     assert batch.meta["skip"] == [[batcher.epoch.epoch, refused_at, refused_at]]
+    # An ack that passes the gap but not the batch that carried the announcement leaves it
+    # announced (the receiver may hold the gap's number without having read that it was
+    # dropped); the ack of the carrier ends it.
     batcher.on_ack(batcher.epoch.epoch, refused_at)
+    assert batcher.skip == [(batcher.epoch.epoch, refused_at, refused_at)]
+    batcher.on_ack(batcher.epoch.epoch, parse_header(last.payload).seq)
     assert batcher.skip == []
+
+
+async def test_skipped_scans_are_announced_once_in_the_next_stored_batch(tmp_path: Path) -> None:
+    line = SyntheticLine(nests=1, tags_per_nest=10)
+    runs = [["fast", "plc1", 1_700_000_000_100_000, 1_700_000_000_200_000, 2]]
+    drained: list[list[list[object]]] = [runs]
+    batcher, spool = _batcher(
+        tmp_path, line, skipped_scans=lambda: drained.pop() if drained else []
+    )
+    # Nothing to seal: the announcement waits for a batch that carries something.
+    assert await batcher.flush() is None
+    batcher.add(line.record(10.0))
+    await batcher.flush()
+    batcher.add(line.record(11.0))
+    await batcher.flush()
+    [(_, first), (_, second)] = _open(spool)
+    assert first.meta["scans_skipped"] == runs
+    assert "scans_skipped" not in second.meta
+    assert (batcher.counters.scans_skipped, batcher.counters.scan_skip_runs) == (2, 1)
 
 
 def test_tag_table_from_config() -> None:

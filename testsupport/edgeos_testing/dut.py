@@ -47,6 +47,12 @@ class Supervisor:
     ``WATCHDOG=1`` arrived for ``watchdog_s`` after READY, it does what systemd does on a
     watchdog timeout: SIGABRT, SIGKILL after ``kill_timeout_s``, then restarts the service
     after ``restart_s`` (``Restart=on-failure``). :attr:`fired` counts timeouts.
+
+    As in systemd (``WatchdogSec=``: "activated when the start-up is completed"), the watchdog
+    of an incarnation is armed by its ``READY=1``; start-up is bounded by ``start_timeout_s``
+    instead (``TimeoutStartSec=``, counted in :attr:`start_timeouts`). Arming it at the spawn
+    made a restarted runtime that needed more than ``watchdog_s`` to import and start on a
+    busy machine look like a second watchdog failure.
     """
 
     def __init__(
@@ -56,12 +62,17 @@ class Supervisor:
         *,
         kill_timeout_s: float = 1.0,
         restart_s: float = 0.5,
+        start_timeout_s: float = 90.0,
     ) -> None:
         self.socket_path = socket_path
         self.watchdog_s = watchdog_s
         self.kill_timeout_s = kill_timeout_s
         self.restart_s = restart_s
+        self.start_timeout_s = start_timeout_s
         self.fired = 0
+        self.start_timeouts = 0
+        #: The current incarnation said READY=1 (its watchdog is armed).
+        self.armed = False
         self.pings = 0
         self.ready = 0
         self.last_ping = 0.0
@@ -90,14 +101,20 @@ class Supervisor:
                     self.last_ping = time.monotonic()
                 elif line == "READY=1":
                     self.ready += 1
+                    self.armed = True
                     self.last_ping = time.monotonic()
                 elif not line.startswith("STATUS="):
                     self.messages.append(line)
 
-    def expired(self, armed_at: float) -> bool:
+    def expired(self) -> bool:
+        """The armed watchdog ran out (no ping for ``watchdog_s`` since READY or the last)."""
         self.drain()
-        since = max(self.last_ping, armed_at)
-        return time.monotonic() - since > self.watchdog_s
+        return self.armed and time.monotonic() - self.last_ping > self.watchdog_s
+
+    def start_timed_out(self, spawned_at: float) -> bool:
+        """No READY=1 within ``start_timeout_s`` of the spawn."""
+        self.drain()
+        return not self.armed and time.monotonic() - spawned_at > self.start_timeout_s
 
     def close(self) -> None:
         self._sock.close()
@@ -152,6 +169,10 @@ class LocalDut:
         return self._proc.running
 
     def _spawn(self) -> None:
+        if self.supervisor is not None:
+            # What the last incarnation said is read first: READY arms only the new one.
+            self.supervisor.drain()
+            self.supervisor.armed = False
         self.control_socket.unlink(missing_ok=True)
         self._proc.start()
         self._started = time.monotonic()
@@ -189,8 +210,12 @@ class LocalDut:
             await asyncio.sleep(0.1)
             if not self._proc.running:
                 continue
-            if sup.expired(self._started):
-                sup.fired += 1
+            expired = sup.expired()
+            if expired or sup.start_timed_out(self._started):
+                if expired:
+                    sup.fired += 1
+                else:
+                    sup.start_timeouts += 1
                 self._proc.signal(signal.SIGABRT)
                 await asyncio.to_thread(self._proc.wait, sup.kill_timeout_s)
                 await asyncio.to_thread(self._proc.kill)
@@ -198,6 +223,7 @@ class LocalDut:
                 await asyncio.sleep(sup.restart_s)
                 self.restarts += 1
                 sup.last_ping = 0.0
+                sup.armed = False
                 self._spawn()
 
     async def status(self) -> dict[str, Any]:

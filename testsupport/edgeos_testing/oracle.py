@@ -25,6 +25,11 @@ Three sources of truth are compared:
   read leaves a bad-quality row); a hole of several scan periods in a tag's rows between its
   first row and the incarnation's last accepted batch is read-and-sealed data the receiver
   lacks (counted in missing scans; holes next to a machine-link fault are *unread*);
+  **scans skipped by the runtime** are apart: a scan the scheduler did not run under overload
+  (still running at its next deadline, or a dispatcher that woke late) left no row, but the
+  runtime counted it and announced it (``meta["scans_skipped"]``: job, deadlines, count). A
+  hole is excused as *skipped (announced)* up to the number of announced deadlines of the
+  tag's own job (scan group, connection) around it; any rest is still **lost**;
 * **coverage** (served values that were stored: downtime is not loss) and **latency** (scan
   time → the receiver got the batch that carries it).
 """
@@ -50,7 +55,10 @@ from edgeos_testing.receiverdb import (
     to_real_time,
 )
 
-__all__ = ["Figures", "Incarnation", "evaluate"]
+#: Tag name → (scan group, connection, period s): the scheduler job that scans it.
+TagJobs = Mapping[str, tuple[str, str, float]]
+
+__all__ = ["Figures", "Incarnation", "TagJobs", "evaluate", "tag_jobs_of"]
 
 _QUALITY_USABLE = 16
 #: Scan rows are timed when the read *returned*, so the serve always came before (same clock).
@@ -94,6 +102,10 @@ class Figures:
     announced_gap_batches: int = 0
     #: Announced as dropped but stored anyway (sent before the spool dropped them, not yet acked).
     announced_but_stored: int = 0
+    #: Distinct sequence numbers announced in ``meta.skip`` at all (accepted or not: a drop
+    #: after the last look at the spool is announced too): what the runtime's drop counter
+    #: (``uplink.dropped``) must equal.
+    announced_seqs: int = 0
     pending_on_disk_batches: int = 0
     lost_batches: int = 0
     lost_batch_ids: list[str] = field(default_factory=list)
@@ -112,6 +124,12 @@ class Figures:
     window_lost: int = 0
     window_unread: int = 0
     window_policy: int = 0
+    #: Tag scans missing because the runtime's scheduler skipped them under overload and
+    #: announced it (``meta["scans_skipped"]``): never read, so not accepted data that was lost.
+    window_skipped: int = 0
+    #: Scans the runtime announced as skipped (all jobs), and in how many runs.
+    scans_skipped_announced: int = 0
+    scan_skip_runs: int = 0
     coverage: float = 0.0
     opcua_served: int = 0
     opcua_matched: int = 0
@@ -172,8 +190,13 @@ def evaluate(
     fault_windows: Sequence[tuple[float, float]] = (),
     device_time: DeviceTime | None = None,
     corrupt_windows: Sequence[tuple[float, float]] = (),
+    tag_jobs: TagJobs | None = None,
 ) -> Figures:
     """Compare truth, spool and receiver (see the module docs).
+
+    ``tag_jobs`` (:func:`tag_jobs_of` the runtime's configuration): which scheduler job scans
+    each tag, so a hole is excused only by skips announced for that job. Without it no hole is
+    excused as skipped.
 
     ``device_time``: when the DUT's wall clock was stepped on purpose, maps its times back to
     real time first (samples are matched to serves in real time). ``corrupt_windows``: spans
@@ -192,6 +215,7 @@ def evaluate(
     for b in data.batches:
         stored_ids.setdefault(b.epoch, set()).add(b.seq)
     skipped = _skipped(data.batches)
+    fig.announced_seqs = sum(len(seqs) for seqs in skipped.values())
     fig.epochs = len(set(accepted) | set(stored_ids))
     for epoch, seqs in accepted.items():
         fig.accepted_batches += len(seqs)
@@ -208,6 +232,9 @@ def evaluate(
     fig.unaccounted_stored_batches = sum(
         len(s - accepted.get(e, set())) for e, s in stored_ids.items()
     )
+    for b in data.batches:
+        fig.scan_skip_runs += len(b.scans_skipped)
+        fig.scans_skipped_announced += sum(k.count for k in b.scans_skipped)
     _samples(
         fig,
         truth=truth,
@@ -217,8 +244,28 @@ def evaluate(
         since=since,
         fault_windows=fault_windows,
         corrupt_windows=corrupt_windows,
+        tag_jobs=tag_jobs or {},
     )
     return fig
+
+
+def tag_jobs_of(config: Any) -> dict[str, tuple[str, str, float]]:
+    """Tag name → (scan group, connection, period s) of a loaded runtime configuration."""
+    periods = {g.name: g.period_ms / 1000.0 for g in config.scan_groups}
+    return {t.name: (t.scan_group, t.connection, periods[t.scan_group]) for t in config.all_tags}
+
+
+def _announced_skips(
+    batches: Sequence[LedgerBatch],
+) -> dict[tuple[str, str], list[tuple[float, float, int]]]:
+    """Announced skipped-scan runs by (group, job): (first deadline s, last deadline s, count)."""
+    out: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+    for b in batches:
+        for k in b.scans_skipped:
+            out.setdefault((k.group, k.job), []).append(
+                (k.first_us / 1e6, k.last_us / 1e6, k.count)
+            )
+    return out
 
 
 def _tolerance(resolution: float, value: float) -> float:
@@ -235,6 +282,7 @@ def _samples(
     since: float | None,
     fault_windows: Sequence[tuple[float, float]],
     corrupt_windows: Sequence[tuple[float, float]] = (),
+    tag_jobs: TagJobs | None = None,
 ) -> None:
     by_tag: dict[str, list[StoredSample]] = {}
     for s in data.samples:
@@ -255,6 +303,8 @@ def _samples(
     responses_all = truth.modbus_responses()
     windows = _last_created_per_incarnation(data.batches, incarnations)
     policy = _policy_spans(data.batches)
+    announced = _announced_skips(data.batches)
+    jobs = tag_jobs or {}
     for tag, rows in by_tag.items():
         name, source = _truth_key(tag)
         try:
@@ -314,6 +364,8 @@ def _samples(
                 windows=windows,
                 fault_windows=fault_windows,
                 policy=policy,
+                skips=announced.get(jobs[tag][:2], []) if tag in jobs else [],
+                scan_period=jobs[tag][2] if tag in jobs else None,
             )
         if source == "modbus":
             matched_modbus.update(t_served[matched_idx].tolist())
@@ -346,18 +398,38 @@ def _gaps(
     windows: Sequence[tuple[float, float]],
     fault_windows: Sequence[tuple[float, float]],
     policy: Sequence[tuple[float, float]],
+    skips: Sequence[tuple[float, float, int]] = (),
+    scan_period: float | None = None,
 ) -> None:
     """Scans of ``tag`` missing from the receiver while the runtime ran and sealed batches.
 
-    Every scan leaves a row (a failed read leaves a bad-quality row), so a hole in a tag's
-    rows longer than a few scan periods inside an incarnation's window — from its first row to
-    its last accepted batch — is data the runtime read and sealed but the receiver lacks (an
-    accepted batch lost). Holes overlapping a machine-link fault are counted as *unread*.
+    Every scan the scheduler ran leaves a row (a failed read leaves a bad-quality row), so a
+    hole in a tag's rows longer than a few scan periods inside an incarnation's window — from
+    its first row to its last accepted batch — is data the runtime read and sealed but the
+    receiver lacks (an accepted batch lost). Holes overlapping a machine-link fault are counted
+    as *unread*.
+
+    Scans the scheduler announced as skipped for this tag's job (``skips``: first and last
+    deadline, count) are exact deadlines on the job's grid (``scan_period``), so a hole between
+    rows ``a`` and ``b`` is counted exactly: the scan stamped ``b`` started at a deadline in
+    ``(a, b]`` (scans of one job never overlap, and a deadline is only ever run on time or
+    skipped), so the other deadlines in ``(a, b]`` are the missing scans; each one announced
+    is *skipped*, the rest stays lost. (Without an announcement the count is estimated from
+    the hole's length: a late stamp at ``b`` — a slow scan — can make it one too many.)
     """
     if ts.size < 3:
         return
     period = float(np.median(np.diff(ts)))
     limit = max(_GAP_MIN_S, _GAP_PERIODS * period)
+    grid: list[float] = []
+    if skips and scan_period:
+        # Every announced deadline, on the job's grid.
+        grid = sorted(
+            first + i * (last - first) / (n - 1) if n > 1 else first
+            for first, last, n in skips
+            for i in range(n)
+        )
+    announced = np.array(grid, np.float64)
     for start, end in windows:
         inside = ts[(ts >= start) & (ts <= end - _WINDOW_MARGIN_S)]
         if inside.size < 2:
@@ -366,6 +438,23 @@ def _gaps(
         for k in np.flatnonzero(diffs > limit).tolist():
             a, b = float(inside[k]), float(inside[k + 1])
             missing = max(1, round((b - a) / period) - 1) if period > 0 else 1
+            skipped = 0
+            if announced.size and scan_period:
+                lo = int(np.searchsorted(announced, a, side="right"))
+                hi = int(np.searchsorted(announced, b, side="right"))
+                if hi > lo:
+                    # Deadlines in (a, b] on the grid of an announced one: b's own and the
+                    # missing ones.
+                    ref = float(announced[lo])
+                    on_grid = math.floor((b - ref) / scan_period + 1e-6) - math.floor(
+                        (a - ref) / scan_period + 1e-6
+                    )
+                    missing = max(0, on_grid - 1)
+                    skipped = min(missing, hi - lo)
+            fig.window_skipped += skipped
+            missing -= skipped
+            if missing == 0:
+                continue
             if any(pa <= b and a <= pb for pa, pb in policy):
                 fig.window_policy += missing
             elif any(

@@ -20,10 +20,23 @@ __all__ = [
     "DeviceTime",
     "LedgerBatch",
     "ReceiverData",
+    "ScanSkip",
     "StoredSample",
     "read_receiver",
     "to_real_time",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class ScanSkip:
+    """A run of scans the runtime's scheduler announced as not run (``meta["scans_skipped"]``):
+    ``count`` deadlines of one job from ``first_us`` to ``last_us`` (device wall clock)."""
+
+    group: str
+    job: str
+    first_us: int
+    last_us: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +47,7 @@ class LedgerBatch:
     received_us: int
     samples: int
     skip: tuple[tuple[int, int, int], ...]
+    scans_skipped: tuple[ScanSkip, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +85,32 @@ def to_real_time(data: ReceiverData, device_time: DeviceTime) -> ReceiverData:
     samples.sort(key=lambda s: (s.tag, s.ts_us))
     created = device_time(np.array([b.created_us for b in data.batches], np.int64))
     batches = [
-        LedgerBatch(b.epoch, b.seq, int(c), b.received_us, b.samples, b.skip)
+        LedgerBatch(
+            b.epoch,
+            b.seq,
+            int(c),
+            b.received_us,
+            b.samples,
+            b.skip,
+            tuple(_skip_to_real(k, device_time) for k in b.scans_skipped),
+        )
         for b, c in zip(data.batches, created.tolist(), strict=True)
     ]
     return ReceiverData(batches, samples, data.resolutions, data.epochs)
+
+
+def _skip_to_real(skip: ScanSkip, device_time: DeviceTime) -> ScanSkip:
+    first, last = device_time(np.array([skip.first_us, skip.last_us], np.int64)).tolist()
+    return ScanSkip(skip.group, skip.job, int(first), int(last), skip.count)
+
+
+def _scan_skips(doc: Any) -> tuple[ScanSkip, ...]:
+    """``meta["scans_skipped"]``: ``[[group, job, first_us, last_us, count], …]``."""
+    out = []
+    for item in doc.get("scans_skipped", []) or []:
+        group, job, first, last, count = item
+        out.append(ScanSkip(str(group), str(job), int(first), int(last), int(count)))
+    return tuple(out)
 
 
 def _from_db_epoch(value: int) -> int:
@@ -111,10 +147,12 @@ def read_receiver(storage_url: str, device: str) -> ReceiverData:
         batches = []
         for epoch, seq, created, received, samples, meta in cur.fetchall():
             skip: list[tuple[int, int, int]] = []
+            scan_skips: tuple[ScanSkip, ...] = ()
             try:
                 doc = json.loads(meta) if isinstance(meta, str) else (meta or {})
                 for item in doc.get("skip", []) or []:
                     skip.append((_from_db_epoch(int(item[0])), int(item[1]), int(item[2])))
+                scan_skips = _scan_skips(doc)
             except (ValueError, TypeError, AttributeError, IndexError):
                 pass
             batches.append(
@@ -125,6 +163,7 @@ def read_receiver(storage_url: str, device: str) -> ReceiverData:
                     int(received),
                     int(samples),
                     tuple(skip),
+                    scan_skips,
                 )
             )
         cur.execute(f"SELECT id, name, resolution FROM tags WHERE device_id = {ph}", (dev_id,))

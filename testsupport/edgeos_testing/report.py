@@ -46,8 +46,10 @@ def summary_markdown(title: str, scenarios: Mapping[str, Mapping[str, Any]]) -> 
         f"# {title}",
         "",
         "| scenario | ok | accepted | stored | gaps | pending | lost | dup | order | wrong "
-        "| window lost/unread/policy | coverage | latency p50/p99/max s | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| window lost/unread/policy | skipped by the runtime (announced) | coverage "
+        "| latency p50/p99/max s | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |",
     ]
     for name, doc in scenarios.items():
         f = doc.get("figures", {})
@@ -65,6 +67,7 @@ def summary_markdown(title: str, scenarios: Mapping[str, Mapping[str, Any]]) -> 
             f"| {f.get('pending_on_disk_batches')} | {f.get('lost_batches')} "
             f"| {f.get('duplicates')} | {f.get('order_violations')} | {wrong} "
             f"| {f.get('window_lost')}/{f.get('window_unread')}/{f.get('window_policy')} "
+            f"| {f.get('window_skipped', 0)} ({f.get('scans_skipped_announced', 0)}) "
             f"| {f.get('coverage')} "
             f"| {lat} | {notes} |"
         )
@@ -75,7 +78,12 @@ def summary_markdown(title: str, scenarios: Mapping[str, Mapping[str, Any]]) -> 
         "stored values never served (corrupted = while machine-link bytes were being corrupted "
         "on purpose: Modbus TCP has no checksum); window lost = tag scans missing from the "
         "stored rows while the runtime ran, up to its last accepted batch (unread = next to a "
-        "machine-link fault, policy = inside a gap announced in meta.skip); coverage ="
+        "machine-link fault, policy = inside a gap announced in meta.skip); skipped by the "
+        "runtime = tag scans missing because the scheduler did not run them (overload: a scan "
+        "still running at its next deadline, or a late dispatcher) and announced it in "
+        "meta.scans_skipped — never read, so not accepted data that was lost (that is 'lost') — "
+        "with, in parentheses, the scans (of a connection and scan group) it announced; "
+        "coverage ="
         " Modbus responses served that reached the receiver; latency = "
         "scan → received by the receiver."
     )

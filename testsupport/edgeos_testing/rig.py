@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from edgeos_testing.dut import LocalDut, SshDut
-from edgeos_testing.oracle import evaluate
+from edgeos_testing.oracle import evaluate, tag_jobs_of
 from edgeos_testing.procs import ReceiverProcess, SimProcess, exe, run_cli
 from edgeos_testing.receiverdb import DeviceTime
 from edgeos_testing.report import Outcome
@@ -522,8 +522,13 @@ async def finish(
     truth, data = await rig.collect()
     accepted = merge_inspections(rig.dut.inspections)
     pending = rig.dut.inspections[-1].pending() if rig.dut.inspections else {}
+    tag_jobs = None
+    if rig.runtime_config.exists():
+        from edgeos.config import load_config
+
+        tag_jobs = tag_jobs_of(await asyncio.to_thread(load_config, rig.runtime_config))
     if truth is None:
-        from edgeos_sim.layout import build_layout
+        from edgeos_cloud.fleet.physics.layout import build_layout
         from edgeos_sim.truth import GroundTruth
 
         truth = GroundTruth(build_layout(1, 20), [])
@@ -540,6 +545,7 @@ async def finish(
             fault_windows=fault_windows,
             device_time=device_time,
             corrupt_windows=corrupt_windows,
+            tag_jobs=tag_jobs,
         )
     )
     return Outcome(name, figures, out_notes, problems, time.time() - rig.t0)
