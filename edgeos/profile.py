@@ -52,6 +52,7 @@ from edgeos_protocol.profile import (
     TargetSummary,
     Tunables,
     diff,
+    group_names,
     parse_profile,
     validate,
 )
@@ -100,8 +101,12 @@ def summary_of(
 ) -> TargetSummary:
     """What this gateway reports about its configuration (``config`` = the operator's file)."""
     tags = {}
+    others = []
     for tag in config.all_tags:
         if tag.derived is not None:
+            continue
+        if not tag.writable:
+            others.append(tag.name)
             continue
         limits = Bounds(min=tag.limits.min, max=tag.limits.max) if tag.limits else None
         tags[tag.name] = TagSummary(
@@ -122,6 +127,7 @@ def summary_of(
         ota_group=config.ota.group,
         config_sha256=_file_sha256(config_path),
         tags=tags,
+        other_tags=group_names(others),
         scan_groups={g.name: g.period_ms for g in config.scan_groups},
         guard=GuardSummary(enabled=guard.enabled, alpha_max=guard.alpha),
         supports=SUPPORTS,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, Self, TypeVar
 
@@ -45,6 +45,7 @@ __all__ = [
     "GuardSummary",
     "GuardTunables",
     "Issue",
+    "NameGroup",
     "Profile",
     "ProfileError",
     "ProfileInForce",
@@ -52,6 +53,7 @@ __all__ = [
     "TargetSummary",
     "Tunables",
     "diff",
+    "group_names",
     "parse_profile",
     "parse_summary",
     "used_kinds",
@@ -111,6 +113,10 @@ class Bounds(_Model):
         if not self.min < self.max:
             raise ValueError(f"min ({self.min}) must be below max ({self.max})")
         return self
+
+    @property
+    def span(self) -> float:
+        return self.max - self.min
 
 
 class GateTunables(_Model):
@@ -186,6 +192,31 @@ class TagSummary(_Model):
     limits: Bounds | None = None
 
 
+class NameGroup(_Model):
+    """Tags named ``<prefix>.<suffix>`` for every prefix × suffix: a line of identical machines
+    in a few lines instead of one entry per tag (``prefix`` "" means the bare suffix)."""
+
+    prefixes: tuple[str, ...]
+    suffixes: tuple[str, ...]
+
+
+def group_names(names: Iterable[str]) -> tuple[NameGroup, ...]:
+    """The compact form of a set of tag names (see :class:`NameGroup`); lossless."""
+    by_prefix: dict[str, set[str]] = {}
+    for name in names:
+        prefix, dot, suffix = name.partition(".")
+        if not dot:
+            prefix, suffix = "", name
+        by_prefix.setdefault(prefix, set()).add(suffix)
+    by_shape: dict[frozenset[str], list[str]] = {}
+    for prefix, suffixes in by_prefix.items():
+        by_shape.setdefault(frozenset(suffixes), []).append(prefix)
+    return tuple(
+        NameGroup(prefixes=tuple(sorted(prefixes)), suffixes=tuple(sorted(shape)))
+        for shape, prefixes in sorted(by_shape.items(), key=lambda kv: sorted(kv[1]))
+    )
+
+
 class GuardSummary(_Model):
     enabled: bool = False
     #: The α of the gateway's own file: a profile may tighten the guard, never loosen it.
@@ -208,7 +239,11 @@ class TargetSummary(_Model):
     ota_group: str = ""
     #: sha256 of the gateway's own configuration file (hard limits, safety settings).
     config_sha256: str = ""
+    #: Writable tags, with their hard limits (what set-points and soft limits are checked on).
     tags: dict[str, TagSummary] = Field(default_factory=dict)
+    #: Every other tag, by name only, grouped (a 16,000-tag line is a few kB, not megabytes: the
+    #: summary travels as one event and the receiver bounds an event's size).
+    other_tags: tuple[NameGroup, ...] = ()
     scan_groups: dict[str, float] = Field(default_factory=dict)
     guard: GuardSummary = Field(default_factory=GuardSummary)
     #: The tunable kinds (:data:`TUNABLE_KINDS`) this gateway applies.
@@ -219,6 +254,14 @@ class TargetSummary(_Model):
 
     def canonical(self) -> bytes:
         return _canonical(self.model_dump(mode="json"))
+
+    def has_tag(self, name: str) -> bool:
+        if name in self.tags:
+            return True
+        prefix, dot, suffix = name.partition(".")
+        if not dot:
+            prefix, suffix = "", name
+        return any(prefix in g.prefixes and suffix in g.suffixes for g in self.other_tags)
 
 
 def _canonical(doc: Any) -> bytes:
@@ -334,9 +377,13 @@ def validate(profile: Profile, target: TargetSummary) -> list[Issue]:
     for name, deadband in sorted(t.deadbands.items()):
         path = f"tunables.deadbands.{name}"
         tag = target.tags.get(name)
-        if tag is None:
+        if tag is None and not target.has_tag(name):
             issues.append(Issue(path, f"no tag {name!r} on {target.device}"))
-        elif tag.limits is not None and deadband > tag.limits.max - tag.limits.min:
+        elif (
+            tag is not None
+            and tag.limits is not None
+            and deadband > tag.limits.max - tag.limits.min
+        ):
             issues.append(Issue(path, f"{deadband} is wider than the tag's whole range"))
     for group, period in sorted(t.scan_periods.items()):
         if group not in target.scan_groups:

@@ -225,3 +225,28 @@ async def test_the_running_runtime_exports_its_profile_and_emits_its_summary_onc
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_config_summary_of_a_16000_tag_line_fits_one_receiver_event(tmp_path: Path) -> None:
+    """The summary travels as one event; the receiver quarantines an event above its
+    ``limits.max_event_bytes`` (64 KiB by default), which once cost a gateway its first batch."""
+    import msgpack
+
+    from edgeos.config import parse_config
+    from edgeos.profile import summary_of
+    from edgeos_sim.configgen import render_tyre_line
+    from edgeos_protocol.profile import validate
+
+    text = render_tyre_line(80, 200).replace('"/var/lib/edgeos"', f'"{tmp_path}"')
+    config = parse_config(text)
+    summary = summary_of(config)
+    size = len(msgpack.packb(summary.model_dump(mode="json")))
+    assert len(config.all_tags) >= 16_000
+    assert size < 64 << 10, size
+    # Every tag is still known by name: a deadband on a read-only tag validates, a typo does not.
+    readonly = next(t.name for t in config.all_tags if not t.writable and t.derived is None)
+    ok = Profile(name="p", version=1, tunables={"deadbands": {readonly: 0.5}})
+    bad = Profile(name="p", version=1, tunables={"deadbands": {readonly + "x": 0.5}})
+    supports = summary.model_copy(update={"supports": ("deadbands",)})
+    assert validate(ok, supports) == []
+    assert [i.path for i in validate(bad, supports)] == [f"tunables.deadbands.{readonly}x"]
