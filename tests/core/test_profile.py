@@ -234,8 +234,8 @@ def test_config_summary_of_a_16000_tag_line_fits_one_receiver_event(tmp_path: Pa
 
     from edgeos.config import parse_config
     from edgeos.profile import summary_of
-    from edgeos_sim.configgen import render_tyre_line
     from edgeos_protocol.profile import validate
+    from edgeos_sim.configgen import render_tyre_line
 
     text = render_tyre_line(80, 200).replace('"/var/lib/edgeos"', f'"{tmp_path}"')
     config = parse_config(text)
