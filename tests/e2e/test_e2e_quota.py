@@ -36,9 +36,13 @@ async def _quota(e2e_rig: Any, policy: str) -> None:
     assert fig.accepted_batches == (
         fig.stored_batches + fig.announced_gap_batches + fig.pending_on_disk_batches
     ), fig
-    # Every batch the status counts as dropped was announced, and nothing else was: the drop
-    # counter equals the distinct sequence numbers named in meta.skip.
-    assert dropped == fig.announced_seqs, (
+    # Every batch the status counts as dropped was announced in meta.skip, except one that was
+    # already published when its segment was dropped: the receiver stores it (the identity
+    # above counts it as stored) and its ack passes the gap, so it is never announced. Such a
+    # batch is in the publisher's in-flight window, so at most `inflight_window` (16) of them.
+    # Nothing is announced that was not dropped.
+    unannounced = dropped - fig.announced_seqs
+    assert 0 <= unannounced <= 16, (
         f"status dropped {dropped}, announced {fig.announced_seqs} distinct "
         f"({fig.announced_gap_batches} never stored + {fig.announced_but_stored} stored)"
     )
