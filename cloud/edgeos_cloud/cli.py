@@ -45,6 +45,7 @@ from edgeos_cloud.receiver.config import ReceiverConfig, load_receiver_config
 from edgeos_cloud.receiver.pki import CertificateAuthority
 from edgeos_cloud.receiver.registry import DeviceRegistry
 from edgeos_cloud.receiver.storage import QuarantineEntry, Storage, open_storage
+from edgeos_cloud.timefmt import parse_time
 from edgeos_protocol.credentials import check_device_id
 from edgeos_protocol.errors import ConfigError, EdgeosError
 from edgeos_protocol.pipes import quiet_on_closed_pipe
@@ -53,23 +54,6 @@ __all__ = ["main", "parse_time"]
 
 #: ``devices`` lists at most this many announced gaps per device (the last ones).
 _MAX_RANGES_SHOWN = 100
-
-
-def parse_time(text: str) -> int:
-    """``2024-05-01T12:00:00Z`` / ``2024-05-01`` / ``1714564800.5`` → µs since the epoch."""
-    try:
-        return round(float(text) * 1e6)
-    except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither ISO 8601 nor epoch seconds"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return round(when.timestamp() * 1e6)
 
 
 def iso(ts_us: int | None) -> str | None:

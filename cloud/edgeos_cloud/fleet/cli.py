@@ -21,23 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from edgeos_cloud.fleet.config import FleetConfig, load_fleet_config
+from edgeos_cloud.timefmt import optional_time
 from edgeos_protocol.errors import ConfigError
 
 __all__ = ["fleet_main"]
-
-
-def _time(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(float(text) * 1e6)
-    except ValueError:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e6)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,7 +140,7 @@ def _with_storage(config: FleetConfig, storage: Any, args: argparse.Namespace) -
         }
         _print(doc if args.json else doc["groups"], args.json)
         return 0
-    since = _time(getattr(args, "since", None))
+    since = optional_time(getattr(args, "since", None))
     bin_mu = config.competition.material_bin_mu
 
     def rows_of(group: str) -> list[Any]:

@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import tomllib
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from edgeos_cloud.models.errors import (
     TrainingFailed,
     VersionRefused,
 )
+from edgeos_cloud.timefmt import optional_time
 
 __all__ = ["load_config", "models_main"]
 
@@ -47,15 +47,6 @@ def load_config(path: Path) -> Any:
         if key in raw and not Path(raw[key]).is_absolute():
             raw[key] = str(base / raw[key])
     return LifecycleConfig.model_validate(raw)
-
-
-def _time(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(float(text) * 1e6)
-    except ValueError:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e6)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,7 +131,7 @@ def models_main(argv: list[str] | None = None) -> int:
                 out = life.register_manifest(args.path).as_dict()
         elif args.command == "gate":
             v, report = life.gate(
-                life.registry.find(args.key), args.group, since_us=_time(args.since)
+                life.registry.find(args.key), args.group, since_us=optional_time(args.since)
             )
             out = report.as_dict()
             _print(out, args.json)
@@ -149,8 +140,8 @@ def models_main(argv: list[str] | None = None) -> int:
             out = life.retrain(
                 args.task,
                 args.group,
-                since_us=_time(args.since),
-                until_us=_time(args.until),
+                since_us=optional_time(args.since),
+                until_us=optional_time(args.until),
                 epochs=args.epochs,
             )
             _print(out, args.json)
