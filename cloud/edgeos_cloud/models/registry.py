@@ -312,9 +312,14 @@ class ModelRegistry:
                 self.client.log_artifacts(run_id, str(model_dir), "model")
             finally:
                 self.client.set_terminated(run_id)
+            from mlflow.exceptions import MlflowException
+
             try:
                 self.client.get_registered_model(manifest.name)
-            except Exception:
+            except MlflowException as exc:
+                # Only a missing model is created; a registry that is down stays an error.
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
                 self.client.create_registered_model(
                     manifest.name, description=f"edgeos {manifest.task} models"
                 )
