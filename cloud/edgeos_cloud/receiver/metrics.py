@@ -81,6 +81,11 @@ class ReceiverMetrics:
         self.connected = Gauge(
             "edgeos_receiver_broker_connected", "1 while connected to the broker", registry=r
         )
+        self.connect_failures = Counter(
+            "edgeos_receiver_broker_connect_failures",
+            "Broker connections refused, unreachable or lost (each failed attempt)",
+            registry=r,
+        )
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a sample by its exposed name (``edgeos_receiver_batches_total``)."""

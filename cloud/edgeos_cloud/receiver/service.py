@@ -236,7 +236,9 @@ class Receiver:
     async def _mqtt_loop(self) -> None:
         b = self.config.broker
         backoff = Backoff(b.reconnect_policy)
-        was_connected = True
+        # None until the first attempt: connected, subscribed and lost are each logged once per
+        # change of state (as the gateway logs its uplink), not on every retry.
+        was_connected: bool | None = None
         while True:
             served = False
             try:
@@ -255,8 +257,18 @@ class Receiver:
                     served = True
                     self._client = client
                     self.metrics.connected.set(1)
-                    if not was_connected:
-                        log.warning("broker connection recovered (%s)", b.url)
+                    if was_connected is None:
+                        log.info(
+                            "broker connected (%s), subscribed to %s",
+                            b.url,
+                            ", ".join(self.subscriptions),
+                        )
+                    elif not was_connected:
+                        log.warning(
+                            "broker connection recovered (%s), subscribed to %s",
+                            b.url,
+                            ", ".join(self.subscriptions),
+                        )
                     was_connected = True
                     self.ready.set()
                     # Never yields (the door takes every message); ends when the link drops.
@@ -267,8 +279,11 @@ class Receiver:
                 reraise_lost_cancellation(exc)
                 if served:
                     backoff.lost()
-                if was_connected:
-                    log.warning("broker connection lost or refused (%s): %s", b.url, exc)
+                self.metrics.connect_failures.inc()
+                if was_connected is None:
+                    log.warning("broker refused or unreachable (%s): %s; retrying", b.url, exc)
+                elif was_connected:
+                    log.warning("broker connection lost (%s): %s; reconnecting", b.url, exc)
                 was_connected = False
             finally:
                 self._client = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,34 @@ async def test_receiver_survives_broker_restart(tmp_path: Path) -> None:
                 await dev.publish(dev.seal(simple_batch({"a": [2.0]}, [T0 + 1])))
                 await dev.wait_acked(dev.epoch.epoch, 1)
         assert receiver.metrics.value("edgeos_receiver_batches_total") == 2
+
+
+async def test_receiver_logs_connected_lost_and_recovered_once_per_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A healthy receiver says it is connected and subscribed; a lost broker is logged once
+    however many retries fail, and its return once (issue #20: it used to log nothing)."""
+    caplog.set_level(logging.INFO, logger="edgeos_cloud.receiver")
+    async with MosquittoBroker(tmp_path / "mq") as broker:
+        config = receiver_config_for(broker, tmp_path, f"sqlite:///{tmp_path / 'r.db'}")
+        receiver = Receiver(config, registry=DeviceRegistry(config.registry.dir))
+        async with running_receiver(receiver):
+            broker.kill()
+            await wait_for(lambda: not receiver.ready.is_set())
+            # The lost link and at least two refused retries before the broker returns.
+            failures = "edgeos_receiver_broker_connect_failures_total"
+            await wait_for(lambda: receiver.metrics.value(failures) >= 3)
+            broker.start()
+            await wait_for(receiver.ready.is_set)
+    messages = [r.getMessage() for r in caplog.records if r.name == "edgeos_cloud.receiver"]
+    connected = [m for m in messages if m.startswith("broker connected")]
+    lost = [m for m in messages if m.startswith("broker connection lost")]
+    recovered = [m for m in messages if m.startswith("broker connection recovered")]
+    assert len(connected) == 1, messages
+    assert all(f in connected[0] for f in receiver.subscriptions), connected[0]
+    assert len(lost) == 1, messages
+    assert len(recovered) == 1, messages
+    assert messages.index(connected[0]) < messages.index(lost[0]) < messages.index(recovered[0])
 
 
 async def test_a_cancelled_receiver_stops_while_its_broker_is_down(tmp_path: Path) -> None:
