@@ -4,11 +4,13 @@
     edgeos-cloud models --config models.toml show quality@1.2.0 [--json]
     edgeos-cloud models --config models.toml register DIR_OR_MANIFEST [--group G --champion]
     edgeos-cloud models --config models.toml gate quality@1.2.0 --group G
-    edgeos-cloud models --config models.toml retrain --task quality --group G [--since T]
+    edgeos-cloud models --config models.toml retrain --task quality|anomaly|correction --group G
+                                                      [--since T] [--until T] [--epochs N]
     edgeos-cloud models --config models.toml publish quality@1.2.0 --group G
-    edgeos-cloud models --config models.toml rollback --task quality --group G
-    edgeos-cloud models --config models.toml drift --task quality --group G [--retrain]
-    edgeos-cloud models --config models.toml reports --group G
+    edgeos-cloud models --config models.toml rollback --task TASK --group G
+    edgeos-cloud models --config models.toml drift --task quality --group G [--retrain] [--since T]
+    edgeos-cloud models --config models.toml reports --group G   # fold device reports: tracking,
+                                                                 # per-device audit, stages
     edgeos-cloud models --config models.toml metrics
 
 Exit status: 0 done, 1 refused (the gate or publishing said no; the reason is printed),
@@ -32,10 +34,13 @@ from edgeos_cloud.models.errors import (
     RegistryUnavailable,
     TrainingFailed,
     VersionRefused,
+    WindowRefused,
 )
 from edgeos_cloud.timefmt import optional_time
 
 __all__ = ["load_config", "models_main"]
+
+_TASKS = ("quality", "anomaly", "correction")
 
 
 def load_config(path: Path) -> Any:
@@ -66,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--group", required=True)
     gate.add_argument("--since")
     rt = sub.add_parser("retrain", help="train a candidate from the group's stored data")
-    rt.add_argument("--task", default="quality")
+    rt.add_argument("--task", default="quality", choices=_TASKS)
     rt.add_argument("--group", required=True)
     rt.add_argument("--since")
     rt.add_argument("--until")
@@ -75,13 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("key")
     pub.add_argument("--group", required=True)
     rb = sub.add_parser("rollback", help="re-publish the previous champion as a new version")
-    rb.add_argument("--task", default="quality")
+    rb.add_argument("--task", default="quality", choices=_TASKS)
     rb.add_argument("--group", required=True)
     dr = sub.add_parser("drift", help="realised error per window; --retrain acts on drift")
     dr.add_argument("--task", default="quality")
     dr.add_argument("--group", required=True)
     dr.add_argument("--retrain", action="store_true")
-    rep = sub.add_parser("reports", help="record the group's promotions/demotions")
+    dr.add_argument("--since", help="a one-off check from this time (not incremental)")
+    rep = sub.add_parser(
+        "reports", help="fold the group's model reports: tracking, per-device audit, stages"
+    )
     rep.add_argument("--group", required=True)
     sub.add_parser("metrics", help="Prometheus text exposition of every version per group")
     return p
@@ -154,20 +162,20 @@ def models_main(argv: list[str] | None = None) -> int:
             if args.retrain:
                 out = life.drift_and_retrain(args.task, args.group)
             else:
-                out = life.drift(args.task, args.group)
+                out = life.drift(args.task, args.group, since_us=optional_time(args.since))
         elif args.command == "metrics":
             from edgeos_cloud.models.metrics import render
 
             sys.stdout.write(render(life).decode())
             return 0
         else:
-            out = life.record_reports(args.group)
+            out = life.track(args.group)
         _print(out, args.json)
         return 0
     except (DataUnavailable, RegistryUnavailable) as exc:
         print(f"deferred: {exc}", file=sys.stderr)
         return 3
-    except (VersionRefused, TrainingFailed, LifecycleError) as exc:
+    except (VersionRefused, TrainingFailed, WindowRefused, LifecycleError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1
     except (OSError, KeyError, ValueError, ValidationError, tomllib.TOMLDecodeError) as exc:

@@ -8,6 +8,8 @@
         ├── RegistryUnavailable          the MLflow tracking/registry store cannot be reached
         ├── DataUnavailable              DEFER: the receiver database is down, or the window
         │                                holds too few realised outcomes to train or judge on
+        ├── WindowRefused                the window lacks what a task needs (key tags, a recipe
+        │                                other than the plant's); waiting will not fix it
         ├── TrainingFailed               the trainer subprocess failed (its log tail is included)
         ├── VersionRefused               the quality gate refused a version (``report`` says why)
         └── PublishRefused               a version cannot be published (not qualified, no bundle)
@@ -29,6 +31,7 @@ __all__ = [
     "RegistryUnavailable",
     "TrainingFailed",
     "VersionRefused",
+    "WindowRefused",
 ]
 
 
@@ -42,6 +45,10 @@ class RegistryUnavailable(LifecycleError):
 
 class DataUnavailable(LifecycleError):
     """The receiver database is unreachable, or holds too little realised data (deferred)."""
+
+
+class WindowRefused(LifecycleError):
+    """The training window lacks the fields or the variety a task needs (the reason says)."""
 
 
 class TrainingFailed(LifecycleError):

@@ -14,11 +14,14 @@ is wrong with it, not only the first thing):
                 mean ± 6 std), alone and in corners.
 ``budget``      median invoke time at batch 1 and the file size within the target's budget.
 ``accuracy``    on the held-out replay rows drawn from the fleet's stored data, the candidate's
-                RMS error against realised quality is compared with the current champion's on
-                *exactly the same rows*: refused when worse than ``champion × (1 + tolerance)``.
-                The report gives both RMS values, the paired difference, its standard error and
-                the confidence that the candidate is better (normal approximation of the paired
-                squared-error difference).
+                error is compared with the current champion's on *exactly the same rows*, each
+                task by the metric the gateway's champion/challenger rule uses:
+                quality — RMS of predicted vs realised modulus; anomaly — share of tyres
+                misjudged (largest cure score ≥ threshold vs realised out of spec); correction —
+                RMS of the baseline head vs the realised modulus of tyres run with the plant
+                recipe. Refused when worse than ``champion × (1 + tolerance)`` (a rate: plus
+                1/n). The report gives both values, the paired difference, its standard error
+                and the confidence that the candidate is better (normal approximation).
 
 The report (a JSON-able dict) is stored with the version by :meth:`ModelRegistry.set_status`.
 """
@@ -37,7 +40,7 @@ import numpy.typing as npt
 
 from edgeos_cloud.models.errors import LifecycleError
 from edgeos_cloud.models.litert import LiteModel, interpreter_version
-from edgeos_cloud.models.replay import QualityRows
+from edgeos_cloud.models.replay import AnomalyRows, QualityRows
 from edgeos_protocol.manifest import (
     Manifest,
     ManifestError,
@@ -140,7 +143,9 @@ def load_version(model_dir: Path) -> LoadedVersion:
     return LoadedVersion(manifest, model, blob, problems)
 
 
-def edge_inputs(manifest: Manifest, replay_x: F64 | None, *, seed: int = 0) -> F64:
+def edge_inputs(
+    manifest: Manifest, replay_x: npt.NDArray[np.floating[Any]] | None, *, seed: int = 0
+) -> F64:
     """Adversarial rows at the limits of every input's range (see the module docstring)."""
     mean = np.asarray(manifest.mean)
     std = np.asarray(manifest.std)
@@ -164,61 +169,166 @@ def edge_inputs(manifest: Manifest, replay_x: F64 | None, *, seed: int = 0) -> F
     return result
 
 
-def _accuracy(
-    cand: LiteModel, champ: LiteModel | None, rows: QualityRows | None, cfg: GateConfig
+#: Loads within this of the plant recipe (°C, bar) ran the plant recipe (correction replay).
+PLANT_RECIPE_TOL = 0.05
+
+
+def _compare(
+    metric: str,
+    err_c: F64,
+    err_h: F64 | None,
+    n: int,
+    cfg: GateConfig,
+    *,
+    unit: str,
+    resolution: float = 0.0,
 ) -> Check:
-    if rows is None:
-        return Check("accuracy", False, "no replay set (the receiver database gave no rows)")
-    n = len(rows.y)
-    if n < cfg.min_rows:
-        return Check(
-            "accuracy",
-            False,
-            f"deferred: {n} held-out rows with realised quality, need {cfg.min_rows}",
-            {"rows": n},
-        )
-    pc = cand.run(rows.x)[:, 0].astype(np.float64)
-    ec = pc - rows.y
-    rms_c = float(np.sqrt(np.mean(ec**2)))
-    values: dict[str, Any] = {"rows": n, "candidate_rms": round(rms_c, 5)}
-    if not np.isfinite(rms_c):
+    """Candidate vs champion on the same rows: ``metric`` of the per-row errors.
+
+    ``rms`` compares root-mean-square errors, ``rate`` mean 0/1 errors (misjudged tyres; the
+    limit gets one row's worth of ``resolution``: a rate on n rows is not finer than 1/n).
+    """
+
+    def score(e: F64) -> float:
+        return float(np.sqrt(np.mean(e**2))) if metric == "rms" else float(np.mean(e))
+
+    s_c = score(err_c)
+    values: dict[str, Any] = {"rows": n, "metric": metric, f"candidate_{metric}": round(s_c, 5)}
+    if not np.isfinite(s_c):
         return Check("accuracy", False, "candidate error is not finite", values)
-    if champ is None:
-        return Check("accuracy", True, f"RMS {rms_c:.4f} on {n} rows (no champion)", values)
-    ph = champ.run(rows.x)[:, 0].astype(np.float64)
-    eh = ph - rows.y
-    rms_h = float(np.sqrt(np.mean(eh**2)))
-    d = ec**2 - eh**2
+    if err_h is None:
+        return Check(
+            "accuracy", True, f"{metric} {s_c:.4f}{unit} on {n} rows (no champion)", values
+        )
+    s_h = score(err_h)
+    d = (err_c**2 - err_h**2) if metric == "rms" else (err_c - err_h)
     se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
     mean_d = float(d.mean())
-    z = -mean_d / se if se > 0 else (math.inf if mean_d < 0 else -math.inf)
+    # A zero spread: the sign of the difference decides outright.
+    z = -mean_d / se if se > 0 else math.copysign(math.inf, -mean_d) if mean_d else 0.0
     confidence = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0))) if math.isfinite(z) else float(z > 0)
-    limit = rms_h * (1.0 + cfg.tolerance)
+    limit = s_h * (1.0 + cfg.tolerance) + resolution
     values.update(
-        champion_rms=round(rms_h, 5),
+        {f"champion_{metric}": round(s_h, 5)},
         limit=round(limit, 5),
         tolerance=cfg.tolerance,
-        paired_sq_error_diff=round(mean_d, 6),
+        paired_diff=round(mean_d, 6),
         paired_se=round(se, 6),
         confidence_better=round(confidence, 4),
-        ratio=round(rms_c / rms_h, 4) if rms_h > 0 else None,
+        ratio=round(s_c / s_h, 4) if s_h > 0 else None,
     )
-    ok = rms_c <= limit
+    ok = s_c <= limit
     verdict = "within" if ok else "worse than"
     return Check(
         "accuracy",
         ok,
-        f"RMS {rms_c:.4f} vs champion {rms_h:.4f} on the same {n} rows ({verdict} the limit "
-        f"{limit:.4f}; P(candidate better) = {confidence:.3f})",
+        f"{metric} {s_c:.4f} vs champion {s_h:.4f}{unit} on the same {n} rows ({verdict} the "
+        f"limit {limit:.4f}; P(candidate better) = {confidence:.3f})",
         values,
     )
+
+
+def _too_few(n: int, cfg: GateConfig, what: str) -> Check | None:
+    if n < cfg.min_rows:
+        return Check(
+            "accuracy",
+            False,
+            f"deferred: {n} held-out {what}, need {cfg.min_rows}",
+            {"rows": n},
+        )
+    return None
+
+
+def _accuracy(
+    cand: LiteModel, champ: LiteModel | None, rows: QualityRows | None, cfg: GateConfig
+) -> Check:
+    """Quality: RMS of predicted vs realised modulus."""
+    if rows is None:
+        return Check("accuracy", False, "no replay set (the receiver database gave no rows)")
+    n = len(rows.y)
+    few = _too_few(n, cfg, "rows with realised quality")
+    if few is not None:
+        return few
+    ec = cand.run(rows.x)[:, 0].astype(np.float64) - rows.y
+    eh = None if champ is None else champ.run(rows.x)[:, 0].astype(np.float64) - rows.y
+    return _compare("rms", ec, eh, n, cfg, unit=" MPa")
+
+
+def _anomaly_errors(model: LiteModel, threshold: float, rows: AnomalyRows) -> F64:
+    """Per tyre: 1 when the flag (largest cure score ≥ threshold) ≠ out of spec (the gateway's)."""
+    scores = model.run(rows.windows)[:, 0].astype(np.float64)
+    per_tyre = np.full(len(rows), -np.inf)
+    np.maximum.at(per_tyre, rows.tyre, scores)
+    flags = per_tyre >= threshold
+    result: F64 = (flags != (rows.y > 0.5)).astype(np.float64)
+    return result
+
+
+def _accuracy_anomaly(
+    cand: LoadedVersion, champ: LoadedVersion | None, rows: AnomalyRows | None, cfg: GateConfig
+) -> Check:
+    """Anomaly: share of held-out tyres misjudged (flag vs realised out of spec)."""
+    if rows is None:
+        return Check("accuracy", False, "no replay set (the receiver database gave no tyres)")
+    n = len(rows)
+    few = _too_few(n, cfg, "tyres with a realised outcome")
+    if few is not None:
+        return few
+    assert cand.model is not None
+    ec = _anomaly_errors(cand.model, cand.manifest.threshold("score"), rows)
+    eh = None
+    if champ is not None and champ.model is not None:
+        eh = _anomaly_errors(champ.model, champ.manifest.threshold("score"), rows)
+    check = _compare("rate", ec, eh, n, cfg, unit="", resolution=1.0 / n)
+    out = rows.y > 0.5
+    check.values["out_of_spec_rows"] = int(out.sum())
+    check.values["candidate_false_alarms"] = int(((ec > 0) & ~out).sum())
+    if eh is not None:
+        check.values["champion_false_alarms"] = int(((eh > 0) & ~out).sum())
+    return check
+
+
+def _baseline_errors(loaded: LoadedVersion, rows: QualityRows) -> F64:
+    assert loaded.model is not None
+    head = loaded.manifest.output_index("elasticity.baseline")
+    result: F64 = loaded.model.run(rows.x)[:, head].astype(np.float64) - rows.y
+    return result
+
+
+def plant_recipe_rows(rows: QualityRows, baseline: dict[str, float]) -> QualityRows:
+    """The correction rows whose tyre ran the plant recipe (``baseline``)."""
+    if rows.applied is None or not len(rows):
+        return rows.take(np.zeros(len(rows), np.bool_))
+    base = np.array([baseline.get("heater.sp", 160.0), baseline.get("press.sp", 15.0)])
+    mask = np.all(np.abs(rows.applied - base) <= PLANT_RECIPE_TOL, axis=1)
+    return rows.take(mask)
+
+
+def _accuracy_correction(
+    cand: LoadedVersion, champ: LoadedVersion | None, rows: QualityRows | None, cfg: GateConfig
+) -> Check:
+    """Correction: RMS of the baseline head vs the realised modulus of tyres run with the plant
+    recipe — the only head whose outcome is observed for both models (the gateway's metric)."""
+    if rows is None:
+        return Check("accuracy", False, "no replay set (the receiver database gave no loads)")
+    baseline = dict((champ or cand).manifest.baseline)
+    plant = plant_recipe_rows(rows, baseline)
+    n = len(plant)
+    few = _too_few(n, cfg, f"loads run with the plant recipe (of {len(rows)} loads)")
+    if few is not None:
+        return few
+    ec = _baseline_errors(cand, plant)
+    eh = _baseline_errors(champ, plant) if champ is not None and champ.model is not None else None
+    check = _compare("rms", ec, eh, n, cfg, unit=" MPa (baseline head, plant recipe)")
+    check.values["loads"] = len(rows)
+    return check
 
 
 def run_gate(
     model_dir: Path,
     *,
     champion_dir: Path | None = None,
-    replay: QualityRows | None = None,
+    replay: QualityRows | AnomalyRows | None = None,
     config: GateConfig | None = None,
 ) -> GateReport:
     """Run every check on the version in ``model_dir`` (see the module docstring)."""
@@ -238,6 +348,7 @@ def run_gate(
     model = version.model
     champ_key = None
     champ_model = None
+    champ: LoadedVersion | None = None
     if champion_dir is not None:
         champ = load_version(champion_dir)
         champ_key = champ.manifest.key
@@ -298,16 +409,16 @@ def run_gate(
         )
     )
 
+    judged = replay if use_replay else None
     if m.task == "quality":
-        checks.append(_accuracy(model, champ_model, replay if use_replay else None, cfg))
+        assert judged is None or isinstance(judged, QualityRows)
+        checks.append(_accuracy(model, champ_model, judged, cfg))
+    elif m.task == "anomaly":
+        assert judged is None or isinstance(judged, AnomalyRows)
+        checks.append(_accuracy_anomaly(version, champ, judged, cfg))
     else:
-        checks.append(
-            Check(
-                "accuracy",
-                True,
-                f"no replay metric for {m.task} yet (integrity, golden, finite and budget only)",
-            )
-        )
+        assert judged is None or isinstance(judged, QualityRows)
+        checks.append(_accuracy_correction(version, champ, judged, cfg))
     passed = all(c.ok for c in checks)
     return GateReport(
         m.key, passed, checks, interpreter_version(), time.perf_counter() - t0, champ_key

@@ -21,12 +21,32 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeos_cloud.models.errors import DataUnavailable, PublishRefused, VersionRefused
-from edgeos_cloud.models.gate import GateConfig, GateReport, run_gate
+from edgeos_cloud.models.errors import (
+    DataUnavailable,
+    PublishRefused,
+    VersionRefused,
+    WindowRefused,
+)
+from edgeos_cloud.models.gate import GateConfig, GateReport, plant_recipe_rows, run_gate
 from edgeos_cloud.models.registry import ModelRegistry, RegisteredVersion, TrainingRecord
-from edgeos_cloud.models.replay import QualityRows, load_quality_rows, split_rows, verdict_errors
-from edgeos_cloud.models.trainer import train_quality
+from edgeos_cloud.models.replay import (
+    AnomalyRows,
+    QualityRows,
+    load_rows,
+    split_rows,
+    verdict_errors,
+)
+from edgeos_cloud.models.state import StateFile
+from edgeos_cloud.models.trainer import train_anomaly, train_correction, train_quality
 from edgeos_protocol.manifest import Manifest, load_manifest
+
+#: The tasks retrained from fleet data.
+TASKS: tuple[str, ...] = ("quality", "anomaly", "correction")
+_UNITS = {
+    "quality": "rows with realised quality",
+    "anomaly": "tyres with a realised outcome",
+    "correction": "loads with a realised outcome and the recipe in force",
+}
 
 __all__ = ["GroupConfig", "Lifecycle", "LifecycleConfig"]
 
@@ -53,9 +73,18 @@ class GateSettings(BaseModel):
 class TrainerSettings(BaseModel):
     model_config = _FROZEN
     python: str | None = None
+    #: Epochs of the quality and correction networks.
     epochs: int = Field(150, ge=1)
+    #: Epochs of the anomaly autoencoder (many more windows than tyres per epoch).
+    anomaly_epochs: int = Field(12, ge=1)
     seed: int = 20240601
     timeout_s: float = Field(1800.0, gt=0)
+    #: Correction: fewer training loads run with a learned recipe than this → refused (the
+    #: effect of a correction cannot be learned from the plant recipe alone).
+    min_learned_loads: int = Field(20, ge=1)
+
+    def epochs_for(self, task: str) -> int:
+        return self.anomaly_epochs if task == "anomaly" else self.epochs
 
 
 class DriftSettings(BaseModel):
@@ -68,6 +97,16 @@ class DriftSettings(BaseModel):
     windows: int = Field(2, ge=1)
     #: Fewer paired errors than this in a window: the window does not count.
     min_rows: int = Field(20, ge=1)
+    #: An incremental check re-reads this much before the last sample it read, so a tyre
+    #: loaded before it and measured after it is still paired (≥ one load-to-measure span).
+    overlap_s: float = Field(3600.0, gt=0)
+
+
+class TrackingSettings(BaseModel):
+    model_config = _FROZEN
+    #: Each fold re-reads this much before the newest report it folded (a batch delivered late
+    #: from a gateway's spool is still folded; what was folded already is recognised, skipped).
+    lateness_s: float = Field(600.0, ge=0)
 
 
 class LifecycleConfig(BaseModel):
@@ -86,6 +125,7 @@ class LifecycleConfig(BaseModel):
     gate: GateSettings = GateSettings()
     trainer: TrainerSettings = TrainerSettings()
     drift: DriftSettings = DriftSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     def group(self, name: str) -> GroupConfig:
         try:
@@ -131,14 +171,38 @@ class Lifecycle:
     def rows(
         self, group: str, *, since_us: int | None = None, until_us: int | None = None
     ) -> tuple[QualityRows, QualityRows]:
-        """(training rows, held-out replay rows) of ``group``'s devices in the window."""
-        rows = load_quality_rows(
+        """(training rows, held-out replay rows) of ``group``'s quality rows in the window."""
+        train, held = self.task_rows("quality", group, since_us=since_us, until_us=until_us)
+        assert isinstance(train, QualityRows) and isinstance(held, QualityRows)
+        return train, held
+
+    def task_rows(
+        self,
+        task: str,
+        group: str,
+        *,
+        since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> tuple[QualityRows | AnomalyRows, QualityRows | AnomalyRows]:
+        """(training rows, held-out replay rows) of ``task`` for ``group`` in the window.
+
+        Raises :class:`DataUnavailable` (database down) and :class:`WindowRefused` (the stored
+        data lack key tags the feature code needs).
+        """
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        fleet = load_rows(
             self.config.storage_url,
             self.config.group(group).devices,
+            tasks=(task,),
             since_us=since_us,
             until_us=until_us,
         )
-        return split_rows(rows, self.config.gate.held_out_percent)
+        rows: QualityRows | AnomalyRows = getattr(fleet, task)
+        pct = self.config.gate.held_out_percent
+        if isinstance(rows, AnomalyRows):
+            return split_rows(rows, pct)
+        return split_rows(rows, pct)
 
     # ------------------------------------------------------------------ versions
 
@@ -175,15 +239,17 @@ class Lifecycle:
         version: RegisteredVersion,
         group: str,
         *,
-        replay: QualityRows | None = None,
+        replay: QualityRows | AnomalyRows | None = None,
         since_us: int | None = None,
     ) -> tuple[RegisteredVersion, GateReport]:
-        """Gate ``version`` against ``group``'s champion on held-out fleet rows; store the report.
+        """Gate ``version`` against ``group``'s champion on held-out fleet rows of its task;
+        store the report.
 
         Raises :class:`DataUnavailable` (deferred, status unchanged) when the database is down.
         """
         if replay is None:
-            _, replay = self.rows(group, since_us=since_us)
+            task = version.tags.get("task", version.name)
+            _, replay = self.task_rows(task, group, since_us=since_us)
         champion = self.registry.holder(version.name, group, "champion")
         with self._scratch("gate-") as tmp:
             cand_dir = self.registry.download(version, tmp / "candidate")
@@ -232,15 +298,13 @@ class Lifecycle:
         Raises :class:`DataUnavailable` (deferred) when the database is down or the window has
         too few realised outcomes; nothing is registered then.
         """
-        if task != "quality":
-            raise DataUnavailable(
-                f"retraining {task} from fleet data is not implemented yet (quality only)"
-            )
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
         t0 = time.perf_counter()
-        train, held = self.rows(group, since_us=since_us, until_us=until_us)
+        train, held = self.task_rows(task, group, since_us=since_us, until_us=until_us)
         if len(held) < self.config.gate.min_rows:
             raise DataUnavailable(
-                f"deferred: {len(held)} held-out rows with realised outcomes in the window "
+                f"deferred: {len(held)} held-out {_UNITS[task]} in the window "
                 f"(need {self.config.gate.min_rows}); nothing was trained"
             )
         champion = self.registry.holder(task, group, "champion")
@@ -248,22 +312,32 @@ class Lifecycle:
             task, champion.manifest_version if champion else "1.0.0"
         )
         settings = self.config.trainer
-        n_epochs = epochs or settings.epochs
+        n_epochs = epochs or settings.epochs_for(task)
+        parent = champion.key if champion else ""
+        trained_with = f"edgeos-cloud models retrain --task {task} --group {group} ({reason})"
+        common: dict[str, Any] = {
+            "version": version_text,
+            "parent": parent,
+            "epochs": n_epochs,
+            "seed": settings.seed,
+            "python": settings.python,
+            "timeout_s": settings.timeout_s,
+            "trained_with": trained_with,
+        }
         with self._scratch("train-") as tmp:
-            trained = train_quality(
-                train,
-                tmp,
-                version=version_text,
-                parent=champion.key if champion else "",
-                val=held,
-                epochs=n_epochs,
-                seed=settings.seed,
-                python=settings.python,
-                timeout_s=settings.timeout_s,
-                trained_with=f"edgeos-cloud models retrain --group {group} ({reason})",
-            )
+            extra_params: dict[str, str | int | float] = {}
+            if isinstance(train, AnomalyRows):
+                trained = train_anomaly(train, tmp, **common)
+                extra_params = {"windows_train": int(train.windows.shape[0])}
+            elif task == "correction":
+                assert isinstance(held, QualityRows)
+                trained, extra_params = self._train_correction(train, held, group, tmp, common)
+            else:
+                assert isinstance(held, QualityRows)
+                trained = train_quality(train, tmp, val=held, **common)
             record = TrainingRecord(
                 params={
+                    "task": task,
                     "group": group,
                     "devices": ",".join(sorted(set(train.device))),
                     "since_us": str(int(train.ts_us.min())),
@@ -274,7 +348,8 @@ class Lifecycle:
                     "seed": settings.seed,
                     "code": _code_version(),
                     "reason": reason,
-                    "parent": champion.key if champion else "",
+                    "parent": parent,
+                    **extra_params,
                 },
                 metrics={
                     k: float(v)
@@ -291,6 +366,51 @@ class Lifecycle:
             "seconds": round(time.perf_counter() - t0, 2),
             "rows": {"train": len(train), "held_out": len(held)},
         }
+
+    def _train_correction(
+        self,
+        train: QualityRows,
+        held: QualityRows,
+        group: str,
+        tmp: Path,
+        common: dict[str, Any],
+    ) -> tuple[Any, dict[str, str | int | float]]:
+        """The correction's own refusals, then its trainer (see :mod:`.train.correction_tf`)."""
+        from edgeos_cloud.models.gate import load_version
+
+        champion = self.registry.holder("correction", group, "champion")
+        if champion is None:
+            raise WindowRefused(
+                f"correction: {group} has no champion; a fleet retrain recalibrates the "
+                "champion's correction (seed one with register --champion)"
+            )
+        champ = load_version(self.registry.download(champion, tmp / "champion"))
+        if champ.model is None:
+            raise WindowRefused(f"correction: the champion {champion.key} does not load")
+        m = champ.manifest
+        baseline = dict(m.baseline)
+        plant = len(plant_recipe_rows(train, baseline))
+        learned = len(train) - plant
+        if learned < self.config.trainer.min_learned_loads:
+            recipe = ", ".join(f"{k} {v:g}" for k, v in baseline.items())
+            raise WindowRefused(
+                f"correction: {learned} of {len(train)} training loads ran a recipe other than "
+                f"the plant recipe ({recipe}), need {self.config.trainer.min_learned_loads}: "
+                "the effect of a correction cannot be learned from the plant recipe alone "
+                "(let the guard run learned recipes on the line first)"
+            )
+        out = champ.model.run(train.x)
+        proposals = out[:, [m.output_index("heater.sp.delta"), m.output_index("press.sp.delta")]]
+        trained = train_correction(
+            train,
+            tmp / "work",
+            champion_proposals=proposals,
+            baseline=baseline,
+            thresholds=dict(m.thresholds),
+            val=held,
+            **common,
+        )
+        return trained, {"loads_plant_recipe": plant, "loads_learned_recipe": learned}
 
     # ------------------------------------------------------------------ publishing
 
@@ -352,69 +472,98 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ device reports
 
-    def record_reports(self, group: str, *, since_us: int | None = None) -> list[dict[str, Any]]:
-        """Promotions/demotions the group's gateways reported → stages + audit records."""
-        from edgeos_cloud.models.replay import _open
-
-        storage = _open(self.config.storage_url)
-        changes: list[dict[str, Any]] = []
-        try:
-            events = [
-                (device, ev)
-                for device in self.config.group(group).devices
-                for ev in storage.events(device, since_us)
-                if ev.get("type") in ("model_promoted", "model_demoted")
-            ]
-        finally:
-            storage.close()
-        for device, ev in events:
-            key = f"{ev['model']}@{ev['version']}"
-            try:
-                version = self.registry.find(key)
-            except KeyError:
-                continue
-            stage = "champion" if ev["type"] == "model_promoted" else "challenger"
-            if version.stages.get(group) == stage or version.status != "qualified":
-                continue
-            self.registry.set_stage(version, group, stage, f"{device} reported {ev['type']}")
-            changes.append({"device": device, "model": key, "stage": stage})
+    def record_reports(self, group: str) -> list[dict[str, Any]]:
+        """Promotions/demotions the group's gateways reported → per-device audit entries and
+        stages; their ``model_metrics`` → tracking (one incremental fold, :mod:`.tracking`)."""
+        changes: list[dict[str, Any]] = self.track(group)["changes"]
         return changes
+
+    def track(self, group: str) -> dict[str, Any]:
+        """Fold the group's new model reports into tracking (see :mod:`.tracking`)."""
+        from edgeos_cloud.models.tracking import FleetTracker
+
+        return FleetTracker(self).fold(group)
 
     # ------------------------------------------------------------------ drift
 
     def drift(self, task: str, group: str, *, since_us: int | None = None) -> dict[str, Any]:
-        """The group's realised error per window against the champion's sigma."""
+        """The group's realised error per window against the champion's sigma.
+
+        Incremental: each check reads only the samples and verdicts stored since the last
+        sample the previous check read (minus ``overlap_s``, so a tyre loaded before that point
+        and measured after it is still paired; rows already counted are recognised by their
+        identity) and adds them to per-window sums kept in ``home/state/``. ``since_us`` asks
+        for a one-off check from that time instead (the state is neither read nor changed).
+        """
+        if task != "quality":
+            raise ValueError(
+                f"drift is measured on the quality verdicts' realised error, not on {task}"
+            )
         settings = self.config.drift
-        rows = load_quality_rows(
-            self.config.storage_url, self.config.group(group).devices, since_us=since_us
+        devices = self.config.group(group).devices
+        state_file = StateFile(self.config.home, f"drift-{task}-{group}")
+        incremental = since_us is None
+        state: dict[str, Any] = state_file.load() if incremental else {}
+        overlap = int(settings.overlap_s * 1e6)
+        until: dict[str, int] = state.setdefault("until", {})
+        since_by_device = {d: int(until[d]) - overlap for d in devices if d in until}
+        fleet = load_rows(
+            self.config.storage_url,
+            devices,
+            since_us=since_us,
+            since_by_device=since_by_device,
         )
         paired = verdict_errors(
-            self.config.storage_url, self.config.group(group).devices, rows, since_us=since_us
+            self.config.storage_url,
+            devices,
+            fleet.quality,
+            since_us=since_us,
+            since_by_device=since_by_device,
         )
+        seen: dict[str, list[list[Any]]] = state.setdefault("seen", {})
+        buckets: dict[str, list[float]] = state.setdefault("buckets", {})
+        width = int(settings.window_s * 1e6)
+        if paired and state.get("origin_us") is None:
+            state["origin_us"] = min(p["ts_us"] for p in paired)
+        known = {d: {(s, int(t)) for s, t in seen.get(d, [])} for d in devices}
+        added = 0
+        for p in paired:
+            ident = (p["station"], int(p["ts_us"]))
+            if ident in known.setdefault(p["device"], set()):
+                continue
+            known[p["device"]].add(ident)
+            k = str((p["ts_us"] - state["origin_us"]) // width)
+            b = buckets.setdefault(k, [0, 0.0])
+            b[0] += 1
+            b[1] += p["error"] ** 2
+            added += 1
+        for d in devices:
+            if d in fleet.read_until_us:
+                until[d] = max(int(until.get(d, 0)), fleet.read_until_us[d])
+            if d in until:
+                floor = int(until[d]) - overlap
+                seen[d] = sorted([s, t] for s, t in known.get(d, set()) if t >= floor)
+        # Only recent windows matter to the monitor; the history lives in MLflow.
+        for k in sorted(buckets, key=int)[:-_KEEP_WINDOWS]:
+            del buckets[k]
         champion = self.registry.holder(task, group, "champion")
         sigma = _sigma_of(self, champion) if champion else None
         windows: list[dict[str, Any]] = []
-        if paired:
-            width = int(settings.window_s * 1e6)
-            start = min(p["ts_us"] for p in paired)
-            buckets: dict[int, list[float]] = {}
-            for p in paired:
-                buckets.setdefault((p["ts_us"] - start) // width, []).append(p["error"])
-            for k in sorted(buckets):
-                errs = buckets[k]
-                rms = float(sum(e * e for e in errs) / len(errs)) ** 0.5
-                windows.append(
-                    {
-                        "start_us": start + k * width,
-                        "rows": len(errs),
-                        "rms": round(rms, 4),
-                        "drifting": bool(
-                            sigma is not None
-                            and len(errs) >= settings.min_rows
-                            and rms > settings.factor * sigma
-                        ),
-                    }
-                )
+        for k in sorted(buckets, key=int):
+            n, sum_sq = buckets[k]
+            rms = (sum_sq / n) ** 0.5
+            windows.append(
+                {
+                    "start_us": int(state["origin_us"]) + int(k) * width,
+                    "rows": int(n),
+                    "rms": round(rms, 4),
+                    "drifting": bool(
+                        sigma is not None
+                        and n >= settings.min_rows
+                        and rms > settings.factor * sigma
+                    ),
+                }
+            )
         counted = [w for w in windows if w["rows"] >= settings.min_rows]
         tail = counted[-settings.windows :]
         triggered = len(tail) == settings.windows and all(w["drifting"] for w in tail)
@@ -422,12 +571,14 @@ class Lifecycle:
         run = list(reversed(counted))
         first = next((i for i, w in enumerate(run) if not w["drifting"]), len(run))
         since = run[first - 1]["start_us"] if triggered and first > 0 else None
-        if champion is not None and counted:
+        if champion is not None and counted and added:
             self.registry.log_tracking(
                 champion,
                 group,
                 {"error_rms": counted[-1]["rms"], "rows": counted[-1]["rows"]},
             )
+        if incremental:
+            state_file.save(state)
         return {
             "group": group,
             "task": task,
@@ -437,6 +588,11 @@ class Lifecycle:
             "windows": windows,
             "drift": triggered,
             "drift_since_us": since,
+            "read": {
+                "since_us": since_by_device if incremental else dict.fromkeys(devices, since_us),
+                "samples": fleet.samples,
+                "new_pairs": added,
+            },
         }
 
     def drift_and_retrain(self, task: str, group: str, **kwargs: Any) -> dict[str, Any]:
@@ -452,6 +608,10 @@ class Lifecycle:
             **kwargs,
         )
         return {"drift": status, "retrain": result}
+
+
+#: Windows the drift state keeps (600 s windows: about two weeks).
+_KEEP_WINDOWS = 2000
 
 
 def _sigma_of(lifecycle: Lifecycle, version: RegisteredVersion) -> float | None:

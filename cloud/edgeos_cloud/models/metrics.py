@@ -7,10 +7,20 @@ timer), or serve it. Gauges:
 
 ``edgeos_model_stage{model,version,group,stage}``      1 for the stage a version holds
 ``edgeos_model_gate_passed{model,version}``            1 qualified, 0 refused
-``edgeos_model_error_rms{model,version,group}``        last tracked RMS error vs realised quality
-``edgeos_model_agreement{model,version,group}``        last tracked agreement with the champion
-``edgeos_model_latency_ms{model,version,group}``       last tracked invoke latency on the devices
-``edgeos_model_promotions{model,group}``               promotions recorded in the audit trail
+``edgeos_model_error_rms{model,version,group}``        last tracked RMS error of the verdicts vs
+                                                       realised quality (the drift monitor)
+``edgeos_model_error_mean{model,version,group}``       mean error vs the realised outcome as the
+                                                       gateways score it (their model_metrics)
+``edgeos_model_realised_samples{model,version,group}`` tyres those errors are over
+``edgeos_model_agreement{model,version,group}``        agreement with the champion (shadow rows)
+``edgeos_model_latency_ms{model,version,group}``       mean invoke latency on the devices
+``edgeos_model_latency_p99_ms{model,version,group}``   worst p99 invoke latency reported
+``edgeos_model_promotions{model,group}``               promotions the devices reported
+``edgeos_model_demotions{model,group}``                demotions the devices reported
+``edgeos_model_version_promotions{model,version,group}`` promotions of that version
+
+The gateways' figures come from the tracker's aggregates (:mod:`.tracking`, one fold per
+``edgeos-cloud models reports``); the drift monitor's from the version's MLflow tracking run.
 """
 
 from __future__ import annotations
@@ -25,52 +35,63 @@ if TYPE_CHECKING:
 __all__ = ["render"]
 
 
+def _gauge(reg: CollectorRegistry, name: str, doc: str, labels: list[str]) -> Gauge:
+    return Gauge(name, doc, labels, registry=reg)
+
+
 def render(lifecycle: Lifecycle) -> bytes:
+    from edgeos_cloud.models.tracking import figures, tracking_state
+
     reg = CollectorRegistry()
-    stage = Gauge(
-        "edgeos_model_stage",
-        "Stage a version holds",
-        ["model", "version", "group", "stage"],
-        registry=reg,
-    )
-    gate = Gauge("edgeos_model_gate_passed", "Gate verdict", ["model", "version"], registry=reg)
+    vg = ["model", "version", "group"]
+    stage = _gauge(reg, "edgeos_model_stage", "Stage a version holds", [*vg, "stage"])
+    gate = _gauge(reg, "edgeos_model_gate_passed", "Gate verdict", ["model", "version"])
+    error_rms = _gauge(reg, "edgeos_model_error_rms", "RMS error of verdicts vs realised", vg)
     tracked = {
-        "error_rms": Gauge(
-            "edgeos_model_error_rms",
-            "RMS error vs realised quality",
-            ["model", "version", "group"],
-            registry=reg,
+        "error_mean": _gauge(
+            reg, "edgeos_model_error_mean", "Mean error vs the realised outcome (gateways)", vg
         ),
-        "agreement": Gauge(
-            "edgeos_model_agreement",
-            "Agreement with the champion",
-            ["model", "version", "group"],
-            registry=reg,
+        "samples": _gauge(
+            reg, "edgeos_model_realised_samples", "Realised tyres the error is over", vg
         ),
-        "latency_ms": Gauge(
-            "edgeos_model_latency_ms",
-            "Invoke latency on the devices",
-            ["model", "version", "group"],
-            registry=reg,
+        "agreement": _gauge(reg, "edgeos_model_agreement", "Agreement with the champion", vg),
+        "latency_ms": _gauge(reg, "edgeos_model_latency_ms", "Mean invoke latency (devices)", vg),
+        "latency_p99_ms": _gauge(
+            reg, "edgeos_model_latency_p99_ms", "Worst p99 invoke latency reported", vg
+        ),
+        "promotions": _gauge(
+            reg, "edgeos_model_version_promotions", "Device promotions of the version", vg
         ),
     }
-    promotions = Gauge(
-        "edgeos_model_promotions", "Promotions recorded", ["model", "group"], registry=reg
+    promotions = _gauge(
+        reg, "edgeos_model_promotions", "Promotions reported by devices", ["model", "group"]
+    )
+    demotions = _gauge(
+        reg, "edgeos_model_demotions", "Demotions reported by devices", ["model", "group"]
     )
     for v in lifecycle.registry.versions():
         if v.status in ("qualified", "refused"):
             gate.labels(v.name, v.manifest_version).set(1.0 if v.status == "qualified" else 0.0)
         for group, st in v.stages.items():
             stage.labels(v.name, v.manifest_version, group, st).set(1.0)
-            history = lifecycle.registry.tracking(v, group)
-            for key, gauge in tracked.items():
-                if history.get(key):
-                    gauge.labels(v.name, v.manifest_version, group).set(history[key][-1])
-    counts: dict[tuple[str, str], int] = {}
-    for rec in lifecycle.registry.audit():
-        if rec["to"] == "champion" and "reported" in rec["reason"]:
-            name = rec["key"].split("@", 1)[0]
-            counts[(name, rec["group"])] = counts.get((name, rec["group"]), 0) + 1
-    for (name, group), n in counts.items():
-        promotions.labels(name, group).set(n)
+            if v.tags.get(f"tracking.{group}"):
+                history = lifecycle.registry.tracking(v, group)
+                if history.get("error_rms"):
+                    error_rms.labels(v.name, v.manifest_version, group).set(
+                        history["error_rms"][-1]
+                    )
+    for group in lifecycle.config.groups:
+        versions = tracking_state(lifecycle, group).load().get("versions", {})
+        counts: dict[str, list[int]] = {}
+        for key, agg in versions.items():
+            name, _, mv = key.partition("@")
+            for k, value in figures(agg).items():
+                if k in tracked:
+                    tracked[k].labels(name, mv, group).set(value)
+            c = counts.setdefault(name, [0, 0])
+            c[0] += int(agg["promotions"])
+            c[1] += int(agg["demotions"])
+        for name, (n_up, n_down) in counts.items():
+            promotions.labels(name, group).set(n_up)
+            demotions.labels(name, group).set(n_down)
     return generate_latest(reg)

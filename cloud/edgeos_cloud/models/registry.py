@@ -394,18 +394,27 @@ class ModelRegistry:
         self._audit(version, group, before, stage, reason)
 
     def _audit(
-        self, version: RegisteredVersion, group: str, before: str, after: str, reason: str
+        self,
+        version: RegisteredVersion,
+        group: str,
+        before: str,
+        after: str,
+        reason: str,
+        *,
+        device: str = "",
     ) -> None:
         with self._translated("write an audit record"):
             exp = self._experiment(AUDIT_EXPERIMENT)
+            who = f" [{device}]" if device else ""
             run = self.client.create_run(
                 exp,
-                run_name=f"{version.key} {group or '*'}: {before or '-'} → {after}",
+                run_name=f"{version.key} {group or '*'}{who}: {before or '-'} → {after}",
                 tags={
                     "model": version.name,
                     "version": str(version.number),
                     "key": version.key,
                     "group": group,
+                    "device": device,
                     "from": before,
                     "to": after,
                     "reason": reason[:4000],
@@ -413,8 +422,24 @@ class ModelRegistry:
             )
             self.client.set_terminated(run.info.run_id)
 
+    def audit_device(
+        self,
+        version: RegisteredVersion,
+        *,
+        group: str,
+        device: str,
+        before: str,
+        after: str,
+        reason: str,
+    ) -> None:
+        """What one device did with ``version`` (its own promotion/demotion report): an audit
+        record tagged with the device, whether or not the group's stage changed."""
+        _check_group(group)
+        self._audit(version, group, before, after, reason, device=device)
+
     def audit(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Every stage/status change (oldest first)."""
+        """Every stage/status change and device report (oldest first; ``device`` is empty for
+        the registry's own records)."""
         with self._translated("read the audit trail"):
             exp = self.client.get_experiment_by_name(AUDIT_EXPERIMENT)
             if exp is None:
@@ -428,7 +453,10 @@ class ModelRegistry:
         return [
             {
                 "at_ms": int(r.info.start_time),
-                **{k: r.data.tags.get(k, "") for k in ("key", "group", "from", "to", "reason")},
+                **{
+                    k: r.data.tags.get(k, "")
+                    for k in ("key", "group", "device", "from", "to", "reason")
+                },
             }
             for r in runs
         ]

@@ -2,7 +2,8 @@
 
 TensorFlow is not a dependency of the cloud: it is big, and in one environment it has fought
 LiteRT over protobuf (``make models`` keeps it in ``.venv-train`` for that reason). The trainer
-therefore writes the rows to an ``.npz`` file and runs :mod:`.train.quality_tf` with the
+therefore writes the rows to an ``.npz`` file and runs the task's script
+(:mod:`.train.quality_tf`, :mod:`.train.anomaly_tf`, :mod:`.train.correction_tf`) with the
 training interpreter, found in this order:
 
 1. ``python=`` (``[trainer] python`` in the lifecycle configuration),
@@ -20,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,15 @@ import numpy as np
 
 import edgeos_protocol
 from edgeos_cloud.models.errors import DataUnavailable, TrainingFailed
-from edgeos_cloud.models.replay import QualityRows
+from edgeos_cloud.models.replay import AnomalyRows, QualityRows
 
-__all__ = ["TrainedModel", "find_train_python", "train_quality"]
+__all__ = [
+    "TrainedModel",
+    "find_train_python",
+    "train_anomaly",
+    "train_correction",
+    "train_quality",
+]
 
 _TRAIN_DIR = Path(__file__).resolve().parent / "train"
 #: Fewer training rows than this: no training (the result would not mean anything).
@@ -58,6 +66,59 @@ def find_train_python(python: str | None = None) -> str:
     )
 
 
+def _run_script(
+    script: str,
+    out_dir: Path,
+    arrays: dict[str, Any],
+    args: list[str],
+    *,
+    python: str | None,
+    timeout_s: float,
+) -> TrainedModel:
+    """Write ``arrays`` to ``rows.npz`` and run ``train/<script>`` in the training interpreter."""
+    py = find_train_python(python)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = out_dir / "model"
+    data = out_dir / "rows.npz"
+    np.savez(data, **arrays)
+    protocol_root = str(Path(edgeos_protocol.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": protocol_root, "PYTHONHASHSEED": "0"}
+    cmd = [py, str(_TRAIN_DIR / script), "--data", str(data), "--out", str(model_dir), *args]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise TrainingFailed(f"the trainer ran longer than {timeout_s:g} s") from exc
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise TrainingFailed(f"the trainer exited {proc.returncode}:\n{tail}")
+    try:
+        report = json.loads((model_dir / "training.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainingFailed(f"the trainer wrote no report: {exc}") from exc
+    return TrainedModel(model_dir, report, seconds)
+
+
+def _common_args(
+    script: str, *, version: str, parent: str, epochs: int, seed: int, trained_with: str
+) -> list[str]:
+    return [
+        "--version",
+        version,
+        "--parent",
+        parent,
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--trained-with",
+        trained_with or f"edgeos_cloud.models.train.{script} epochs={epochs} seed={seed}",
+    ]
+
+
 def train_quality(
     train: QualityRows,
     out_dir: Path,
@@ -77,52 +138,124 @@ def train_quality(
             f"deferred: {len(train)} training rows with realised quality in the window, "
             f"need {MIN_TRAIN_ROWS}"
         )
-    py = find_train_python(python)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = out_dir / "model"
-    data = out_dir / "rows.npz"
-    extra: dict[str, Any] = {}
+    arrays: dict[str, Any] = {"x": train.x, "y": train.y}
     if val is not None and len(val):
-        extra = {"val_x": val.x, "val_y": val.y}
-    np.savez(data, x=train.x, y=train.y, **extra)
-    protocol_root = str(Path(edgeos_protocol.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": protocol_root, "PYTHONHASHSEED": "0"}
-    cmd = [
-        py,
-        str(_TRAIN_DIR / "quality_tf.py"),
-        "--data",
-        str(data),
-        "--out",
-        str(model_dir),
-        "--version",
-        version,
-        "--parent",
-        parent,
-        "--epochs",
-        str(epochs),
-        "--seed",
-        str(seed),
-        "--trained-with",
-        trained_with or f"edgeos_cloud.models.train.quality_tf epochs={epochs} seed={seed}",
-    ]
-    import time
+        arrays |= {"val_x": val.x, "val_y": val.y}
+    return _run_script(
+        "quality_tf.py",
+        out_dir,
+        arrays,
+        _common_args(
+            "quality_tf",
+            version=version,
+            parent=parent,
+            epochs=epochs,
+            seed=seed,
+            trained_with=trained_with,
+        ),
+        python=python,
+        timeout_s=timeout_s,
+    )
 
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+
+def train_anomaly(
+    train: AnomalyRows,
+    out_dir: Path,
+    *,
+    version: str,
+    parent: str = "",
+    epochs: int = 12,
+    seed: int = 20240601,
+    python: str | None = None,
+    timeout_s: float = 1800.0,
+    trained_with: str = "",
+) -> TrainedModel:
+    """Train the anomaly autoencoder on the windows of ``train``'s in-spec tyres."""
+    normal = int((train.y == 0).sum())
+    if normal < MIN_TRAIN_ROWS:
+        raise DataUnavailable(
+            f"deferred: {normal} training tyres realised in spec in the window (their cure "
+            f"windows are the normal operation the autoencoder learns), need {MIN_TRAIN_ROWS}"
         )
-    except subprocess.TimeoutExpired as exc:
-        raise TrainingFailed(f"the trainer ran longer than {timeout_s:g} s") from exc
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise TrainingFailed(f"the trainer exited {proc.returncode}:\n{tail}")
-    try:
-        report = json.loads((model_dir / "training.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise TrainingFailed(f"the trainer wrote no report: {exc}") from exc
-    return TrainedModel(model_dir, report, seconds)
+    arrays = {"windows": train.windows, "tyre": train.tyre, "y": train.y}
+    return _run_script(
+        "anomaly_tf.py",
+        out_dir,
+        arrays,
+        _common_args(
+            "anomaly_tf",
+            version=version,
+            parent=parent,
+            epochs=epochs,
+            seed=seed,
+            trained_with=trained_with,
+        ),
+        python=python,
+        timeout_s=timeout_s,
+    )
+
+
+def train_correction(
+    train: QualityRows,
+    out_dir: Path,
+    *,
+    version: str,
+    champion_proposals: Any,
+    baseline: dict[str, float],
+    thresholds: dict[str, float],
+    parent: str = "",
+    val: QualityRows | None = None,
+    epochs: int = 150,
+    seed: int = 20240601,
+    python: str | None = None,
+    timeout_s: float = 1800.0,
+    trained_with: str = "",
+) -> TrainedModel:
+    """Train a correction model (see :mod:`.train.correction_tf`) on ``train``.
+
+    ``champion_proposals`` are the champion's ``(heater, pressure)`` deltas on the training
+    rows (the direction the new model recalibrates); ``baseline`` the plant recipe.
+    """
+    if len(train) < MIN_TRAIN_ROWS or train.applied is None:
+        raise DataUnavailable(
+            f"deferred: {len(train)} training loads with a realised outcome and the recipe in "
+            f"force in the window, need {MIN_TRAIN_ROWS}"
+        )
+    base = np.array([baseline["heater.sp"], baseline["press.sp"]])
+    arrays: dict[str, Any] = {
+        "x": train.x,
+        "y": train.y,
+        "d": train.applied - base,
+        "dir": np.asarray(champion_proposals, np.float64),
+    }
+    if val is not None and len(val) and val.applied is not None:
+        arrays |= {"val_x": val.x, "val_y": val.y, "val_d": val.applied - base}
+    extra = [
+        "--baseline-heater",
+        repr(float(baseline["heater.sp"])),
+        "--baseline-press",
+        repr(float(baseline["press.sp"])),
+        "--target",
+        repr(float(thresholds.get("target", 6.6))),
+        "--confidence-k",
+        repr(float(thresholds.get("confidence_k", 2.0))),
+    ]
+    return _run_script(
+        "correction_tf.py",
+        out_dir,
+        arrays,
+        _common_args(
+            "correction_tf",
+            version=version,
+            parent=parent,
+            epochs=epochs,
+            seed=seed,
+            trained_with=trained_with,
+        )
+        + extra,
+        python=python,
+        timeout_s=timeout_s,
+    )
 
 
 def python_version_of(py: str) -> str:

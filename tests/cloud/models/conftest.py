@@ -103,3 +103,67 @@ def train_python() -> Iterator[str]:
     if probe.returncode != 0:
         pytest.skip(f"{py} cannot import tensorflow: {probe.stderr.strip()[-300:]}")
     yield str(py)
+
+
+@dataclass(frozen=True)
+class GuardedFleet:
+    """A receiver database of one gateway whose guard runs learned recipes half of the time."""
+
+    storage_url: str
+    registry_dir: Path
+    device: str
+    group: str
+    end_us: int
+
+
+def record_guarded_line(
+    url: str, registry_dir: Path, device: str, *, nests: int = 10, phase_s: int = 450
+) -> int:
+    """A new rubber from the start; the operator switch alternates learned recipes (the guard
+    decides, within its budget) and the plant recipe, ``phase_s`` each, four phases. Returns the
+    end time (µs). Every sample and event goes through the receiver's ingest path."""
+    from edgeos.config import GuardConfig
+    from edgeos.inference.engine import InferenceEngine
+    from edgeos_sim.simline import FleetRecorder, SimClock, SimLine, record_run
+
+    line = SimLine(nests, seed=7)
+    line.new_rubber(9.0)
+    engine = InferenceEngine.from_manifests(
+        [MODELS_DIR / "anomaly.toml", MODELS_DIR / "correction.toml", MODELS_DIR / "quality.toml"],
+        line.stations,
+        line.tag_configs(),
+        guard=GuardConfig(enabled=True, alpha=0.05),
+        clock=SimClock(line),
+    )
+    recorder = FleetRecorder(url, registry_dir, device, line.stations)
+    try:
+        for phase in range(4):
+            engine.set_learning(phase % 2 == 0)
+            record_run(line, recorder, phase_s, engine=engine, apply=True)
+    finally:
+        recorder.close()
+    return round((line.now + 1_700_000_000.0) * 1e6)
+
+
+@pytest.fixture(scope="session")
+def guarded_fleet(tmp_path_factory: pytest.TempPathFactory) -> GuardedFleet:
+    directory = tmp_path_factory.mktemp("guarded")
+    url = f"sqlite:///{directory / 'receiver.db'}"
+    end = record_guarded_line(url, directory / "registry", "gw-guarded")
+    return GuardedFleet(url, directory / "registry", "gw-guarded", "line-g", end)
+
+
+@pytest.fixture
+def make_guarded_lifecycle(tmp_path: Path, guarded_fleet: GuardedFleet) -> MakeLifecycle:
+    def make(**overrides: Any) -> Lifecycle:
+        config = LifecycleConfig.model_validate(
+            {
+                "home": tmp_path / "guarded-lifecycle",
+                "storage_url": guarded_fleet.storage_url,
+                "groups": {guarded_fleet.group: {"devices": [guarded_fleet.device]}},
+                **overrides,
+            }
+        )
+        return Lifecycle(config)
+
+    return make

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 import edgeos_protocol
 from edgeos.config import GuardConfig, PromotionConfig
@@ -46,6 +47,7 @@ def _gateway(tmp_path: Path, repo: OtaRepository) -> Device:
     return Device(slots, trusted, root)
 
 
+@pytest.mark.timeout(900)  # a safety net on a loaded machine, not a timed assertion
 def test_drift_retrain_gate_publish_and_a_gateway_takes_the_challenger(
     tmp_path: Path, make_lifecycle: Any, fleet: Any, train_python: str
 ) -> None:
@@ -102,7 +104,13 @@ def test_drift_retrain_gate_publish_and_a_gateway_takes_the_challenger(
     recorder.add(line.now, line.sample(), [e for e in log.events if e["type"].startswith("model_")])
     recorder.close()
     changes = life.record_reports(fleet.group)
-    assert {"device": fleet.device, "model": candidate.key, "stage": "champion"} in changes
+    promoted_change = {"device": fleet.device, "model": candidate.key, "stage": "champion"}
+    assert promoted_change | {"group_stage_moved": True} in changes
+    # The device's own report is in the audit trail, tagged with the device.
+    assert any(
+        a["device"] == fleet.device and a["key"] == candidate.key and a["to"] == "champion"
+        for a in life.registry.audit("quality")
+    )
     assert life.registry.holder("quality", fleet.group, "champion").key == candidate.key
     # The device demoted the old champion to a shadow challenger; the registry says so.
     assert life.registry.get("quality", champion.number).stages[fleet.group] == "challenger"

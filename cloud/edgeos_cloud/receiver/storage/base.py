@@ -300,6 +300,10 @@ class Storage(Protocol):
 
     def events(self, device: str, since_us: int | None = None) -> list[dict[str, Any]]: ...
 
+    def events_of_types(
+        self, device: str, types: Sequence[str], since_us: int | None = None
+    ) -> list[dict[str, Any]]: ...
+
     def device_summaries(self) -> list[DeviceSummary]: ...
 
     def reported(self, device: str) -> dict[str, ReportedValue]:

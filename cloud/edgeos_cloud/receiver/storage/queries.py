@@ -132,6 +132,28 @@ class SqlQueries:
             for ts, ep, seq, body in rows
         ]
 
+    def events_of_types(
+        self, device: str, types: Sequence[str], since_us: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Events of the given ``types`` stamped at or after ``since_us``, oldest first.
+
+        For incremental readers (the model lifecycle's tracker): the ``(device_id, ts)`` index
+        bounds the scan to the time since their cursor, and only the types they fold are parsed.
+        """
+        device_id = self._lookup_device(device)
+        if device_id is None or not types:
+            return []
+        marks = ", ".join("?" for _ in types)
+        rows = self._execute(
+            "SELECT ts, epoch, seq, body FROM events WHERE device_id = ? AND ts >= ?"
+            f" AND type IN ({marks}) ORDER BY ts",
+            (device_id, since_us if since_us is not None else -(1 << 62), *types),
+        ).fetchall()
+        return [
+            {"ts_us": int(ts), "epoch": from_db_epoch(int(ep)), "seq": int(seq), **json.loads(body)}
+            for ts, ep, seq, body in rows
+        ]
+
     def device_summaries(self) -> list[DeviceSummary]:
         rejects: dict[str, dict[str, int]] = {}
         for dev, reason, count in self._execute(
