@@ -3,12 +3,13 @@
     edgeos-cloud fleet --config fleet.toml [--json] groups
     edgeos-cloud fleet … leaderboard [--group G] [--since T]
     edgeos-cloud fleet … decide --group G --champion POLICY [--challenger POLICY …]
-    edgeos-cloud fleet … competitions [--group G]
+    edgeos-cloud fleet … competitions [--group G]     # the rule's records and the screenings
     edgeos-cloud fleet … calibrate --group G            # the group's twin simulator
     edgeos-cloud fleet … screen --group G NAME=heater.sp:164.5 NAME=press.sp:16.6 [--combine]
     edgeos-cloud fleet … rollouts [--json]
     edgeos-cloud fleet … run-once --group G --champion POLICY [--challenger POLICY …]
                          [--canary DEVICE …] [--models-config models.toml]  # the loop's step
+                         [--no-screen] [--runner-up-confidence C]
     edgeos-cloud fleet … metrics                         # Prometheus text (docs/grafana/)
 
 A POLICY is ``<model key>|<profile key>`` as the leaderboard prints it. Exit status: 0 done,
@@ -64,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     ru.add_argument("--min-tyres", type=int, default=20, help="canary tyres before advancing")
     ru.add_argument("--alpha", type=float, default=0.005, help="the gateways' guard α")
     ru.add_argument("--models-config", type=Path, help="models.toml: for a model winner")
+    ru.add_argument(
+        "--no-screen",
+        action="store_true",
+        help="do not screen combinations of profile winners in the twin",
+    )
+    ru.add_argument(
+        "--runner-up-confidence",
+        type=float,
+        default=0.8,
+        help="a tie at least this confident is combined with the winner",
+    )
     sub.add_parser("metrics", help="Prometheus text exposition of the leaderboard")
     return p
 
@@ -206,7 +218,15 @@ def _competitions(config: FleetConfig, args: argparse.Namespace) -> int:
         _print([], args.json)
         return 0
     with CompetitionStore(path) as store:
-        _print([c.as_dict() for c in store.list(args.group)], args.json)
+        records = [c.as_dict() for c in store.list(args.group)]
+    _print(records, args.json)
+    if not args.json:
+        for c in records:
+            if c["screening"] and c["screening"].get("results"):
+                twin = ", ".join(
+                    f"{r['candidate']} {r['mean_reward']:.3f}" for r in c["screening"]["results"]
+                )
+                print(f"  #{c['id']} screened: {twin} -> {c['screening']['rolled_out']}")
     return 0
 
 
@@ -285,6 +305,8 @@ def _run_once(config: FleetConfig, storage: Any, args: argparse.Namespace) -> in
             lifecycle=lifecycle,
             min_tyres=args.min_tyres,
             alpha=args.alpha,
+            screen_combinations=not args.no_screen,
+            runner_up_confidence=args.runner_up_confidence,
         )
     except RolloutRefused as exc:
         print(f"edgeos-cloud fleet: {exc}", file=sys.stderr)

@@ -24,10 +24,15 @@ next to it, ``naive``, to show when the two disagree).
 **Combinations.** Two winning profiles that change different set-points (line A's start
 temperature, line B's pressure) make a third candidate, :func:`combine`; :func:`screen` runs the
 three (and the plant default) in the group's calibrated twin simulator with common random
-numbers, before any line runs the combination.
+numbers, before any line runs the combination, and states whether the combination beats the
+better single candidate with confidence (the paired difference's one-sided lower bound, the
+same ``confidence`` and ``margin`` as the rule). The fleet loop
+(:func:`edgeos_cloud.fleet.loop.run_once`) does this for every step that declares a profile
+winner with a partner and records it as a ``combination`` record.
 
 Every decision is a :class:`Competition` record, persisted by :class:`CompetitionStore`
-(SQLite, ``<home>/competitions.db``).
+(SQLite, ``<home>/competitions.db``); :func:`contest` returns the winner *and* this step's
+records (the loop looks for a second winner or a strong runner-up among them).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -55,9 +60,11 @@ __all__ = [
     "Comparison",
     "Competition",
     "CompetitionStore",
+    "Contest",
     "Winner",
     "combine",
     "compare",
+    "contest",
     "decide",
     "screen",
 ]
@@ -166,13 +173,22 @@ class Winner:
 
 @dataclass(frozen=True, slots=True)
 class Competition:
-    """One decision of the rule, as persisted."""
+    """One decision of the rule, as persisted.
+
+    The rule's records have the challenger's ``task`` (a model family or ``profile``); a twin
+    screening of a combination is recorded with ``task="combination"``, the twin's paired
+    difference (combination − better single candidate) as estimate/SE/bound/confidence, the
+    twin's tyres per candidate as ``evidence`` and the details in ``screening``.
+    """
 
     group: str
     task: str
     champion: str
     challenger: str
-    #: ``winner`` (challenger declared), ``tie``, ``champion_better``, ``insufficient``.
+    #: The rule: ``winner`` (challenger declared), ``tie``, ``champion_better``,
+    #: ``insufficient``. A screening: ``combined`` (the combination is rolled out), ``single``
+    #: (not better with confidence: the winner is), ``refused`` (not a combination, does not fit
+    #: a target, or the twin cannot play it).
     decision: str
     reason: str
     estimate: float | None
@@ -185,9 +201,16 @@ class Competition:
     settings: Mapping[str, Any]
     ts: float = 0.0
     id: int | None = None
+    #: A combination's screening: candidates, twin results, profiles, what was rolled out.
+    screening: Mapping[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "evidence": dict(self.evidence), "settings": dict(self.settings)}
+        return {
+            **asdict(self),
+            "evidence": dict(self.evidence),
+            "settings": dict(self.settings),
+            "screening": None if self.screening is None else dict(self.screening),
+        }
 
 
 def _task_of(champion: str, challenger: str) -> tuple[str, str | None, str | None]:
@@ -202,6 +225,15 @@ def _task_of(champion: str, challenger: str) -> tuple[str, str | None, str | Non
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Contest:
+    """One run of the rule: the winner (``None``: the champion stays) and every challenger's
+    record, in challenger order (with ids when a store recorded them)."""
+
+    winner: Winner | None
+    records: tuple[Competition, ...]
 
 
 def decide(
@@ -220,6 +252,22 @@ def decide(
     ``challengers`` default to every other policy in it. Every comparison is recorded in
     ``store`` when given. Returns ``None`` when the champion stays.
     """
+    return contest(
+        group, champion, tyres, settings, challengers=challengers, store=store, now=now
+    ).winner
+
+
+def contest(
+    group: str,
+    champion: str,
+    tyres: Sequence[Tyre],
+    settings: CompetitionSettings | None = None,
+    *,
+    challengers: Iterable[str] | None = None,
+    store: CompetitionStore | None = None,
+    now: float | None = None,
+) -> Contest:
+    """:func:`decide`, returning every challenger's record too."""
     cfg = settings or CompetitionSettings()
     ts = time.time() if now is None else now
     by_policy: dict[str, list[tuple[str, float]]] = defaultdict(list)
@@ -228,10 +276,11 @@ def decide(
     names = sorted(set(challengers) if challengers is not None else set(by_policy) - {champion})
     names = [n for n in names if n != champion]
     if not names:
-        return None
+        return Contest(None, ())
     # Bonferroni: k simultaneous one-sided tests at β/k each.
     conf = 1.0 - (1.0 - cfg.confidence) / len(names)
     best: tuple[Comparison, str, int | None] | None = None
+    records: list[Competition] = []
     for name in names:
         cmp = compare(
             by_policy.get(name, []),
@@ -260,13 +309,14 @@ def decide(
             ts=ts,
         )
         rid = store.add(record) if store is not None else None
+        records.append(replace(record, id=rid))
         if decision == "winner" and (best is None or cmp.bound > best[0].bound):
             best = (cmp, name, rid)
     if best is None:
-        return None
+        return Contest(None, tuple(records))
     cmp, name, rid = best
     task, model, profile = _task_of(champion, name)
-    return Winner(
+    winner = Winner(
         group=group,
         task=task,
         winner=name,
@@ -280,6 +330,7 @@ def decide(
         strata=cmp.strata,
         competition_id=rid,
     )
+    return Contest(winner, tuple(records))
 
 
 def _judge(cmp: Comparison, cfg: CompetitionSettings) -> tuple[str, str]:
@@ -324,26 +375,101 @@ def combine(a: Candidate, b: Candidate, name: str | None = None) -> Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Combination:
-    """What screening two winners and their combination in the twin gave."""
+    """What screening two winners and their combination in the twin gave.
+
+    ``best`` is the best candidate by mean reward; ``single`` the better of the two single
+    candidates; ``estimate``/``se`` the paired (common random numbers) difference of the
+    combination over ``single`` per tyre, ``bound`` its one-sided lower bound at
+    ``confidence_level``, ``confidence`` = P(difference > ``margin``). ``combined_better``: the
+    bound clears the margin — the combination beats the better winner with that confidence.
+    """
 
     results: tuple[ScreenResult, ...]
     best: str
     combined: str
+    single: str = ""
+    estimate: float = math.nan
+    se: float = math.nan
+    bound: float = math.nan
+    confidence: float = 0.0
+    confidence_level: float = 0.95
+    margin: float = 0.0
+
+    @property
+    def combined_better(self) -> bool:
+        return math.isfinite(self.bound) and self.bound > self.margin
+
+    def result(self, candidate: str) -> ScreenResult:
+        return next(r for r in self.results if r.candidate == candidate)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "best": self.best,
             "combined": self.combined,
+            "single": self.single,
+            "estimate": _rounded(self.estimate),
+            "se": _rounded(self.se),
+            "bound": _rounded(self.bound),
+            "confidence": round(self.confidence, 6),
+            "confidence_level": self.confidence_level,
+            "margin": self.margin,
+            "combined_better": self.combined_better,
             "results": [r.as_dict() for r in self.results],
         }
 
 
-def screen(a: Candidate, b: Candidate, twin: TwinSimulator, *, cycles: int) -> Combination:
-    """Screen ``a``, ``b``, their combination and the plant default in ``twin``."""
+def _rounded(x: float) -> float | None:
+    return round(x, 5) if math.isfinite(x) else None
+
+
+def screen(
+    a: Candidate,
+    b: Candidate,
+    twin: TwinSimulator,
+    *,
+    cycles: int,
+    base: Candidate | None = None,
+    confidence: float = 0.95,
+    margin: float = 0.0,
+) -> Combination:
+    """Screen ``a``, ``b``, their combination and the plant default in ``twin``.
+
+    ``a`` and ``b`` hold the set-points each changes; with ``base`` (the champion's recipe),
+    every candidate is played on top of it and the champion is screened too. All runs share the
+    twin's batches and noise, so the combination is compared with the better single candidate
+    tyre for tyre (per-cycle line means are the paired units). Raises
+    :class:`CombinationRefused` when both set a set-point differently.
+    """
     both = combine(a, b)
-    results = twin.screen([Candidate.default(), a, b, both], cycles=cycles)
+
+    def over(c: Candidate) -> Candidate:
+        return c if base is None else Candidate(c.name, {**base.setpoints, **c.setpoints})
+
+    head = [Candidate.default()]
+    if base is not None and base.setpoints:
+        head.append(base)
+    singles = [over(a), over(b)]
+    results = twin.screen([*head, *singles, over(both)], cycles=cycles)
     best = max(results, key=lambda r: r.mean_reward)
-    return Combination(tuple(results), best.candidate, both.name)
+    by = {r.candidate: r for r in results}
+    single = max(singles, key=lambda c: by[c.name].mean_reward)
+    # The same twin and seed: the same batches and noise as above, paired against the single.
+    paired = twin.screen([single, over(both)], cycles=cycles)[1]
+    est, se = paired.vs_first, paired.vs_first_se
+    z = NormalDist().inv_cdf(confidence)
+    conf = NormalDist().cdf((est - margin) / se) if se > 0 else float(est > margin)
+    return Combination(
+        results=tuple(results),
+        best=best.candidate,
+        combined=both.name,
+        single=single.name,
+        estimate=est,
+        se=se,
+        bound=est - z * se,
+        confidence=conf,
+        confidence_level=confidence,
+        margin=margin,
+    )
 
 
 # --------------------------------------------------------------------------- persistence

@@ -12,7 +12,17 @@ Prometheus keeps the leaderboard's history. Gauges:
 ``edgeos_fleet_policy_tyres{group,policy,…}``                   measured tyres
 ``edgeos_fleet_policy_gate_error{group,policy,…}``              mean |predicted − realised| modulus
 ``edgeos_fleet_policy_scrap_rate{group,policy,…}``              scrap verdicts per judged tyre
-``edgeos_fleet_competitions{group,decision}``                   competitions recorded, by decision
+``edgeos_fleet_competitions{group,decision}``                   the rule's decisions recorded
+``edgeos_fleet_screenings{group,decision}``                     twin screenings of combinations
+                                                                (combined, single, refused)
+
+and of each group's latest screening that ran the twin:
+
+``edgeos_fleet_screening_reward{group,candidate}``              twin mean reward per tyre
+``edgeos_fleet_screening_uplift{group}``                        combination − better single
+``edgeos_fleet_screening_lower_bound{group}``                   its one-sided lower bound
+``edgeos_fleet_screening_confidence{group}``                    P(combination better)
+``edgeos_fleet_screening_combined{group}``                      1 if the combination went out
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from edgeos_cloud.fleet.evidence import PolicyRow
 __all__ = ["render"]
 
 _POLICY = ["group", "policy", "model", "profile"]
+#: The ``task`` of a screening record (:func:`edgeos_cloud.fleet.loop.screen_winners`).
+SCREENING = "combination"
 
 
 def render(
@@ -83,7 +95,62 @@ def render(
             value = getattr(row, attr)
             if value is not None:
                 gauge.labels(*labels).set(float(value))
-    counts = Counter((c.group, c.decision) for c in competitions)
-    for (group, decision), n in counts.items():
+    screenings = Gauge(
+        "edgeos_fleet_screenings",
+        "Twin screenings of combinations of winners, by decision",
+        ["group", "decision"],
+        registry=reg,
+    )
+    screen_reward = Gauge(
+        "edgeos_fleet_screening_reward",
+        "Twin mean reward per tyre of each candidate in the group's latest screening",
+        ["group", "candidate"],
+        registry=reg,
+    )
+    screen_values = {
+        "estimate": Gauge(
+            "edgeos_fleet_screening_uplift",
+            "Latest screening: combination minus the better single winner, per tyre (twin)",
+            ["group"],
+            registry=reg,
+        ),
+        "bound": Gauge(
+            "edgeos_fleet_screening_lower_bound",
+            "Latest screening: one-sided lower bound of that difference",
+            ["group"],
+            registry=reg,
+        ),
+        "confidence": Gauge(
+            "edgeos_fleet_screening_confidence",
+            "Latest screening: probability that the combination is better",
+            ["group"],
+            registry=reg,
+        ),
+    }
+    combined = Gauge(
+        "edgeos_fleet_screening_combined",
+        "Latest screening: 1 when the combination was rolled out, else 0",
+        ["group"],
+        registry=reg,
+    )
+    records = list(competitions)
+    rule = Counter((c.group, c.decision) for c in records if c.task != SCREENING)
+    for (group, decision), n in rule.items():
         decisions.labels(group, decision).set(n)
+    screened = Counter((c.group, c.decision) for c in records if c.task == SCREENING)
+    for (group, decision), n in screened.items():
+        screenings.labels(group, decision).set(n)
+    latest: dict[str, Competition] = {}
+    for c in records:  # oldest first: the last one that ran the twin stays
+        if c.task == SCREENING and c.screening and c.screening.get("results"):
+            latest[c.group] = c
+    for group, c in latest.items():
+        assert c.screening is not None
+        for r in c.screening["results"]:
+            screen_reward.labels(group, r["candidate"]).set(float(r["mean_reward"]))
+        for attr, gauge in screen_values.items():
+            value = getattr(c, attr)
+            if value is not None:
+                gauge.labels(group).set(float(value))
+        combined.labels(group).set(1.0 if c.decision == "combined" else 0.0)
     return generate_latest(reg)
