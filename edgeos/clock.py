@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "SystemClock", "VirtualClock"]
+__all__ = ["Clock", "SystemClock", "VirtualClock", "wall_offset"]
 
 
 @runtime_checkable
@@ -29,6 +30,26 @@ class Clock(Protocol):
     async def sleep_until(self, deadline: float) -> None:
         """Sleep until ``monotonic() >= deadline``; returns at once when it is already past."""
         ...
+
+
+def wall_offset(clock: Clock, *, tries: int = 4) -> float:
+    """``time() − monotonic()`` measured so that a preemption between the two reads does not
+    skew it: each try brackets the wall read between two monotonic reads and the tightest
+    bracket wins. On a busy machine one naive pair can be off by tens of milliseconds — a
+    large part of a 100 ms scan period — which moved every deadline converted with it
+    (scheduler's skipped-scan announcements) off its grid."""
+    best_span = math.inf
+    best = 0.0
+    for _ in range(tries):
+        m0 = clock.monotonic()
+        w = clock.time()
+        m1 = clock.monotonic()
+        span = m1 - m0
+        if span < best_span:
+            best_span, best = span, w - (m0 + m1) / 2
+        if span < 1e-4:
+            break
+    return best
 
 
 class SystemClock:

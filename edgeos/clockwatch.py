@@ -16,7 +16,7 @@ import logging
 from collections import deque
 from typing import Any
 
-from edgeos.clock import Clock
+from edgeos.clock import Clock, wall_offset
 
 __all__ = ["ClockWatch"]
 
@@ -30,7 +30,7 @@ class ClockWatch:
         self.clock = clock
         self.threshold_s = threshold_s
         self.interval_s = interval_s
-        self._offset = clock.time() - clock.monotonic()
+        self._offset = wall_offset(clock)
         self.steps = 0
         self.last_step_s: float | None = None
         self.largest_step_s = 0.0
@@ -38,8 +38,10 @@ class ClockWatch:
 
     def check(self) -> float | None:
         """Look once; return the step in seconds (+ forward) when the wall clock jumped."""
+        # Bracketed (edgeos.clock.wall_offset): a preemption between the two reads on a busy
+        # machine must not look like a step.
+        offset = wall_offset(self.clock)
         wall = self.clock.time()
-        offset = wall - self.clock.monotonic()
         step = offset - self._offset
         self._offset = offset
         if abs(step) < self.threshold_s:

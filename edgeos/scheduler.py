@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeos.clock import Clock
+from edgeos.clock import Clock, wall_offset
 from edgeos.config import ScanGroupConfig
 from edgeos.gcpolicy import GcPolicy
 from edgeos.histogram import Histogram
@@ -327,7 +327,7 @@ class Scheduler:
             return
         period = job.group.period
         # Deadlines are on the monotonic clock; the cloud reads wall-clock times.
-        to_wall = self._clock.time() - self._clock.monotonic()
+        to_wall = wall_offset(self._clock)
         first_ts = job.base + first_k * period + to_wall
         last_ts = job.base + last_k * period + to_wall
         count = last_k - first_k + 1

@@ -439,6 +439,7 @@ def _gaps(
             a, b = float(inside[k]), float(inside[k + 1])
             missing = max(1, round((b - a) / period) - 1) if period > 0 else 1
             skipped = 0
+            how = f"estimated from the median period {period:.3f} s"
             if announced.size and scan_period:
                 lo = int(np.searchsorted(announced, a, side="right"))
                 hi = int(np.searchsorted(announced, b, side="right"))
@@ -451,6 +452,10 @@ def _gaps(
                     )
                     missing = max(0, on_grid - 1)
                     skipped = min(missing, hi - lo)
+                    how = (
+                        f"{on_grid} deadlines of the {scan_period:g} s grid in the hole, "
+                        f"{hi - lo} announced"
+                    )
             fig.window_skipped += skipped
             missing -= skipped
             if missing == 0:
@@ -465,7 +470,7 @@ def _gaps(
             else:
                 fig.window_lost += missing
                 if len(fig.examples) < 10:
-                    fig.examples.append(f"gap {tag} {a:.3f} → {b:.3f} ({missing} scans)")
+                    fig.examples.append(f"gap {tag} {a:.3f} → {b:.3f} ({missing} scans; {how})")
 
 
 def _policy_spans(batches: Sequence[LedgerBatch]) -> list[tuple[float, float]]:
