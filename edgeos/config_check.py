@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from edgeos.config_models import ConnectionConfig
+from edgeos.config_models import RECIPE_SUFFIXES, ConnectionConfig, InferenceConfig
 from edgeos.config_tags import expand_equipment
 from edgeos.driver import Driver, available_drivers, load_driver_class
 from edgeos.errors import ConfigIssue
@@ -24,7 +24,7 @@ from edgeos_protocol.validation import format_validation_error
 if TYPE_CHECKING:
     from edgeos.config import Config
 
-__all__ = ["build_tags", "cross_check"]
+__all__ = ["build_tags", "check_recipe", "cross_check"]
 
 
 def build_tags(config: Config) -> tuple[tuple[Tag, ...], list[ConfigIssue]]:
@@ -100,6 +100,7 @@ def cross_check(
                 )
             )
 
+    issues.extend(check_recipe(config.inference, tags))
     names = [m.name for m in config.inference.models]
     for i, name in enumerate(names):
         if names.index(name) != i:
@@ -109,6 +110,53 @@ def cross_check(
             ConfigIssue("ota.repository_url", "OTA is enabled but no repository_url is set")
         )
     return tags, issues
+
+
+def check_recipe(inference: InferenceConfig, tags: Iterable[Tag]) -> list[ConfigIssue]:
+    """The default recipe and the guard's soft limits name writable tags with hard limits and
+    stay inside them (a set-point inside its soft limits too).
+
+    The same rules as :func:`edgeos_protocol.profile.validate`, on the operator's own file.
+    """
+    by_name = {t.name: t for t in tags}
+    issues: list[ConfigIssue] = []
+
+    def hard(path: str, name: str) -> tuple[float, float] | None:
+        tag = by_name.get(name)
+        if tag is None or not tag.writable or tag.limits is None:
+            issues.append(ConfigIssue(path, f"{name!r} is not a writable tag with hard limits"))
+            return None
+        return tag.limits.min, tag.limits.max
+
+    soft = inference.guard.soft_limits
+    for name, bounds in sorted(soft.items()):
+        path = f"inference.guard.soft_limits.{name}"
+        lim = hard(path, name)
+        if lim is not None and (bounds.min < lim[0] or bounds.max > lim[1]):
+            issues.append(
+                ConfigIssue(
+                    path,
+                    f"[{bounds.min}, {bounds.max}] is not inside the hard limits "
+                    f"[{lim[0]}, {lim[1]}]",
+                )
+            )
+    for name, value in sorted(inference.setpoints.items()):
+        path = f"inference.setpoints.{name}"
+        lim = hard(path, name)
+        if lim is None:
+            continue
+        if name.partition(".")[2] not in RECIPE_SUFFIXES:
+            issues.append(
+                ConfigIssue(path, f"not a recipe set-point ({', '.join(RECIPE_SUFFIXES)})")
+            )
+        elif not lim[0] <= value <= lim[1]:
+            issues.append(ConfigIssue(path, f"{value} is outside the hard limits {list(lim)}"))
+        elif name in soft and not soft[name].min <= value <= soft[name].max:
+            s = soft[name]
+            issues.append(
+                ConfigIssue(path, f"{value} is outside the soft limits [{s.min}, {s.max}]")
+            )
+    return issues
 
 
 def _connection_drivers(

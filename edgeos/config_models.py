@@ -17,9 +17,11 @@ from edgeos.driver import DriverContext, TagBinding, load_driver_class
 from edgeos_protocol.backoff import BackoffPolicy
 
 __all__ = [
+    "RECIPE_SUFFIXES",
     "ConnectionConfig",
     "ControlConfig",
     "DeviceConfig",
+    "GateConfig",
     "GuardConfig",
     "InferenceConfig",
     "LoggingConfig",
@@ -29,6 +31,7 @@ __all__ = [
     "PromotionConfig",
     "ReconnectConfig",
     "ScanGroupConfig",
+    "SoftLimits",
     "SpoolConfig",
     "TlsConfig",
     "TwinConfig",
@@ -216,10 +219,44 @@ class ModelRef(_Model):
     station: str = ""
 
 
+#: Set-points of a station the guard writes (its recipe), by tag suffix.
+RECIPE_SUFFIXES = ("heater.sp", "press.sp")
+
+
+class SoftLimits(_Model):
+    """Narrower bounds for *learned* set-points of one writable tag (inside its hard limits)."""
+
+    min: Annotated[float, Field(allow_inf_nan=False)]
+    max: Annotated[float, Field(allow_inf_nan=False)]
+
+    @model_validator(mode="after")
+    def _order(self) -> Self:
+        if not self.min < self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        return self
+
+
 class GuardConfig(_Model):
     enabled: bool = False
     #: Largest allowed shortfall of the learned policy's reward vs. the default policy.
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.005
+    #: Per writable tag (full name): a learned proposal outside these is refused (the default
+    #: recipe is taken); the default recipe itself is not bound by them. Inside the hard limits.
+    soft_limits: dict[Name, SoftLimits] = Field(default_factory=dict)
+
+
+class GateConfig(_Model):
+    """Overrides of the quality manifest's ``p_scrap`` / ``p_correct`` (unset: the manifest's)."""
+
+    p_scrap: Annotated[float, Field(gt=0, lt=1)] | None = None
+    p_correct: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+    @model_validator(mode="after")
+    def _order(self) -> Self:
+        both = self.p_scrap is not None and self.p_correct is not None
+        if both and not self.p_correct < self.p_scrap:  # type: ignore[operator]
+            raise ValueError("p_correct must be below p_scrap")
+        return self
 
 
 class PromotionConfig(_Model):
@@ -233,6 +270,13 @@ class InferenceConfig(_Model):
     models: list[ModelRef] = Field(default_factory=list)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    #: The default recipe by writable tag (full name, e.g. ``nest01.heater.sp``): the guard's
+    #: default for that station's set-point instead of the correction manifest's ``[baseline]``,
+    #: and written once as the tag's desired value when the runtime starts (docs/configuration.md).
+    setpoints: dict[Name, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict
+    )
+    gate: GateConfig = Field(default_factory=GateConfig)
 
 
 class RenewalConfig(_Model):

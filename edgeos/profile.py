@@ -9,9 +9,28 @@ file alone is always safe) and the refusal is reported in the summary. Before th
 installer has already refused such a bundle (:func:`bundle_check`): nothing changes on the
 device, the refusal is recorded with reason ``profile_refused`` and reported to the campaign.
 
-This gateway applies ``guard.alpha`` (at most the file's α: a profile tightens the guard,
-never loosens it), per-tag ``deadbands`` and ``scan_periods``; it refuses profiles that set
-anything else (:data:`SUPPORTS`).
+This gateway applies every tunable of the format (:data:`SUPPORTS`):
+
+* ``guard.alpha`` — at most the file's α: a profile tightens the guard, never loosens it;
+* ``setpoints`` — the **default recipe** of a station's set-point (``nest01.heater.sp``): the
+  guard's default for that tag instead of the correction manifest's ``[baseline]``. It reaches
+  the press the way every default does: written by the guard at the station's *next load*
+  (checked against the hard limits and ``max_rate``, ramped when the step is larger than the
+  rate allows, recorded by the twin), never in the middle of a cure — a tyre is cured with one
+  recipe, and the budget accounts it by the recipe read back at its cure start. So set-points
+  need the engine that writes them: ``[inference] enabled`` with the tag's station among the
+  engine's stations and a recipe suffix (``heater.sp``, ``press.sp``); a set-point the runtime
+  would never write is refused rather than reported as in force;
+* ``gate`` — ``p_scrap`` / ``p_correct`` instead of the quality manifest's thresholds (they
+  stay in force across a promotion);
+* ``guard.soft_limits`` — bounds for *learned* set-points inside the hard limits (a proposal
+  outside them takes the default recipe; :mod:`edgeos.inference.guard`);
+* per-tag ``deadbands`` and ``scan_periods``.
+
+The profile overlays the file: what it names replaces the file's value (``[inference]
+setpoints``, ``[inference.gate]``, ``[inference.guard] soft_limits`` are the file's own), what it
+does not name keeps it. The result is checked again as a whole: a set-point outside the soft
+limits in force, or a ``p_correct`` not below the ``p_scrap`` in force, refuses the profile.
 
 Commands::
 
@@ -34,14 +53,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edgeos.config import Config, load_config
+from edgeos.config import Config, GateConfig, SoftLimits, load_config
+from edgeos.config_models import RECIPE_SUFFIXES
 from edgeos.errors import ConfigError
 from edgeos_protocol.fleet import PROFILE_EVENT, fingerprint_of, fingerprint_report
 from edgeos_protocol.outcome import Reason, Rejected
 from edgeos_protocol.profile import (
     EVENT_TYPE,
     PROFILE_FILE,
+    TUNABLE_KINDS,
     Bounds,
+    GateTunables,
     GuardSummary,
     GuardTunables,
     Issue,
@@ -71,8 +93,9 @@ __all__ = [
 
 log = logging.getLogger("edgeos.profile")
 
-#: The tunable kinds this gateway applies (the rest of the format is refused here).
-SUPPORTS = ("guard.alpha", "deadbands", "scan_periods")
+#: The tunable kinds this gateway applies (all of :data:`edgeos_protocol.profile.TUNABLE_KINDS`).
+SUPPORTS = TUNABLE_KINDS
+_NO_ENGINE_SUPPORTS = tuple(k for k in SUPPORTS if k != "setpoints")
 
 
 class ProfileRefused(ValueError):
@@ -130,7 +153,8 @@ def summary_of(
         other_tags=group_names(others),
         scan_groups={g.name: g.period_ms for g in config.scan_groups},
         guard=GuardSummary(enabled=guard.enabled, alpha_max=guard.alpha),
-        supports=SUPPORTS,
+        # Without inference nothing writes a default recipe: the cloud learns it from here.
+        supports=SUPPORTS if config.inference.enabled else _NO_ENGINE_SUPPORTS,
         profile=in_force,
         profile_refused=refused,
     )
@@ -147,17 +171,85 @@ def export_profile(
     deadbands = {
         t.name: t.deadband for t in config.all_tags if t.derived is None and t.deadband > 0
     }
+    inference = config.inference
+    soft = {name: Bounds(min=b.min, max=b.max) for name, b in inference.guard.soft_limits.items()}
     return Profile(
         name=name or config.ota.group or config.device.id,
         version=version,
         source=source if source is not None else config.device.id,
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         tunables=Tunables(
-            guard=GuardTunables(alpha=config.inference.guard.alpha),
+            setpoints=dict(inference.setpoints),
+            gate=GateTunables(p_scrap=inference.gate.p_scrap, p_correct=inference.gate.p_correct),
+            guard=GuardTunables(alpha=inference.guard.alpha, soft_limits=soft),
             deadbands=deadbands,
             scan_periods={g.name: g.period_ms for g in config.scan_groups},
         ),
     )
+
+
+def _acting_model(config: Config) -> bool:
+    """Is a correction model configured as a champion (the engine's guard writes recipes)?
+
+    A manifest that does not read counts as one: the engine refuses to start on it anyway, and
+    that is the error to see, not a profile refusal."""
+    from edgeos_protocol.manifest import ManifestError, load_manifest
+
+    for ref in config.inference.models:
+        if ref.role != "champion":
+            continue
+        try:
+            if load_manifest(ref.manifest).task == "correction":
+                return True
+        except (ManifestError, OSError):
+            return True
+    return False
+
+
+def _recipe_issues(config: Config, profile: Profile) -> list[Issue]:
+    """What only this gateway can check: the overlay as a whole, and that the runtime would
+    really write each set-point (see the module docs)."""
+    issues: list[Issue] = []
+    t = profile.tunables
+    inference = config.inference
+    if t.setpoints:
+        from edgeos.inference_runtime import find_stations
+
+        stations = set(find_stations(config)) if inference.enabled else set()
+        if stations and not _acting_model(config):
+            issues.append(
+                Issue(
+                    "tunables.setpoints",
+                    "no correction model among the champions: nothing writes a default recipe",
+                )
+            )
+        for name in sorted(t.setpoints):
+            station, _, suffix = name.partition(".")
+            if station not in stations or suffix not in RECIPE_SUFFIXES:
+                issues.append(
+                    Issue(
+                        f"tunables.setpoints.{name}",
+                        f"not a recipe set-point the guard writes "
+                        f"(<station>.{'|'.join(RECIPE_SUFFIXES)} of a station the engine runs)",
+                    )
+                )
+    soft: dict[str, SoftLimits | Bounds] = {**inference.guard.soft_limits, **t.guard.soft_limits}
+    for name, value in sorted({**inference.setpoints, **t.setpoints}.items()):
+        bounds = soft.get(name)
+        if bounds is not None and not bounds.min <= value <= bounds.max:
+            issues.append(
+                Issue(
+                    f"tunables.setpoints.{name}",
+                    f"{value} is outside the soft limits in force [{bounds.min}, {bounds.max}]",
+                )
+            )
+    p_scrap = t.gate.p_scrap if t.gate.p_scrap is not None else inference.gate.p_scrap
+    p_correct = t.gate.p_correct if t.gate.p_correct is not None else inference.gate.p_correct
+    if p_scrap is not None and p_correct is not None and not p_correct < p_scrap:
+        issues.append(
+            Issue("tunables.gate", f"p_correct {p_correct} must be below p_scrap {p_scrap}")
+        )
+    return issues
 
 
 def apply_profile(config: Config, profile: Profile) -> Config:
@@ -166,7 +258,7 @@ def apply_profile(config: Config, profile: Profile) -> Config:
     Validates first, against ``config`` itself (tags, hard limits, α ceiling, supported
     kinds), so nothing outside the tunables can change.
     """
-    issues = validate(profile, summary_of(config))
+    issues = validate(profile, summary_of(config)) or _recipe_issues(config, profile)
     if issues:
         raise ProfileRefused(issues)
     t = profile.tunables
@@ -176,9 +268,27 @@ def apply_profile(config: Config, profile: Profile) -> Config:
             g.model_copy(update={"period_ms": t.scan_periods.get(g.name, g.period_ms)})
             for g in config.scan_groups
         ]
+    inference = config.inference
+    guard_update: dict[str, Any] = {}
     if t.guard.alpha is not None:
-        guard = config.inference.guard.model_copy(update={"alpha": t.guard.alpha})
-        update["inference"] = config.inference.model_copy(update={"guard": guard})
+        guard_update["alpha"] = t.guard.alpha
+    if t.guard.soft_limits:
+        soft = {n: SoftLimits(min=b.min, max=b.max) for n, b in t.guard.soft_limits.items()}
+        guard_update["soft_limits"] = {**inference.guard.soft_limits, **soft}
+    inference_update: dict[str, Any] = {}
+    if guard_update:
+        inference_update["guard"] = inference.guard.model_copy(update=guard_update)
+    if t.setpoints:
+        inference_update["setpoints"] = {**inference.setpoints, **t.setpoints}
+    if t.gate.p_scrap is not None or t.gate.p_correct is not None:
+        inference_update["gate"] = GateConfig(
+            p_scrap=t.gate.p_scrap if t.gate.p_scrap is not None else inference.gate.p_scrap,
+            p_correct=(
+                t.gate.p_correct if t.gate.p_correct is not None else inference.gate.p_correct
+            ),
+        )
+    if inference_update:
+        update["inference"] = inference.model_copy(update=inference_update)
     tags = config.all_tags
     if t.deadbands:
         tags = tuple(

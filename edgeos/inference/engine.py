@@ -19,6 +19,17 @@ window in one batched invoke, and at the events of a cycle runs the other models
 concerned: the quality gate when a cure ends, the shadow scoring when a tyre is measured, the
 correction model and the guard when a tyre is loaded. Feed it at the sample period the models
 were trained on (``sample_period_s`` in the manifests, 1 s for the committed ones).
+
+**The default recipe.** The correction model proposes *deltas* against the recipe it was
+trained with (its manifest's ``[baseline]``), and predicts the outcome of both. The plant's
+default recipe in force is that baseline unless the configuration names a set-point for the
+station's tag (``[inference] setpoints`` or a profile's ``setpoints``): then the guard's default
+for that tag is the configured value, while the learned proposal stays the model's own recipe
+(baseline + delta — the one its prediction is for). For such a station the model's predicted
+default outcome is for a recipe that is not in force, so the guard bounds the default's reward
+by the best reward there is (``E*``): learned actions are taken only on slack the line has
+earned, never on a counterfactual nobody predicted, and the α budget stays honest. The
+model's default-outcome prediction is not scored against such tyres either.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeos.clock import Clock, SystemClock
-from edgeos.config import AnyTag, GuardConfig, InferenceConfig, PromotionConfig
+from edgeos.config import AnyTag, GateConfig, GuardConfig, InferenceConfig, PromotionConfig
+from edgeos.config_models import RECIPE_SUFFIXES
 from edgeos.inference.champion import ChampionChallenger
 from edgeos.inference.errors import ModelRejected
 from edgeos.inference.gates import GateVerdict, QualityGate
@@ -43,12 +55,13 @@ from edgeos.inference.guard import ActuationGuard, GuardDecision
 from edgeos.inference.registry import LoadedModel, ModelRegistry
 from edgeos_protocol.features import CURE, KEY_SUFFIXES, Observation, StationTracker
 
-__all__ = ["EngineOutput", "InferenceEngine"]
+__all__ = ["RECIPE_SUFFIXES", "EngineOutput", "InferenceEngine"]
 
 F64 = npt.NDArray[np.float64]
 _STATE_COL = KEY_SUFFIXES.index("cycle.state")
-#: Set-points the guard writes, and their columns in the engine's input (read back at a cure).
-_SETPOINT_COLS = {k: KEY_SUFFIXES.index(k) for k in ("heater.sp", "press.sp")}
+#: Columns of the set-points the guard writes (:data:`RECIPE_SUFFIXES`) in the engine's input
+#: (read back when a cure starts).
+_SETPOINT_COLS = {k: KEY_SUFFIXES.index(k) for k in RECIPE_SUFFIXES}
 #: Correction inputs further than this many training standard deviations from the training mean
 #: are out of distribution: the model's bounds do not hold there, so the guard takes the default.
 OOD_Z = 4.0
@@ -81,6 +94,8 @@ class InferenceEngine:
         promotion: PromotionConfig | None = None,
         clock: Clock | None = None,
         baseline: BaselineFn | None = None,
+        setpoints: Mapping[str, float] | None = None,
+        gate: GateConfig | None = None,
     ) -> None:
         self.registry = registry
         self.stations = tuple(stations)
@@ -94,6 +109,9 @@ class InferenceEngine:
         self._guard_config = guard or GuardConfig()
         self._tags = dict(tags)
         self._baseline_fn = baseline
+        #: The configured default recipe by full tag name (overrides the model's baseline).
+        self.setpoints = dict(setpoints or {})
+        self._gate_config = gate or GateConfig()
         self.gate: QualityGate | None = None
         self.guard: ActuationGuard | None = None
         self._cure_max = np.zeros(len(self.stations))
@@ -133,6 +151,8 @@ class InferenceEngine:
             promotion=config.promotion,
             clock=clock,
             baseline=baseline,
+            setpoints=config.setpoints,
+            gate=config.gate,
         )
 
     @classmethod
@@ -159,7 +179,12 @@ class InferenceEngine:
         anomaly = self.registry.champion("anomaly")
         if quality is not None:
             if self.gate is None:
-                self.gate = QualityGate(quality.manifest, anomaly.manifest if anomaly else None)
+                self.gate = QualityGate(
+                    quality.manifest,
+                    anomaly.manifest if anomaly else None,
+                    p_scrap=self._gate_config.p_scrap,
+                    p_correct=self._gate_config.p_correct,
+                )
             else:
                 self.gate.set_models(quality.manifest, anomaly.manifest if anomaly else None)
         corr = self.registry.champion("correction")
@@ -316,30 +341,34 @@ class InferenceEngine:
         idx, x = obs.loaded, obs.correction_x
         doubts = self._doubts(obs, m)
         y, z = self.cc.run("correction", x)
-        base = self._baseline(idx, m)
+        frame = self._baseline(idx, m)
         i_h, i_p = m.output_index("heater.sp.delta"), m.output_index("press.sp.delta")
         i_eb, i_ep = m.output_index("elasticity.baseline"), m.output_index("elasticity.proposed")
         sig_b = m.threshold("sigma_baseline")
         sig_p = m.threshold("sigma_proposed")
         for k, i in enumerate(idx.tolist()):
-            baseline = {s: float(base[s][k]) for s in base}
+            station = self.stations[i]
+            model_recipe = {s: float(frame[s][k]) for s in frame}
             proposal = {
-                "heater.sp": baseline["heater.sp"] + float(y[k, i_h]),
-                "press.sp": baseline["press.sp"] + float(y[k, i_p]),
+                "heater.sp": model_recipe["heater.sp"] + float(y[k, i_h]),
+                "press.sp": model_recipe["press.sp"] + float(y[k, i_p]),
             }
+            baseline = {s: self.setpoints.get(f"{station}.{s}", v) for s, v in model_recipe.items()}
+            # The model's default-outcome prediction holds only for the recipe it was made for.
+            moved = baseline != model_recipe
             decision = self.guard.decide(
-                self.stations[i],
+                station,
                 baseline=baseline,
                 proposal=proposal,
                 predicted_default=float(y[k, i_eb]),
-                sigma_default=sig_b,
+                sigma_default=math.inf if moved else sig_b,
                 predicted_learned=float(y[k, i_ep]),
                 sigma_learned=sig_p,
                 now=now,
                 doubt=doubts[k],
                 tyre=int(obs.load_count[k]),
             )
-            if decision.action == "default":
+            if decision.action == "default" and not moved:
                 self.cc.expect(
                     "correction", i, float(y[k, i_eb]), None if z is None else float(z[k, i_eb])
                 )
@@ -361,6 +390,7 @@ class InferenceEngine:
             "stations": len(self.stations),
             "gate": self.gate.stats() if self.gate is not None else None,
             "guard": self.guard.stats() if self.guard is not None else None,
+            "setpoints": dict(self.setpoints),
             "models": self.cc.stats(),
             "runners": {m.key: m.runner.stats() for _, m in self.registry},
         }

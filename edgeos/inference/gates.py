@@ -6,7 +6,9 @@ limits. With a normal error model the probability that the tyre is out of spec i
 
     p_out = Φ((spec_min − ŷ) / σ) + 1 − Φ((spec_max − ŷ) / σ)
 
-* ``scrap``     when ``p_out ≥ p_scrap`` (manifest, default 0.5); confidence = ``p_out``;
+* ``scrap``     when ``p_out ≥ p_scrap`` (manifest, default 0.5; a configuration profile's
+  ``gate.p_scrap`` / ``[inference.gate]`` overrides it, and ``p_correct`` alike, for every
+  quality model the gate follows); confidence = ``p_out``;
 * ``correct``   when ``p_out ≥ p_correct`` (the tyre is probably fine but the station drifts
   towards a limit), or when the anomaly score seen during the cure reached the anomaly model's
   threshold (the process looks abnormal: a leak, a weak heater); confidence = ``1 − p_out`` for
@@ -89,7 +91,16 @@ class GateVerdict:
 class QualityGate:
     """Turns quality predictions (and anomaly scores) into verdicts; counts them."""
 
-    def __init__(self, quality: Manifest, anomaly: Manifest | None = None) -> None:
+    def __init__(
+        self,
+        quality: Manifest,
+        anomaly: Manifest | None = None,
+        *,
+        p_scrap: float | None = None,
+        p_correct: float | None = None,
+    ) -> None:
+        #: The configuration's thresholds; they outlive a promotion (``None``: the manifest's).
+        self.overrides = (p_scrap, p_correct)
         self.set_models(quality, anomaly)
         self.counts: Counter[str] = Counter()
         self.by_station: dict[str, Counter[str]] = {}
@@ -100,8 +111,11 @@ class QualityGate:
         self.spec_min = quality.threshold("spec_min")
         self.spec_max = quality.threshold("spec_max")
         self.sigma = max(quality.threshold("sigma"), 1e-6)
-        self.p_scrap = quality.thresholds.get("p_scrap", 0.5)
-        self.p_correct = quality.thresholds.get("p_correct", 0.2)
+        p_scrap, p_correct = self.overrides
+        self.p_scrap = p_scrap if p_scrap is not None else quality.thresholds.get("p_scrap", 0.5)
+        self.p_correct = (
+            p_correct if p_correct is not None else quality.thresholds.get("p_correct", 0.2)
+        )
         self.anomaly = anomaly
         self.anomaly_threshold = anomaly.threshold("score") if anomaly is not None else math.inf
 
@@ -157,4 +171,9 @@ class QualityGate:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"verdicts": dict(self.counts), "model": self.quality.key}
+        return {
+            "verdicts": dict(self.counts),
+            "model": self.quality.key,
+            "p_scrap": self.p_scrap,
+            "p_correct": self.p_correct,
+        }

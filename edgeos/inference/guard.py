@@ -13,6 +13,12 @@ learned proposal that fails → the default recipe. A default value that would b
 ``max_rate`` is ramped (the largest allowed step towards it); one outside the hard limits is
 not written at all. Nothing unchecked leaves.
 
+**Soft limits.** :attr:`GuardConfig.soft_limits` (the operator's file, or a configuration
+profile's ``guard.soft_limits``) narrow where *learned* set-points may go, inside the hard
+limits. A proposal outside them is refused — the default recipe is taken — rather than clamped:
+the model's predicted outcome (and so the lower bound the budget counts) is for the value it
+proposed, not for a clamped one. The default recipe is the plant's and is not bound by them.
+
 **Budget.** Rewards are per tyre, ``r(e) = E* − |e − E*|`` (MPa, ``E*`` = perfect modulus).
 Over the run so far the learned policy's realised reward may not fall more than ``α``
 (:attr:`GuardConfig.alpha`) below what the default policy would have earned::
@@ -276,6 +282,12 @@ class ActuationGuard:
             tag = self.tags.get(name)
             if tag is None:
                 raise WriteRefused(name, "no tag configuration (limits unknown)")
+            soft = self.config.soft_limits.get(name)
+            if soft is not None and not soft.min <= value <= soft.max:
+                self.counts["soft_limit"] += 1
+                raise WriteRefused(
+                    name, f"{value:.4g} outside the soft limits [{soft.min:g}, {soft.max:g}]"
+                )
             checked = self.writes.check(tag, value, now)
             assert not isinstance(checked, str | bool)
             out[name] = float(checked)

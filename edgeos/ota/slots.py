@@ -510,8 +510,9 @@ class SlotManager:
         )
 
     def _roll_back(self, state: SlotState, reason: Reason, detail: str) -> SlotState:
+        kind, bundle_version = _trial_bundle(state)
         version = state.trial_version or "?"
-        kind_version = f"full:{version}"
+        kind_version = f"{kind}:{bundle_version}"
         failure = f"{reason.value}: {detail}"
         new = replace(
             state,
@@ -522,7 +523,7 @@ class SlotManager:
             last_failure=failure,
             last_outcome={
                 "outcome": "rolled_back",
-                "version": version,
+                "version": version if kind == "full" else kind_version,
                 "reason": reason.value,
                 "detail": detail,
                 "at": now_iso(),
@@ -544,6 +545,9 @@ class SlotManager:
             manifest, problems = verify_tree(self.slot_path(state.trial), full=False)
             if manifest is None or problems:
                 raise InstallError(Reason.CORRUPT_SLOT, f"trial slot damaged: {problems[:3]}")
+            trial_kind, bundle_version = _trial_bundle(state)
+            # A campaign knows the bundle it published: a config bundle's own version.
+            reported = manifest.version if trial_kind == "full" else f"config:{bundle_version}"
             floors = dict(state.floors)
             for kind, version in manifest.components.items():
                 old = floors.get(kind)
@@ -560,7 +564,7 @@ class SlotManager:
                 floors=floors,
                 last_outcome={
                     "outcome": "committed",
-                    "version": manifest.version,
+                    "version": reported,
                     "at": now_iso(),
                 },
                 outcome_reported=False,
@@ -583,3 +587,19 @@ class SlotManager:
             state = self.read_state()
             if not state.outcome_reported:
                 self._write_state(replace(state, outcome_reported=True))
+
+
+def _trial_bundle(state: SlotState) -> tuple[str, str]:
+    """``(kind, version)`` of the bundle the trial slot was installed from.
+
+    A ``config`` bundle is composed into a slot at the active runtime's version (the slot's
+    manifest version), so its own version — the one its campaign waits for — is only in the
+    install record: outcomes report it as ``config:<version>`` (as models report
+    ``models:<version>``), and a failed trial marks ``config:<version>`` as failed.
+    """
+    for record in reversed(state.history):
+        if record.get("event") == "installed" and record.get("slot") == state.trial:
+            if record.get("kind") == "config" and record.get("bundle_version"):
+                return "config", str(record["bundle_version"])
+            break
+    return "full", state.trial_version or "?"

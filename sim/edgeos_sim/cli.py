@@ -42,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick-hz", type=float, default=10.0, help="physics ticks per second")
     p.add_argument("--cycle-s", type=float, default=40.0, help="nominal press cycle (s)")
     p.add_argument("--policy", choices=("default", "optimal"), default="default")
+    m = p.add_argument_group(
+        "raw material",
+        "a batch's hidden property p ~ N(mean, std²) moves the best recipe (the plant's usual "
+        "compound: N(0, 1)); the lab Mooney served is 50 + 6p (+ offset)",
+    )
+    m.add_argument("--material-mean", type=float, default=0.0)
+    m.add_argument("--material-std", type=float, default=1.0)
+    m.add_argument(
+        "--mooney-offset", type=float, default=0.0, help="added to the served batch.mooney"
+    )
+    m.add_argument(
+        "--material-change-after-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="switch to a new rubber after S simulated seconds (a new batch starts then)",
+    )
+    m.add_argument("--material-mean-after", type=float, default=0.0)
+    m.add_argument("--material-std-after", type=float, default=1.0)
+    m.add_argument("--mooney-offset-after", type=float, default=0.0)
     p.add_argument("--truth", type=Path, default=None, help="record every served value here")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON object")
     return p
@@ -53,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tick_hz <= 0:
         print("edgeos sim: --tick-hz must be positive", file=sys.stderr)
+        return 2
+    if args.material_std < 0 or args.material_std_after < 0:
+        print("edgeos sim: --material-std(-after) must be >= 0", file=sys.stderr)
         return 2
     options = SimOptions(
         nests=args.nests,
@@ -67,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         cycle_s=args.cycle_s,
         policy=args.policy,
         truth_path=args.truth,
+        material_mean=args.material_mean,
+        material_std=args.material_std,
+        mooney_offset=args.mooney_offset,
+        material_change_after_s=args.material_change_after_s,
+        material_mean_after=args.material_mean_after,
+        material_std_after=args.material_std_after,
+        mooney_offset_after=args.mooney_offset_after,
     )
     try:
         return asyncio.run(_serve(options, as_json=args.json))
@@ -96,6 +126,15 @@ async def _serve(options: SimOptions, *, as_json: bool) -> int:
                 "tags": line.layout.size,
                 "layout": line.layout.mode,
                 "truth": str(options.truth_path) if options.truth_path else None,
+                "material": {
+                    "mean": options.material_mean,
+                    "std": options.material_std,
+                    "mooney_offset": options.mooney_offset,
+                    "change_after_s": options.material_change_after_s,
+                    "mean_after": options.material_mean_after,
+                    "std_after": options.material_std_after,
+                    "mooney_offset_after": options.mooney_offset_after,
+                },
             }
             if as_json:
                 print(json.dumps(info), flush=True)

@@ -92,6 +92,19 @@ class SimOptions:
     noise: float = 1.0
     #: Recipe at start: the plant's ``default`` or the true ``optimal`` one.
     policy: Literal["default", "optimal"] = "default"
+    #: The raw material: a batch's hidden property ``p ~ N(mean, std²)`` (the plant's usual
+    #: compound is N(0, 1)); ``mooney_offset`` is added to the served lab Mooney (a compound
+    #: whose reading relates differently to how it cures).
+    material_mean: float = 0.0
+    material_std: float = 1.0
+    mooney_offset: float = 0.0
+    #: A new rubber mid-run: after this many *simulated* seconds a new batch of
+    #: ``N(material_mean_after, material_std_after²)`` starts (each nest takes it at its next
+    #: load) and the Mooney offset becomes ``mooney_offset_after``; ``None``: never.
+    material_change_after_s: float | None = None
+    material_mean_after: float = 0.0
+    material_std_after: float = 1.0
+    mooney_offset_after: float = 0.0
     #: Record every served value to this file (``.truth``).
     truth_path: Path | None = None
     #: Record every served value in memory (``line.ground_truth()``).
@@ -107,16 +120,32 @@ class SimLine:
         if opts.tick_hz < 0:
             raise ValueError("tick_hz must be >= 0")
         self.layout: Layout = build_layout(opts.nests, opts.tags_per_nest, opts.layout)
+        if opts.material_std < 0 or opts.material_std_after < 0:
+            raise ValueError("material std must be >= 0")
         self.physics = LinePhysics(
-            self.layout, seed=opts.seed, cycle_s=opts.cycle_s, noise=opts.noise
+            self.layout,
+            seed=opts.seed,
+            cycle_s=opts.cycle_s,
+            noise=opts.noise,
+            material_mean=opts.material_mean,
+            material_std=opts.material_std,
         )
         if opts.policy == "optimal":
             self.physics.set_setpoints(optimal_setpoints(self.physics.line_state()))
+        self._mooney_at = np.array(
+            [self.layout.index(f"{self.layout.nest_name(n)}.batch.mooney")
+             for n in range(1, opts.nests + 1)],
+            dtype=np.intp,
+        )  # fmt: skip
+        #: Added to every served ``batch.mooney`` (see :class:`SimOptions`).
+        self.mooney_offset = opts.mooney_offset
+        #: Simulated time of the rubber change (``None``: not yet, or none planned).
+        self.material_changed_at: float | None = None
         self.truth: TruthLog | None = None
         if opts.truth_path is not None or opts.truth_memory:
             self.truth = TruthLog(self.layout, opts.truth_path)
         #: Raw registers and the engineering values a client decodes from them.
-        self.registers: npt.NDArray[np.uint16] = self.layout.encode(self.physics.values())
+        self.registers: npt.NDArray[np.uint16] = self.layout.encode(self._served())
         self.values: npt.NDArray[np.float64] = self.layout.decode(self.registers)
         self.tick_time = time.time()
         self.ticks = 0
@@ -225,9 +254,40 @@ class SimLine:
                 deadline = loop.time()
             await self._tick()
 
+    def change_material(self, mean: float, std: float, mooney_offset: float = 0.0) -> None:
+        """A new rubber from now on: the next batch (starting now) and every later one is drawn
+        from ``N(mean, std²)``; each nest takes it at its next load. Its lab Mooney reads
+        ``mooney_offset`` higher (from the next tick's values)."""
+        if std < 0:
+            raise ValueError("material std must be >= 0")
+        self.physics.material_mean, self.physics.material_std = float(mean), float(std)
+        self.physics.new_batch()
+        self.mooney_offset = float(mooney_offset)
+        self.material_changed_at = self.physics.time_s
+        _log.info("new rubber at %.1f s: p ~ N(%g, %g²), Mooney offset %+g", self.physics.time_s,
+                  mean, std, mooney_offset)  # fmt: skip
+
+    def _served(self) -> npt.NDArray[np.float64]:
+        values = self.physics.values()
+        if self.mooney_offset:
+            # Only where a tyre's batch is known (0 = no batch loaded yet).
+            loaded = values[self._mooney_at] != 0.0
+            values[self._mooney_at[loaded]] += self.mooney_offset
+        return values
+
     async def _tick(self) -> None:
         self.physics.step(self.tick_s)
-        self.registers = self.layout.encode(self.physics.values())
+        opts = self.options
+        change = opts.material_change_after_s
+        if (
+            change is not None
+            and self.material_changed_at is None
+            and self.physics.time_s >= change
+        ):
+            self.change_material(
+                opts.material_mean_after, opts.material_std_after, opts.mooney_offset_after
+            )
+        self.registers = self.layout.encode(self._served())
         self.values = self.layout.decode(self.registers)
         self.tick_time = time.time()
         self.ticks += 1

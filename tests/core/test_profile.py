@@ -44,6 +44,18 @@ def _config(tmp_path: Path, port: int = 1, **overrides: object) -> Config:
     )
 
 
+#: Inference with the guard's correction model: what writes a default recipe.
+ACTING = {
+    "enabled": True,
+    "models": [
+        {
+            "name": "correction",
+            "manifest": str(Path(__file__).parents[2] / "models/correction.toml"),
+        }
+    ],
+}
+
+
 def _profile(version: int = 2, **tunables: object) -> Profile:
     return parse_profile({"name": "line-a", "version": version, "tunables": tunables})
 
@@ -86,18 +98,124 @@ def test_apply_changes_only_tunables(tmp_path: Path) -> None:
     assert config.inference.guard.alpha == 0.005  # the file's config is not modified
 
 
-def test_a_profile_cannot_loosen_the_guard_or_set_what_the_gateway_does_not_apply(
-    tmp_path: Path,
-) -> None:
-    config = _config(tmp_path)
+def test_a_profile_cannot_loosen_the_guard_or_exceed_a_hard_limit(tmp_path: Path) -> None:
+    config = _config(tmp_path, inference=ACTING)
     with pytest.raises(ProfileRefused) as refused:
         apply_profile(
-            config, _profile(guard={"alpha": 0.05}, setpoints={"nest01.heater.sp": 999.0})
+            config,
+            _profile(
+                guard={
+                    "alpha": 0.05,
+                    "soft_limits": {"nest01.press.sp": {"min": 2.0, "max": 20.0}},
+                },
+                setpoints={"nest01.heater.sp": 999.0},
+            ),
         )
     text = str(refused.value)
     assert "tunables.guard.alpha: 0.05 is above" in text
-    assert "tunables.setpoints: " in text and "does not apply setpoints" in text
-    assert "outside the hard limits [120.0, 200.0]" in text
+    assert "tunables.setpoints.nest01.heater.sp: 999.0 is outside the hard limits" in text
+    assert "tunables.guard.soft_limits.nest01.press.sp: [2.0, 20.0] is not inside" in text
+    # The cloud refuses the same document against this gateway's summary (the same rules).
+    from edgeos_protocol.profile import validate
+
+    cloud = [
+        str(i)
+        for i in validate(_profile(setpoints={"nest01.heater.sp": 999.0}), summary_of(config))
+    ]
+    assert cloud == [
+        "tunables.setpoints.nest01.heater.sp: 999.0 is outside the hard limits [120.0, 200.0]"
+    ]
+
+
+def test_set_points_gate_and_soft_limits_apply_export_and_diff(tmp_path: Path) -> None:
+    from edgeos_protocol.profile import diff
+
+    config = _config(tmp_path, inference=ACTING)
+    assert summary_of(config).supports == (
+        "setpoints", "gate", "guard.alpha", "guard.soft_limits", "deadbands", "scan_periods",
+    )  # fmt: skip
+    profile = _profile(
+        setpoints={"nest01.heater.sp": 164.5, "nest02.heater.sp": 164.5},
+        gate={"p_scrap": 0.6, "p_correct": 0.3},
+        guard={"soft_limits": {"nest01.heater.sp": {"min": 155.0, "max": 172.0}}},
+    )
+    applied = apply_profile(config, profile)
+    inf = applied.inference
+    assert inf.setpoints == {"nest01.heater.sp": 164.5, "nest02.heater.sp": 164.5}
+    assert (inf.gate.p_scrap, inf.gate.p_correct) == (0.6, 0.3)
+    assert inf.guard.soft_limits["nest01.heater.sp"].max == 172.0
+    assert inf.guard.alpha == config.inference.guard.alpha  # untouched
+    before = {t.name: (t.limits, t.writable, t.max_rate) for t in config.all_tags}
+    assert {t.name: (t.limits, t.writable, t.max_rate) for t in applied.all_tags} == before
+    assert config.inference.setpoints == {}  # the file's config is not modified
+    exported = export_profile(applied, name="line-a")
+    assert exported.tunables.setpoints == profile.tunables.setpoints
+    assert exported.tunables.gate == profile.tunables.gate
+    assert exported.tunables.guard.soft_limits == profile.tunables.guard.soft_limits
+    changes = {c.path: (c.old, c.new) for c in diff(export_profile(config), exported)}
+    assert changes == {
+        "setpoints.nest01.heater.sp": (None, 164.5),
+        "setpoints.nest02.heater.sp": (None, 164.5),
+        "gate.p_scrap": (None, 0.6),
+        "gate.p_correct": (None, 0.3),
+        "guard.soft_limits.nest01.heater.sp.min": (None, 155.0),
+        "guard.soft_limits.nest01.heater.sp.max": (None, 172.0),
+    }
+    # Exported and applied again: the same configuration (a profile is an overlay).
+    again = apply_profile(config, exported)
+    assert again.inference == applied.inference
+
+
+def test_the_gateway_refuses_recipe_tunables_it_would_not_honour(tmp_path: Path) -> None:
+    (tmp_path / "off").mkdir()
+    off = _config(tmp_path / "off")
+    assert "setpoints" not in summary_of(off).supports  # the cloud refuses it already
+    with pytest.raises(ProfileRefused, match="does not apply setpoints"):
+        apply_profile(off, _profile(setpoints={"nest01.heater.sp": 164.5}))
+    (tmp_path / "no-model").mkdir()
+    idle = _config(tmp_path / "no-model", inference={"enabled": True})
+    with pytest.raises(ProfileRefused, match="no correction model among the champions"):
+        apply_profile(idle, _profile(setpoints={"nest01.heater.sp": 164.5}))
+    config = _config(
+        tmp_path,
+        inference={
+            **ACTING,
+            "gate": {"p_scrap": 0.4},
+            "guard": {"soft_limits": {"nest01.heater.sp": {"min": 150.0, "max": 165.0}}},
+        },
+    )
+    assert config.inference.gate.p_scrap == 0.4
+    for tunables, expected in (
+        ({"setpoints": {"nest01.cure.sp": 25.0}}, "not a recipe set-point the guard writes"),
+        # Inside the hard limits, outside the soft limits of the file (the cloud cannot see them).
+        ({"setpoints": {"nest01.heater.sp": 168.0}}, "outside the soft limits in force"),
+        ({"gate": {"p_correct": 0.45}}, "p_correct 0.45 must be below p_scrap 0.4"),
+    ):
+        with pytest.raises(ProfileRefused, match=expected):
+            apply_profile(config, _profile(**tunables))
+    # A profile that widens the file's soft limits (inside the hard ones) makes room for it.
+    wider = _profile(
+        setpoints={"nest01.heater.sp": 168.0},
+        guard={"soft_limits": {"nest01.heater.sp": {"min": 150.0, "max": 170.0}}},
+    )
+    assert apply_profile(config, wider).inference.setpoints["nest01.heater.sp"] == 168.0
+
+
+def test_the_operators_file_is_checked_by_the_same_rules(tmp_path: Path) -> None:
+    from edgeos.errors import ConfigError
+
+    with pytest.raises(ConfigError) as bad:
+        _config(
+            tmp_path,
+            inference={
+                "setpoints": {"nest01.heater.sp": 250.0, "nest01.heater.pv": 1.0},
+                "guard": {"soft_limits": {"nest02.heater.sp": {"min": 100.0, "max": 170.0}}},
+            },
+        )
+    text = str(bad.value)
+    assert "inference.setpoints.nest01.heater.sp" in text and "hard limits" in text
+    assert "inference.setpoints.nest01.heater.pv" in text and "not a writable tag" in text
+    assert "inference.guard.soft_limits.nest02.heater.sp" in text
 
 
 def _provisioned(tmp_path: Path, config_path: Path) -> SlotManager:
@@ -127,6 +245,8 @@ def test_a_profile_beyond_hard_limits_is_refused_by_the_installer_and_nothing_ch
     for version, doc in (
         ("2", {"name": "x", "version": 2, "tunables": {"limits": {"nest01.heater.sp": [0, 900]}}}),
         ("3", _profile(guard={"alpha": 0.9})),
+        ("4", _profile(setpoints={"nest01.heater.sp": 250.0})),
+        ("5", _profile(guard={"soft_limits": {"nest01.heater.sp": {"min": 100.0, "max": 210.0}}})),
     ):
         with pytest.raises(Rejected) as refused:
             slots.install(_config_bundle(tmp_path, doc, version))
@@ -134,7 +254,7 @@ def test_a_profile_beyond_hard_limits_is_refused_by_the_installer_and_nothing_ch
         assert slots.read_state().trial is None
         assert slots.read_state().active == before.active
         assert not slots.slot_path("b").exists()
-    assert "unknown key" in str(refused.value) or "above" in str(refused.value)
+    assert "not inside the hard limits" in str(refused.value)
 
 
 def test_a_fitting_profile_is_trialled_and_in_force_after_the_boot_check(tmp_path: Path) -> None:
@@ -151,6 +271,29 @@ def test_a_fitting_profile_is_trialled_and_in_force_after_the_boot_check(tmp_pat
     assert summary.profile is not None and summary.profile.sha256 == profile.digest()
     assert summary.guard.alpha_max == 0.005  # the ceiling is the file's, not the profile's
     assert summary.ota_group == "line-a" and summary.config_sha256
+
+
+def test_a_config_trial_reports_the_config_bundles_version_to_its_campaign(
+    tmp_path: Path,
+) -> None:
+    """A campaign waits for reports of the bundle it published; a config bundle is composed
+    into a slot at the runtime's version, so the outcome names ``config:<version>``."""
+    _config(tmp_path, ota={"enabled": False, "group": "line-a"})
+    slots = _provisioned(tmp_path, tmp_path / "edgeos.toml")
+    slots.install(_config_bundle(tmp_path, _profile(guard={"alpha": 0.003}), "2"))
+    slots.boot_check()
+    state = slots.commit()
+    assert state.last_outcome is not None
+    assert state.last_outcome["version"] == "config:2" and state.floors["config"] == "2"
+    slots.install(_config_bundle(tmp_path, _profile(3, guard={"alpha": 0.002}), "3"))
+    slots.boot_check()
+    state = slots.fail_trial(Reason.HEALTH, "never healthy")
+    assert state.last_outcome is not None
+    assert (state.last_outcome["outcome"], state.last_outcome["version"]) == (
+        "rolled_back",
+        "config:3",
+    )
+    assert "config:3" in state.failed  # not offered again
 
 
 def test_a_profile_that_no_longer_fits_the_file_is_not_applied(tmp_path: Path) -> None:

@@ -10,9 +10,12 @@ whole loop runs on the product's own update path. Line A runs the new correction
 ``correction@1.1.0`` as its champion (it "found" it; its fingerprint reports it).
 
 What is *not* real here: the winner is the lifecycle's qualified version handed to the rollout
-as a :class:`Winner` (the same weights as 1.0.0, re-versioned): ``edgeos sim`` has no option for
-a new rubber, so no line can show a real improvement for the competition to declare within a
-test; the competition on stored tyres is covered by ``tests/cloud/fleet``.
+as a :class:`Winner` — the same weights as 1.0.0, re-versioned, which no competition can (or
+should) declare better; a genuinely better retrained model within a test's minutes is still out
+of reach. The competition runs on the stored tyres and its decision is recorded, not asserted.
+The *declared* path — a new rubber, a better profile found on one line, the competition on the
+stored tyres declaring it, the config rollout with trials and bootstrap — is
+``tests/e2e/test_mtl_profile_e2e.py``.
 """
 
 from __future__ import annotations
@@ -99,7 +102,21 @@ async def test_a_model_winner_rolls_out_canary_first_and_a_new_gateway_starts_wi
         candidate, report = await asyncio.to_thread(
             lifecycle.gate, candidate, GROUP, replay=QualityRows.empty()
         )
-        assert candidate.status == "qualified", report.summary()
+        # No line has run yet, so there is no replay set: the gate refuses to judge accuracy
+        # (and must: tests/cloud/models). Every other check (integrity, golden outputs on
+        # LiteRT, contract, latency, edge inputs) must pass; the version is then qualified by
+        # hand with that said in its audit, as Lifecycle.seed_champion does for what the fleet
+        # already runs. This test is about the rollout path, not the version's accuracy.
+        failed = [c.name for c in report.checks if not c.ok]
+        assert failed == ["accuracy"], report.summary()
+        candidate = await asyncio.to_thread(
+            lifecycle.registry.set_status,
+            candidate,
+            "qualified",
+            report.as_dict(),
+            f"test: accuracy not judged (no replay rows before any line ran); {report.summary()}",
+        )
+        assert candidate.status == "qualified"
 
         # Line A runs the new version; B and C the fleet's champion.
         await rig.add_gateway("gw-a", seed=1, models=_models(new_version))

@@ -6,7 +6,12 @@ Every part is the real product, started the way an operator would: ``edgeos-rece
 HTTP server, and per gateway an ``edgeos sim`` line (its own seed and cycle time) and an
 ``edgeos run`` runtime with inference, the guard and OTA on (its own ``[ota] group`` = channel).
 Updates reach a gateway through ``edgeos ota check`` (what ``edgeos-update.timer`` runs), which
-installs a models bundle and tells the running runtime over its control socket.
+installs a models bundle and tells the running runtime over its control socket. Every gateway's
+slots are provisioned with a stub ``full`` release (as a factory would), so a ``config`` bundle
+(a profile) can be composed into a slot and trialled: :meth:`FleetRig.restart` is what systemd
+does after an install (stop, ``edgeos ota boot-check``, start) and :meth:`FleetRig.commit` what
+the commit watcher and the report timer do (``edgeos ota commit --wait``, ``edgeos ota
+report``); the repository server takes the sealed reports (``POST /reports``) for its campaigns.
 
 The test synchronises on stored rows (:meth:`FleetRig.events`), not on sleeps.
 """
@@ -18,7 +23,7 @@ import contextlib
 import json
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +69,11 @@ class FleetRig:
         self.receiver: ReceiverProcess | None = None
         self._server: Any = None
         self.repository_url = ""
+        #: The stub ``full`` release every gateway's slots are provisioned with.
+        self.release: Path | None = None
+        # ``device add`` rewrites the registry's files: one at a time when gateways start
+        # concurrently.
+        self._registry_lock = asyncio.Lock()
 
     async def __aenter__(self) -> FleetRig:
         try:
@@ -77,9 +87,11 @@ class FleetRig:
         await self.close()
 
     def _start(self) -> None:
+        from edgeos_cloud.ota.reports import ReportIntake
         from edgeos_cloud.ota.repository import OtaRepository, serve
         from edgeos_cloud.receiver.pki import CertificateAuthority
         from edgeos_testing.mosquitto import MosquittoBroker
+        from edgeos_testing.ota import build_stub_release
 
         run_cli([exe("edgeos-receiver"), "init", str(self.receiver_dir), "--broker", "mqtts://x"])
         ca = CertificateAuthority(self.receiver_dir / "registry" / "ca")
@@ -112,8 +124,11 @@ class FleetRig:
         self.receiver = ReceiverProcess(config, self.workdir / "receiver.log")
         self.receiver.start()
         OtaRepository.init(self.repo_dir, self.workdir / "offline-root-keys")
-        self._server = serve(self.repo_dir)
+        # Reports move campaigns: sealed under a device key from the receiver's registry.
+        intake = ReportIntake.from_registry(self.repo_dir, r / "registry")
+        self._server = serve(self.repo_dir, on_report=intake.accept)
         self.repository_url = str(self._server.url)
+        self.release = build_stub_release(self.workdir / "factory")
 
     # ------------------------------------------------------------------ gateways
 
@@ -146,14 +161,21 @@ class FleetRig:
         tick_hz: float = 20.0,
         alpha: float = 0.005,
         interval_s: float = 2.0,
+        sim_args: Sequence[str] = (),
+        health_window_s: float = 4.0,
+        update_first: bool = False,
     ) -> FleetGateway:
         """Provision ``device_id``, start its simulated line and its runtime (champions:
-        ``models`` task → manifest)."""
+        ``models`` task → manifest). ``sim_args`` go to ``edgeos sim`` (e.g. the raw material).
+        ``update_first``: ``edgeos ota check`` before the first start (what its channel offers
+        is installed) and the boot check — a config bundle then starts as a trial that
+        :meth:`commit` commits."""
         from edgeos_sim.line import write_line_config
 
         directory = self.workdir / device_id
         directory.mkdir(parents=True)
-        creds = await asyncio.to_thread(self._provision, device_id, directory)
+        async with self._registry_lock:
+            creds = await asyncio.to_thread(self._provision, device_id, directory)
         sim = LoggedProcess(
             "sim",
             [
@@ -173,6 +195,7 @@ class FleetRig:
                 "--seed",
                 str(seed),
                 "--json",
+                *sim_args,
             ],
             directory / "sim.log",
         )
@@ -220,10 +243,16 @@ class FleetRig:
                     "repository_url": self.repository_url,
                     "trusted_root": str(state / "root.json"),
                     "group": device_id,
+                    "health_window_s": health_window_s,
                 },
                 "control": {"metrics_listen": ""},
             },
         )
+        assert self.release is not None
+        await asyncio.to_thread(self._ota, config, "provision", str(self.release))
+        if update_first:
+            await asyncio.to_thread(self._ota, config, "check", "--json")
+            await asyncio.to_thread(self._ota, config, "boot-check")
         runtime = LoggedProcess(
             "runtime", [exe("edgeos"), "run", "--config", str(config)], directory / "runtime.log"
         )
@@ -232,6 +261,27 @@ class FleetRig:
         gw = FleetGateway(device_id, directory, config, sim, runtime)
         self.gateways[device_id] = gw
         return gw
+
+    @staticmethod
+    def _ota(config: Path, *args: str, timeout: float = 120.0) -> str:
+        return run_cli([exe("edgeos"), "ota", *args, "--config", str(config)], timeout=timeout)
+
+    def restart(self, gw: FleetGateway) -> None:
+        """What systemd does after an install: stop the runtime, ``edgeos ota boot-check``
+        (ExecStartPre: the trial slot becomes current), start it again."""
+        gw.runtime.terminate(15.0)
+        self._ota(gw.config, "boot-check")
+        gw.runtime.start()
+
+    def commit(self, gw: FleetGateway) -> str:
+        """``edgeos ota commit --wait`` (commit after ``health_window_s`` of continuous health)
+        then ``edgeos ota report`` (the sealed outcome to the repository's campaigns)."""
+        self._ota(gw.config, "commit", "--wait", timeout=180.0)
+        return self._ota(gw.config, "report")
+
+    def slot_status(self, gw: FleetGateway) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self._ota(gw.config, "status", "--json"))
+        return doc
 
     def ota_check(self, gw: FleetGateway) -> list[dict[str, Any]]:
         """``edgeos ota check --json`` on the gateway (what its update timer runs)."""

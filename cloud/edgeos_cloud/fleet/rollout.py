@@ -322,8 +322,8 @@ class Rollouts:
         out = []
         for device in devices:
             tyres = list(tyres_of(device))
-            before = [t for t in tyres if t.ts_us < r.started_us]
-            after = [t for t in tyres if t.ts_us >= r.started_us]
+            before = [t for t in tyres if not self._under_winner(r, t)]
+            after = [t for t in tyres if self._under_winner(r, t)]
             out.append(
                 CanaryEvidence(
                     device,
@@ -335,6 +335,18 @@ class Rollouts:
                 )
             )
         return out
+
+    @staticmethod
+    def _under_winner(r: Rollout, tyre: Any) -> bool:
+        """Made since the rollout started — and, for a profile, under the winner's profile: a
+        config bundle takes effect only when the gateway restarts into its trial slot, and the
+        tyres it made under its old profile in between are its champion's, not the winner's
+        (counted as such, a fresh batch in that gap halted a healthy canary in
+        tests/e2e/test_mtl_profile_e2e.py). Tyres without a profile (tests) go by time alone."""
+        if tyre.ts_us < r.started_us:
+            return False
+        profile = getattr(tyre, "profile", None)
+        return r.kind != "profile" or profile is None or profile == r.winner
 
     def step(
         self,

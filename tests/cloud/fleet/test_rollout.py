@@ -111,6 +111,34 @@ def test_a_winner_worse_on_the_canary_halts_and_rolls_back_as_a_new_version(
     assert int(published[halted.rollback_target]["version"]) > int(published[r.target]["version"])
 
 
+def test_a_canarys_tyres_count_for_the_winner_only_once_it_runs_the_profile(
+    tmp_path: Path, repo: OtaRepository
+) -> None:
+    """Between the rollout's start and the canary's restart into the trial slot, its tyres are
+    still its champion's (here: a fresh batch's poor first tyres); they do not judge the winner."""
+    from edgeos_cloud.fleet.evidence import Tyre as FleetTyre
+
+    rollouts, _ = _setup(tmp_path, repo)
+    champion, winner = _champion_and_winner(rollouts)
+    r = rollouts.start_profile(
+        "line-a", winner, members=["gw-a", "gw-b", "gw-c"], canaries=["gw-b"], hardware=HW,
+        champion=champion, now_us=T0,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+    def tyre(ts: int, reward: float, profile: str) -> FleetTyre:
+        return FleetTyre("gw-b", "nest01", ts, "m@1", profile, "default", reward, reward, reward)
+
+    old, new = "line-a@1", f"{winner.name}@{winner.version}"  # type: ignore[attr-defined]
+    tyres = [tyre(T0 - 1000 - i, 5.2, old) for i in range(20)]
+    tyres += [tyre(T0 + i, 4.0, old) for i in range(3)]  # before the restart: not the winner's
+    tyres += [tyre(T0 + 10 + i, 5.8, new) for i in range(3)]
+    (ev,) = rollouts.evidence(rollouts.load(r.name), lambda d: tyres, ["gw-b"])
+    assert list(ev.after) == [5.8, 5.8, 5.8] and len(ev.before) == 23
+    version = Campaign(repo, r.campaign).load()["version"]
+    Campaign(repo, r.campaign).record(report("gw-b", "gw-b", version))
+    assert rollouts.step(r.name, lambda d: tyres, min_tyres=3).status == "group"
+
+
 def test_a_rolled_back_trial_on_the_canary_halts_the_rollout(
     tmp_path: Path, repo: OtaRepository
 ) -> None:
