@@ -35,7 +35,10 @@ def _group_with_a_done_profile(tmp_path: Path) -> tuple[OtaRepository, Rollouts,
         now_us=1000,
     )
     Campaign(repo, r.campaign).record(report("gw-a", "gw-a", repo.published()[r.target]["version"]))
-    tyres = [Tyre(1, 6.3, 6.3)] + [Tyre(1000 + i, 6.5, 6.3) for i in range(20)]
+    # The judge wants min_tyres (20) on each side: the champion's 20 before the rollout.
+    tyres = [Tyre(1 + i, 6.3, 6.3) for i in range(20)] + [
+        Tyre(1000 + i, 6.5, 6.3) for i in range(20)
+    ]
     assert rollouts.step(r.name, lambda d: tyres).status == "done"
     return repo, rollouts, r.target
 

@@ -73,3 +73,37 @@ def test_configuration_errors_exit_2_and_missing_repository_defers(
     assert "fleet.unknown" in capsys.readouterr().err
     assert main(["fleet", "--config", str(config), "rollouts"]) == 3
     assert "ota_repo" in capsys.readouterr().err
+
+
+def test_fleet_dashboard_plots_every_screening_metric_with_labels_it_exports() -> None:
+    """The screening gauges have panels, and every ``{{label}}`` a panel's legend names is a
+    label of the samples :func:`render` writes for a screening that ran the twin."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edgeos_cloud.fleet.competition import Competition
+    from edgeos_cloud.fleet.metrics import render
+
+    screening = Competition(
+        group="line-a", task="combination", champion="m@1|p@1", challenger="m@1|p@2+p@3",
+        decision="combined", reason="", estimate=0.38, se=0.003, bound=0.377, confidence=1.0,
+        naive=None, strata=0, evidence={"A+B": 3000}, settings={},
+        screening={"results": [
+            {"candidate": "default", "mean_reward": 5.13}, {"candidate": "A+B", "mean_reward": 6.05}
+        ]},
+    )  # fmt: skip
+    families = text_string_to_metric_families(render([], [screening]).decode())
+    labels = {s.name: set(s.labels) for f in families for s in f.samples}
+    screening_metrics = {n for n in labels if n.startswith("edgeos_fleet_screening")}
+    assert len(screening_metrics) == 6, labels
+    dashboard = json.loads(DASHBOARD.read_text())
+    used: set[str] = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names = set(re.findall(r"\b(edgeos_\w+)", target["expr"]))
+            used |= names
+            for name in names & screening_metrics:
+                legend = set(re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", "")))
+                assert legend <= labels[name], (name, legend)
+    assert screening_metrics <= used
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))

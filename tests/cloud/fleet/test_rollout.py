@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from edgeos_cloud.fleet.evidence import Tyre as FleetTyre
 from edgeos_cloud.fleet.profiles import ProfileStore
 from edgeos_cloud.fleet.rollout import CanaryEvidence, RolloutRefused, Rollouts, judge
 from edgeos_cloud.ota.campaign import Campaign
@@ -116,8 +118,6 @@ def test_a_canarys_tyres_count_for_the_winner_only_once_it_runs_the_profile(
 ) -> None:
     """Between the rollout's start and the canary's restart into the trial slot, its tyres are
     still its champion's (here: a fresh batch's poor first tyres); they do not judge the winner."""
-    from edgeos_cloud.fleet.evidence import Tyre as FleetTyre
-
     rollouts, _ = _setup(tmp_path, repo)
     champion, winner = _champion_and_winner(rollouts)
     r = rollouts.start_profile(
@@ -196,3 +196,145 @@ def test_a_canary_sharing_its_channel_with_the_group_is_refused(
             hardware=HW,
             now_us=T0,
         )
+
+
+# --------------------------------------------------------------------------- the canary judge
+# A canary's tyres from the line physics (the twin plays a line tyre by tyre: batches with their
+# lab Mooney, a fresh batch's hotter-start need, noise) on the new rubber of the profile e2e test.
+# The rollout starts at a batch change, so the canary's first tyres under the winner are a fresh
+# batch's.
+
+NESTS = 4
+CYCLE_US = 6_000_000
+
+
+def _canary_tyres(
+    winner: Any, *, seed: int, after_cycles: int, champion_recipe: Any = None
+) -> list[FleetTyre]:
+    from edgeos_cloud.fleet.twinsim import Candidate, TwinParams, TwinSimulator
+
+    twin = TwinSimulator(
+        TwinParams(material_mean=1.5, material_std=0.15, mooney_offset=20.0, cycle_s=6.0),
+        nests=NESTS,
+        seed=seed,
+    )
+    cycles = 120
+    m = twin.materials(cycles)
+    starts = [k for k in range(1, cycles) if m.batch[k] != m.batch[k - 1]]
+    k0 = [k for k in starts if k + after_cycles <= cycles][-1]
+    champion = twin.run(champion_recipe or Candidate.default(), cycles).rewards
+    under_winner = twin.run(winner, cycles).rewards
+    out = []
+    for k in range(k0 + after_cycles):
+        after = k >= k0
+        for j in range(NESTS):
+            r = float((under_winner if after else champion)[k, j])
+            out.append(
+                FleetTyre(
+                    "gw-b", f"nest{j + 1:02d}", T0 + (k - k0) * CYCLE_US + j, "correction@1.0.0",
+                    WINNER if after else "line-a@1", "default", 0.0, r, r,
+                    batch=int(m.batch[k]), mooney=float(m.mooney[k]),
+                )
+            )  # fmt: skip
+    return out
+
+
+WINNER = "line-a@2"
+
+
+def _start(rollouts: Rollouts) -> Any:
+    champion, winner = _champion_and_winner(rollouts)
+    return rollouts.start_profile(
+        "line-a", winner, members=["gw-a", "gw-b", "gw-c"], canaries=["gw-b"], hardware=HW,
+        champion=champion, now_us=T0,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _commit(repo: OtaRepository, r: Any, *devices: str) -> None:
+    version = Campaign(repo, r.campaign).load()["version"]
+    for device in devices:
+        Campaign(repo, r.campaign).record(report(device, device, version))
+
+
+def test_a_fresh_batch_under_the_winner_does_not_halt_a_canary_that_is_as_good(
+    tmp_path: Path, repo: OtaRepository
+) -> None:
+    """The winner is the champion's recipe: the canary's first tyres under it are a fresh
+    batch's, which the old unpaired means took for a worse winner; fresh tyres are compared
+    with the champion's fresh tyres, batch by batch, and the rollout goes on."""
+    from edgeos_cloud.fleet.twinsim import Candidate
+
+    rollouts, _ = _setup(tmp_path, repo)
+    r = _start(rollouts)
+    tyres = _canary_tyres(Candidate.default(), seed=12, after_cycles=14)
+    (ev,) = rollouts.evidence(rollouts.load(r.name), lambda d: tyres, ["gw-b"])
+    # What the unpaired judge compared: the winner looks a third of an MPa worse.
+    assert sum(ev.after) / len(ev.after) < sum(ev.before) / len(ev.before) - 0.3
+    assert {s.split("/")[1] for s in ev.after_strata or ()} == {"fresh", "settled"}
+    _commit(repo, r, "gw-b")
+    stepped = rollouts.step(r.name, lambda d: tyres, min_tyres=8, max_tyres=1000)
+    assert stepped.status == "group", stepped.reason
+    (canary,) = stepped.judgement["canaries"]  # type: ignore[index]
+    assert canary["verdict"] == "healthy" and canary["unit"] == "batch"
+    assert canary["dimensions"] == ["material", "freshness"] and not canary["at_bound"]
+    assert canary["upper_bound"] >= 0.0 and canary["naive"] < -0.3
+    # The record and `edgeos-cloud fleet rollouts` carry the judgement.
+    assert rollouts.load(r.name).judgement == stepped.judgement
+
+
+def test_a_genuinely_worse_winner_halts_with_stated_confidence_and_rolls_back(
+    tmp_path: Path, repo: OtaRepository
+) -> None:
+    """A colder start (155 °C) on the same batches: worse in every shared stratum."""
+    from edgeos_cloud.fleet.twinsim import Candidate
+
+    rollouts, store = _setup(tmp_path, repo)
+    r = _start(rollouts)
+    tyres = _canary_tyres(Candidate("cold", {"heater.sp": 155.0}), seed=12, after_cycles=14)
+    halted = rollouts.step(r.name, lambda d: tyres, min_tyres=8, max_tyres=1000)
+    assert halted.status == "halted" and "upper 95% bound" in halted.reason
+    (canary,) = halted.judgement["canaries"]  # type: ignore[index]
+    assert canary["verdict"] == "worse" and canary["p_worse"] > 0.95
+    assert canary["upper_bound"] < 0.0 and canary["unit"] == "batch"
+    assert pointer(repo, "gw-b", "config") == halted.rollback_target != r.target
+    assert pointer(repo, "gw-a", "config") is None
+    again = store.latest("line-a")
+    assert (
+        again is not None
+        and again.tunables_digest() == store.version("line-a", 1).tunables_digest()
+    )
+
+
+def test_thin_evidence_waits_then_the_wait_bound_decides(
+    tmp_path: Path, repo: OtaRepository
+) -> None:
+    """Under the winner (a colder start) the canary has run one batch so far: one batch is no
+    sample of batches, so the judge waits — and says why — however many tyres of it arrive,
+    until the wait bound; there it decides on tyres: worse, halted and rolled back."""
+    from edgeos_cloud.fleet.twinsim import Candidate
+
+    rollouts, _ = _setup(tmp_path, repo)
+    r = _start(rollouts)
+    _commit(repo, r, "gw-b")
+    cold = Candidate("cold", {"heater.sp": 155.0})
+    for cycles in (3, 7):  # 12 and 28 tyres under the winner, one batch
+        tyres = _canary_tyres(cold, seed=12, after_cycles=cycles)
+        waiting = rollouts.step(r.name, lambda d, t=tyres: t, min_tyres=8, max_tyres=40)
+        assert waiting.status == "canary" and waiting.judgement is not None
+        assert waiting.judgement["verdict"] == "wait"
+        assert "too little comparable evidence" in waiting.judgement["reason"]
+    at_bound = _canary_tyres(cold, seed=12, after_cycles=10)  # 40 tyres: the bound
+    decided = rollouts.step(r.name, lambda d: at_bound, min_tyres=8, max_tyres=40)
+    assert decided.status == "halted" and "at the wait bound (40 tyres)" in decided.reason
+    (canary,) = decided.judgement["canaries"]  # type: ignore[index]
+    assert canary["at_bound"] and canary["unit"] == "tyre" and canary["verdict"] == "worse"
+    assert pointer(repo, "gw-b", "config") == decided.rollback_target
+
+
+def test_without_comparable_champion_tyres_the_bound_decides_on_the_alpha_budget() -> None:
+    """A canary with almost no history: it waits, and at the bound its α budget decides."""
+    thin = CanaryEvidence("a", [6.4] * 3, [6.3] * 10, [6.3] * 10, 0.005, [6.4] * 3)
+    assert judge([thin], min_tyres=8, max_tyres=20).verdict == "wait"
+    long = CanaryEvidence("a", [6.4] * 3, [6.3] * 20, [6.3] * 20, 0.005, [6.4] * 3)
+    decided = judge([long], min_tyres=8, max_tyres=20)
+    assert decided.verdict == "healthy" and "without comparable champion evidence" in decided.reason
