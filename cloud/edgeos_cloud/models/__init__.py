@@ -10,6 +10,7 @@
 ``trainer``        spawns the TensorFlow trainer (:mod:`.train`) in its own environment
 ``publish``        qualified version → models bundle → TUF repository → staged campaign
 ``tracking``       the gateways' model reports folded per version × group (incremental)
+``campaigns``      the OTA campaigns' device reports → per-device install audit, halted marks
 ``state``          the incremental readers' cursors (``home/state/``)
 ``lifecycle``      the operations (``Lifecycle``) and the configuration (``models.toml``)
 ``metrics``        Prometheus gauges of every version per group (docs/grafana/)

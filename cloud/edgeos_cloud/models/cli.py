@@ -10,7 +10,9 @@
     edgeos-cloud models --config models.toml rollback --task TASK --group G
     edgeos-cloud models --config models.toml drift --task quality --group G [--retrain] [--since T]
     edgeos-cloud models --config models.toml reports --group G   # fold device reports: tracking,
-                                                                 # per-device audit, stages
+                                                                 # per-device audit, stages,
+                                                                 # and the OTA campaigns' reports
+    edgeos-cloud models --config models.toml campaigns           # only the campaigns' reports
     edgeos-cloud models --config models.toml metrics
 
 Exit status: 0 done, 1 refused (the gate or publishing said no; the reason is printed),
@@ -91,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         "reports", help="fold the group's model reports: tracking, per-device audit, stages"
     )
     rep.add_argument("--group", required=True)
+    sub.add_parser(
+        "campaigns", help="fold the OTA campaigns' device reports into the registry's audit"
+    )
     sub.add_parser("metrics", help="Prometheus text exposition of every version per group")
     return p
 
@@ -104,7 +109,7 @@ def _print(obj: Any, as_json: bool) -> None:
             print(
                 "  ".join(
                     f"{item.get(k)}"
-                    for k in ("key", "version", "status", "stages", "gate")
+                    for k in ("key", "version", "status", "stages", "campaign_halted", "gate")
                     if k in item
                 )
             )
@@ -115,6 +120,7 @@ def _print(obj: Any, as_json: bool) -> None:
 def models_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        from edgeos_cloud.models.campaigns import installs
         from edgeos_cloud.models.lifecycle import Lifecycle
 
         config = load_config(args.config)
@@ -127,6 +133,7 @@ def models_main(argv: list[str] | None = None) -> int:
             out = v.as_dict() | {
                 "gate_report": life.registry.gate_report(v),
                 "audit": [a for a in life.registry.audit(v.name) if a["key"] == v.key],
+                "installs": installs(life, v),
             }
         elif args.command == "register":
             if args.champion:
@@ -168,8 +175,12 @@ def models_main(argv: list[str] | None = None) -> int:
 
             sys.stdout.write(render(life).decode())
             return 0
+        elif args.command == "campaigns":
+            out = life.record_campaign_reports()
         else:
-            out = life.track(args.group)
+            # Campaigns first: they need only the registry, the events need the database too.
+            campaigns = life.record_campaign_reports()
+            out = life.track(args.group) | {"campaigns": campaigns}
         _print(out, args.json)
         return 0
     except (DataUnavailable, RegistryUnavailable) as exc:

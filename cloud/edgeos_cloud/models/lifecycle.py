@@ -478,6 +478,14 @@ class Lifecycle:
         changes: list[dict[str, Any]] = self.track(group)["changes"]
         return changes
 
+    def record_campaign_reports(self) -> dict[str, Any]:
+        """What each device did with the models bundles the OTA campaigns rolled out →
+        per-device audit records, halted campaigns marked (one incremental fold,
+        :mod:`.campaigns`)."""
+        from edgeos_cloud.models.campaigns import CampaignFold
+
+        return CampaignFold(self).fold()
+
     def track(self, group: str) -> dict[str, Any]:
         """Fold the group's new model reports into tracking (see :mod:`.tracking`)."""
         from edgeos_cloud.models.tracking import FleetTracker

@@ -9,7 +9,8 @@
    lets newer bundles in);
 3. publishes it into the repository (:meth:`OtaRepository.publish`, verified by unpacking) and
    creates and starts a one-stage :class:`~edgeos_cloud.ota.campaign.Campaign` pointing the
-   group's channel at it;
+   group's channel at it; the version's ``bundle.<group>`` tag names the bundle (how the
+   campaign's device reports find the version: :mod:`.campaigns`);
 4. moves the version to ``challenger`` in the group (alias + audit). Gateways load every model of
    a models bundle as a challenger; their champion/challenger rule decides the promotion, and
    :meth:`Lifecycle.record_reports` records what each device reports.
@@ -90,9 +91,12 @@ def _publish_bundle(
 def _make_challenger(
     lifecycle: Lifecycle, current: RegisteredVersion, group: str, target: str, why: str
 ) -> RegisteredVersion:
+    # ``bundle.<group>`` is the link from an OTA campaign's target back to the version
+    # (:mod:`.campaigns` folds the campaign's device reports through it).
     lifecycle.registry.client.set_model_version_tag(
         current.name, str(current.number), f"bundle.{group}", target
     )
+    lifecycle.registry.clear_campaign_halted(current, group)
     return lifecycle.registry.set_stage(
         lifecycle.registry.get(current.name, current.number), group, "challenger", why
     )

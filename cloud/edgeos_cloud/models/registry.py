@@ -16,6 +16,12 @@ Everything MLflow already does is done by MLflow (``MlflowClient``); this module
   tags add ``retired``. They change only through :meth:`ModelRegistry.set_stage`, and every
   change is an **audit record**: a run in the ``edgeos-lifecycle-audit`` experiment (params
   model, version, group, from, to, reason; MLflow stamps the time).
+* **Campaign reports**: a version published as a models bundle carries the bundle's target
+  path in its ``bundle.<group>`` tag (:mod:`.publish`); :meth:`ModelRegistry.published_bundles`
+  reads that link back, and each device's install outcome reported to the bundle's OTA
+  campaign is an audit record tagged with the device, the campaign and the report
+  (:meth:`ModelRegistry.audit_install`, folded by :mod:`.campaigns`). A halted campaign sets
+  ``campaign_halted.<group>`` (:meth:`ModelRegistry.mark_campaign_halted`).
 * **Long-term tracking**: one run per (version, group) in ``edgeos-tracking/<name>``, whose
   metrics (error against realised quality, agreement, latency, promotions) are logged with
   their timestamps by :meth:`ModelRegistry.log_tracking`.
@@ -99,7 +105,17 @@ class RegisteredVersion:
             "status": self.status,
             "stages": dict(self.stages),
             "gate": self.tags.get("gate_summary", ""),
+            "campaign_halted": self.campaign_halted,
         }
+
+    @property
+    def campaign_halted(self) -> dict[str, str]:
+        """Per group, why the campaign that last published this version there halted."""
+        prefix = "campaign_halted."
+        return {k[len(prefix) :]: v for k, v in self.tags.items() if k.startswith(prefix)}
+
+
+_AUDIT_TAGS = ("key", "group", "device", "from", "to", "reason", "campaign", "stage", "report")
 
 
 def _check_group(group: str) -> str:
@@ -402,6 +418,7 @@ class ModelRegistry:
         reason: str,
         *,
         device: str = "",
+        extra: Mapping[str, str] | None = None,
     ) -> None:
         with self._translated("write an audit record"):
             exp = self._experiment(AUDIT_EXPERIMENT)
@@ -410,6 +427,7 @@ class ModelRegistry:
                 exp,
                 run_name=f"{version.key} {group or '*'}{who}: {before or '-'} → {after}",
                 tags={
+                    **(extra or {}),
                     "model": version.name,
                     "version": str(version.number),
                     "key": version.key,
@@ -437,27 +455,111 @@ class ModelRegistry:
         _check_group(group)
         self._audit(version, group, before, after, reason, device=device)
 
+    def audit_install(
+        self,
+        version: RegisteredVersion,
+        *,
+        group: str,
+        device: str,
+        outcome: str,
+        reason: str,
+        campaign: str,
+        stage: str,
+        report: str,
+    ) -> None:
+        """One device's outcome with the models bundle that carried ``version`` (``installed``,
+        ``rolled_back``, ``refused``), as its OTA campaign received it: an audit record tagged
+        with the device, the campaign, its stage and the report's identity (``report``, what
+        makes folding the same report twice recognisable: :meth:`campaign_reports`)."""
+        _check_group(group)
+        self._audit(
+            version,
+            group,
+            "",
+            outcome,
+            reason,
+            device=device,
+            extra={"campaign": campaign, "stage": stage, "report": report},
+        )
+
+    def mark_campaign_halted(
+        self,
+        version: RegisteredVersion,
+        group: str,
+        *,
+        campaign: str,
+        reason: str,
+        report: str,
+        audit: bool = True,
+    ) -> RegisteredVersion:
+        """The campaign that published ``version`` to ``group`` halted: tag
+        ``campaign_halted.<group>`` and (``audit``) an audit record. Stages and aliases do not
+        move (the champion alias moves only on a device's own report; see :mod:`.campaigns`)."""
+        _check_group(group)
+        text = f"campaign {campaign}: {reason}"[:4000]
+        with self._translated(f"mark {version.key} halted in {group}"):
+            self.client.set_model_version_tag(
+                version.name, str(version.number), f"campaign_halted.{group}", text
+            )
+        if not audit:
+            return self.get(version.name, version.number)
+        self._audit(
+            version,
+            group,
+            version.stages.get(group, ""),
+            "campaign_halted",
+            text,
+            extra={"campaign": campaign, "report": report},
+        )
+        return self.get(version.name, version.number)
+
+    def clear_campaign_halted(self, version: RegisteredVersion, group: str) -> None:
+        """Drop ``campaign_halted.<group>`` (the version is published to ``group`` again)."""
+        if f"campaign_halted.{group}" not in version.tags:
+            return
+        with self._translated(f"clear the halted mark of {version.key}"):
+            self.client.delete_model_version_tag(
+                version.name, str(version.number), f"campaign_halted.{group}"
+            )
+
+    def published_bundles(self) -> dict[str, list[tuple[RegisteredVersion, str]]]:
+        """Bundle target path → the (version, group) pairs published as it (the
+        ``bundle.<group>`` tags :mod:`.publish` sets): which versions a campaign carries."""
+        out: dict[str, list[tuple[RegisteredVersion, str]]] = {}
+        for version in self.versions():
+            for tag, target in version.tags.items():
+                if tag.startswith("bundle."):
+                    out.setdefault(target, []).append((version, tag.split(".", 1)[1]))
+        return out
+
+    def campaign_reports(self, campaign: str) -> set[tuple[str, str]]:
+        """``(key, report)`` of every audit record already written for ``campaign``'s reports."""
+        return {
+            (a["key"], a["report"])
+            # Campaign names are letters, digits, '_', '.', '-' (Campaign refuses others).
+            for a in self._audit_runs(f"tags.campaign = '{campaign}'")
+            if a["report"]
+        }
+
     def audit(self, name: str | None = None) -> list[dict[str, Any]]:
         """Every stage/status change and device report (oldest first; ``device`` is empty for
-        the registry's own records)."""
+        the registry's own records; ``campaign``, ``stage`` and ``report`` only on the records
+        of campaign reports)."""
+        return self._audit_runs(f"tags.model = '{name}'" if name else "")
+
+    def _audit_runs(self, filter_string: str) -> list[dict[str, Any]]:
         with self._translated("read the audit trail"):
             exp = self.client.get_experiment_by_name(AUDIT_EXPERIMENT)
             if exp is None:
                 return []
             runs = self.client.search_runs(
                 [exp.experiment_id],
-                filter_string=f"tags.model = '{name}'" if name else "",
+                filter_string=filter_string,
                 order_by=["attributes.start_time ASC"],
                 max_results=50_000,
             )
         return [
-            {
-                "at_ms": int(r.info.start_time),
-                **{
-                    k: r.data.tags.get(k, "")
-                    for k in ("key", "group", "device", "from", "to", "reason")
-                },
-            }
+            {"at_ms": int(r.info.start_time), **{k: r.data.tags.get(k, "") for k in _AUDIT_TAGS}}
             for r in runs
         ]
 

@@ -28,7 +28,7 @@ from edgeos_cloud.ota.reports import OUTCOMES, DeviceReport
 from edgeos_cloud.ota.repository import OtaRepository
 from edgeos_protocol.fsutil import atomic_write_json, read_json
 
-__all__ = ["Campaign", "Stage", "record_report"]
+__all__ = ["Campaign", "Stage", "list_campaigns", "record_report"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -238,6 +238,14 @@ class Campaign:
             "groups": groups,
             "devices": data["devices"],
         }
+
+
+def list_campaigns(repo: OtaRepository) -> list[Campaign]:
+    """Every campaign of ``repo``, by name (a reader's view: nothing is locked or changed)."""
+    directory = repo.dir / "campaigns"
+    if not directory.is_dir():
+        return []
+    return [Campaign(repo, path.stem) for path in sorted(directory.glob("*.json"))]
 
 
 def record_report(repo_dir: Path, report: DeviceReport) -> list[str]:
