@@ -16,13 +16,31 @@ log() { printf '[arm64 %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # The cache key: what decides what is inside the root (the package list, the script that builds
-# it, the four pyproject files that decide the Python dependencies). Bump ARM64_ROOT_FORMAT when
-# a change to this file changes how the root is built.
+# it, and of the four pyproject files the [project] and [build-system] tables: dependencies,
+# extras, scripts and entry points, which the editable installs bake in — not the [tool.*]
+# settings of ruff, mypy, pytest or setuptools' file lists, which change nothing in the root and
+# would cost a 15–30 min rebuild). Bump ARM64_ROOT_FORMAT when a change to this file changes
+# how the root is built.
 ARM64_ROOT_FORMAT=1
 arm64_root_key() {
     (cd "$REPO" && echo "format $ARM64_ROOT_FORMAT" && cat images/arm64/packages.txt \
-        images/arm64/build-root.sh "${PYPROJECTS[@]}" \
+        images/arm64/build-root.sh && arm64_pyproject_digest "${PYPROJECTS[@]}" \
         && echo "$ARM64_SUITE $ARM64_MIRROR $(arm64_pip_targets)") | sha256sum | cut -c1-16
+}
+
+# The [project] and [build-system] tables of each pyproject file, canonical JSON (Python ≥ 3.11).
+arm64_pyproject_digest() {
+    python3 - "$@" <<'PY'
+import json
+import sys
+import tomllib
+
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    keep = {k: doc[k] for k in ("project", "build-system") if k in doc}
+    print(path, json.dumps(keep, sort_keys=True))
+PY
 }
 
 # What the development venv installs (the Makefile's `pip install -e …` line, so the two stay in
