@@ -58,6 +58,10 @@ __all__ = ["Runtime"]
 
 log = logging.getLogger("edgeos.runtime")
 
+#: Past twice a connection's connect timeout, its first scan runs even if the first connect
+#: attempt has not been seen to end (a backstop; the attempt is bounded by the supervisor).
+_FIRST_CONNECT_SLACK_S = 5.0
+
 EventSource = Callable[[], list[dict[str, Any]]]
 
 
@@ -252,8 +256,11 @@ class Runtime:
 
     def _first_attempt_ended(self, sup: ConnectionSupervisor) -> ReadyFn:
         """A connection's first scan waits until its first connect attempt has ended (up or
-        down), at most its connect timeout: a scan before that would report BAD_COMM for a
-        PLC that is up and only still being connected to."""
+        down): a scan before that would report BAD_COMM for a PLC that is up and only still
+        being connected to. The attempt is bounded by the supervisor's own connect timeout;
+        the gate's bound is a backstop well past it (twice the timeout plus 5 s), so that on
+        a busy machine — where the attempt's completion can be seen a little after its
+        timeout — the gate never opens while the attempt is still running."""
         deadline: float | None = None
 
         def ready() -> bool:
@@ -262,7 +269,7 @@ class Runtime:
                 return True
             now = self.clock.monotonic()
             if deadline is None:
-                deadline = now + sup.connect_timeout_s
+                deadline = now + 2 * sup.connect_timeout_s + _FIRST_CONNECT_SLACK_S
             return now >= deadline
 
         return ready
