@@ -98,3 +98,16 @@ test-arm64-ci:
 # images/stage-edgeos.sh as an image builder's chroot step, checked in the arm64 root.
 test-arm64-image:
 	bash images/arm64/test-stage.sh
+
+# --- bootable arm64 A/B image (issue #18; images/README.md, docs/ota.md "Root filesystem A/B"):
+# a Debian bookworm disk image (mmdebstrap + genimage; RAUC A/B roots, GRUB-EFI, data partition)
+# built in /var/cache/edgeos/image, and its boot test in qemu-system-aarch64 (TCG), which prints
+# JSON figures. Need root; host tools are installed by images/ensure-image-tools when missing.
+# Neither is part of `make test`.
+.PHONY: image test-boot
+
+image:
+	bash images/qemu/build-image.sh
+
+test-boot:
+	bash images/test-boot.sh $(TEST_BOOT_ARGS)

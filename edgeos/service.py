@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sysconfig
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,12 +39,27 @@ class InstallReport:
     notes: list[str] = field(default_factory=list)
 
 
+def _source_dirs() -> list[Path]:
+    """Where the ``systemd/`` folder may be, in order.
+
+    Next to the package in a checkout or an A/B slot (the bundle carries the source tree); in an
+    installed wheel, ``<prefix>/share/edgeos/systemd`` (the wheel's data files, pyproject.toml).
+    """
+    return [
+        Path(str(resources.files("edgeos"))).parent / "systemd",
+        Path(sysconfig.get_path("data")) / "share" / "edgeos" / "systemd",
+    ]
+
+
 def _source_dir() -> Path:
-    """The ``systemd/`` folder: next to the package in a checkout or a slot."""
-    here = Path(str(resources.files("edgeos"))).parent / "systemd"
-    if not here.is_dir():
-        raise FileNotFoundError(f"unit files not found at {here}")
-    return here
+    """The first ``systemd/`` folder of :func:`_source_dirs` that holds the units."""
+    tried = _source_dirs()
+    for here in tried:
+        if (here / UNITS[0]).is_file():
+            return here
+    raise FileNotFoundError(
+        "unit files not found (looked in " + ", ".join(str(p) for p in tried) + ")"
+    )
 
 
 def _copy(src: Path, dst: Path, report: InstallReport, *, mode: int, overwrite: bool) -> None:

@@ -8,9 +8,9 @@
 #   /tmp/edgeos/root.json               trusted TUF root (edgeos-cloud ota trusted-root)
 #   /tmp/edgeos/factory.tar.zst         full bundle for this hardware target
 #   /tmp/edgeos/edgeos.toml             device config template ([device] hardware, [ota] …)
-#   /tmp/edgeos/wheels/                 wheels for the base venv (edgeos + deps, aarch64)
-#   /tmp/edgeos/src/                    the release's source tree: edgeos/, systemd/, examples/
-#                                       (what `edgeos install-service` installs units from)
+#   /tmp/edgeos/wheels/                 wheels for the base venv (edgeos + deps, aarch64); the
+#                                       edgeos wheel carries the systemd units that
+#                                       `edgeos install-service` installs (share/edgeos/systemd)
 #
 # Users and ownership: nothing here picks a uid. The service user is declared in
 # /usr/lib/sysusers.d/edgeos.conf and created by systemd-sysusers from the *target's*
@@ -24,7 +24,7 @@ IN=/tmp/edgeos
 STATE=/var/lib/edgeos
 PY=/usr/lib/edgeos/python
 
-for f in root.json factory.tar.zst edgeos.toml wheels src/systemd/edgeos.service; do
+for f in root.json factory.tar.zst edgeos.toml wheels; do
     [ -e "$IN/$f" ] || { echo "stage-edgeos: missing $IN/$f" >&2; exit 1; }
 done
 for tool in systemd-sysusers systemd-tmpfiles systemctl runuser; do
@@ -37,10 +37,10 @@ python3 -m venv "$PY"
 "$PY/bin/pip" install --quiet --no-index --find-links "$IN/wheels" edgeos
 
 # 2. units, sysusers.d/tmpfiles.d entries, the plant config (root:edgeos 0640), user, groups and
-#    directories, edgeos.service enabled. `install-service` takes its unit files from the release's
-#    source tree (systemd/ next to edgeos/); in a chroot `systemctl enable` only writes the
-#    multi-user.target.wants link, which is all an image needs.
-report=$(PYTHONPATH="$IN/src" "$PY/bin/python" -m edgeos.cli install-service --root / \
+#    directories, edgeos.service enabled. `install-service` takes its unit files from the
+#    installed wheel (the venv's share/edgeos/systemd); in a chroot `systemctl enable` only
+#    writes the multi-user.target.wants link, which is all an image needs.
+report=$("$PY/bin/python" -m edgeos.cli install-service --root / \
     --config-template "$IN/edgeos.toml" 2>&1)
 printf '%s\n' "$report"
 # The one expected note in a chroot: there is no running systemd to daemon-reload.

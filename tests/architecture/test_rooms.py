@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeos_testing.wheels import build_wheel
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
@@ -143,21 +145,6 @@ def _checkout_copy(dest: Path) -> Path:
     return dest
 
 
-def _wheel(project: Path, out: Path) -> Path:
-    subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"),
-            *("--no-build-isolation", "--wheel-dir", str(out), str(project)),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    (wheel,) = out.glob("*.whl")
-    return wheel
-
-
 def _top_level_and_requires(wheel: Path) -> tuple[set[str], list[str]]:
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
@@ -191,18 +178,23 @@ def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateway_wheel(source_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _wheel(source_copy, tmp_path_factory.mktemp("gw-wheel"))
+    return build_wheel(source_copy, tmp_path_factory.mktemp("gw-wheel"))
 
 
 def test_gateway_wheel_ships_gateway_and_protocol_only(gateway_wheel: Path) -> None:
     tops, requires = _top_level_and_requires(gateway_wheel)
-    assert tops == {"edgeos", "drivers", "edgeos_protocol"}
+    data = {t for t in tops if t.endswith(".data")}
+    assert tops - data == {"edgeos", "drivers", "edgeos_protocol"}
+    # Besides the packages, only the systemd units (data files: share/edgeos/systemd).
+    with zipfile.ZipFile(gateway_wheel) as z:
+        data_files = [n for n in z.namelist() if n.split("/", 1)[0] in data]
+    assert data_files and all("/data/share/edgeos/systemd/" in n for n in data_files), data_files
     cloud_only = {"psycopg", "amqtt", "mlflow", "tomli-w"}
     assert not _base_names(requires) & cloud_only, requires
 
 
 def test_cloud_wheel_ships_cloud_and_protocol_only(source_copy: Path, tmp_path: Path) -> None:
-    wheel = _wheel(source_copy / "cloud", tmp_path)
+    wheel = build_wheel(source_copy / "cloud", tmp_path)
     tops, requires = _top_level_and_requires(wheel)
     assert tops == {"edgeos_cloud", "edgeos_protocol"}
     gateway_only = {"asyncua", "pymodbus", "pyserial", "sdnotify", "edgeos"}
