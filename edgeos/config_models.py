@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validato
 from edgeos.clock import Clock
 from edgeos.driver import DriverContext, TagBinding, load_driver_class
 from edgeos_protocol.backoff import BackoffPolicy
+from edgeos_protocol.profile import Bounds, GateTunables
 
 __all__ = [
     "RECIPE_SUFFIXES",
@@ -223,17 +224,12 @@ class ModelRef(_Model):
 RECIPE_SUFFIXES = ("heater.sp", "press.sp")
 
 
-class SoftLimits(_Model):
-    """Narrower bounds for *learned* set-points of one writable tag (inside its hard limits)."""
+class SoftLimits(Bounds):
+    """Narrower bounds for *learned* set-points of one writable tag (inside its hard limits):
+    the profile format's :class:`~edgeos_protocol.profile.Bounds`, so a file and a profile
+    accept exactly the same values."""
 
-    min: Annotated[float, Field(allow_inf_nan=False)]
-    max: Annotated[float, Field(allow_inf_nan=False)]
-
-    @model_validator(mode="after")
-    def _order(self) -> Self:
-        if not self.min < self.max:
-            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
-        return self
+    model_config = _Model.model_config
 
 
 class GuardConfig(_Model):
@@ -245,18 +241,11 @@ class GuardConfig(_Model):
     soft_limits: dict[Name, SoftLimits] = Field(default_factory=dict)
 
 
-class GateConfig(_Model):
-    """Overrides of the quality manifest's ``p_scrap`` / ``p_correct`` (unset: the manifest's)."""
+class GateConfig(GateTunables):
+    """Overrides of the quality manifest's ``p_scrap`` / ``p_correct`` (unset: the manifest's);
+    the profile format's :class:`~edgeos_protocol.profile.GateTunables`."""
 
-    p_scrap: Annotated[float, Field(gt=0, lt=1)] | None = None
-    p_correct: Annotated[float, Field(gt=0, lt=1)] | None = None
-
-    @model_validator(mode="after")
-    def _order(self) -> Self:
-        both = self.p_scrap is not None and self.p_correct is not None
-        if both and not self.p_correct < self.p_scrap:  # type: ignore[operator]
-            raise ValueError("p_correct must be below p_scrap")
-        return self
+    model_config = _Model.model_config
 
 
 class PromotionConfig(_Model):
