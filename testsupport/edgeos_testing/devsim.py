@@ -108,7 +108,11 @@ class SimDevice:
         self._applied_version = 0
         self._answers: dict[int, tuple[bool, dict[str, Any]]] = {}
         self._counter = 0
-        self._changed = asyncio.Condition()
+        # A fresh Event per change: a wait holds no lock, so an enclosing ``asyncio.timeout``
+        # ends it at once, and a listener that stopped fails the waits instead of hanging them.
+        self._changed = asyncio.Event()
+        #: Why the listener stopped (a dropped link, a bug): waits fail with it, never hang.
+        self._stopped: BaseException | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -120,7 +124,7 @@ class SimDevice:
             dev = cls(client, device, key, **kwargs)
             await client.subscribe(f"{dev.prefix}/{device}/ack", qos=1)
             await client.subscribe(f"{dev.prefix}/{device}/cmd", qos=1)
-            task = asyncio.create_task(dev._listen(), name=f"simdevice-{device}")
+            task = asyncio.create_task(dev._listen_until_stopped(), name=f"simdevice-{device}")
             try:
                 yield dev
             finally:
@@ -148,25 +152,43 @@ class SimDevice:
 
     async def wait_acked(self, epoch: int, seq: int) -> int:
         """Wait until an authenticated ack covers ``seq`` of ``epoch``; returns the acked seq."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.acked.get(epoch, 0) >= seq)
-            return self.acked[epoch]
+        await self._wait(lambda: self.acked.get(epoch, 0) >= seq)
+        return self.acked[epoch]
 
     async def wait_quarantined(self, epoch: int, seq: int) -> None:
         """Wait until an ack says the receiver quarantined ``seq`` of ``epoch``."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: (epoch, seq) in self.quarantined)
+        await self._wait(lambda: (epoch, seq) in self.quarantined)
 
     async def wait_ack_count(self, count: int) -> None:
         """Wait until ``count`` authenticated acks have arrived in total."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.ack_count >= count)
+        await self._wait(lambda: self.ack_count >= count)
 
     async def wait_commands(self, count: int) -> list[dict[str, Any]]:
         """Wait until ``count`` distinct commands were received and answered."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self.commands) >= count)
-            return list(self.commands)
+        await self._wait(lambda: len(self.commands) >= count)
+        return list(self.commands)
+
+    async def _wait(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            if self._stopped is not None:
+                raise RuntimeError(
+                    f"device {self.device!r} stopped listening: {self._stopped!r}"
+                ) from self._stopped
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _listen_until_stopped(self) -> None:
+        try:
+            await self._listen()
+            self._stopped = EOFError("the broker ended the message stream")
+        except BaseException as exc:
+            self._stopped = exc
+            raise
+        finally:
+            self._notify()
 
     async def _listen(self) -> None:
         async for message in self.client.messages:
@@ -187,11 +209,10 @@ class SimDevice:
                 except WireError:
                     self.bad_controls += 1
                     continue
-                async with self._changed:
-                    self.acked[ack.epoch] = max(self.acked.get(ack.epoch, 0), ack.seq)
-                    self.quarantined.update((ack.epoch, q) for q in ack.quarantined)
-                    self.ack_count += 1
-                    self._changed.notify_all()
+                self.acked[ack.epoch] = max(self.acked.get(ack.epoch, 0), ack.seq)
+                self.quarantined.update((ack.epoch, q) for q in ack.quarantined)
+                self.ack_count += 1
+                self._notify()
             elif control.kind is ControlKind.COMMAND:
                 await self._answer(control.payload)
 
@@ -206,9 +227,8 @@ class SimDevice:
             ok, results = self.handler(dict(command["desired"]))
             self._applied_version = version
             self._answers[version] = (ok, results)
-            async with self._changed:
-                self.commands.append(command)
-                self._changed.notify_all()
+            self.commands.append(command)
+            self._notify()
         self._counter = counter_from_time(self._counter, _now())
         reply = seal_control(
             ControlKind.COMMAND_RESULT,

@@ -278,16 +278,24 @@ async def test_a_poisoned_device_never_holds_back_a_healthy_one(
                 hostile.with_meta({"d": hostile.deep(100)}),
             ]
             n = 24
-            for i in range(n):
-                await bad.publish(bad.seal_body(poisons[i % len(poisons)]))
-                await good.publish(good.seal(hostile.healthy(i)))
-            async with asyncio.timeout(60):
-                assert await good.wait_acked(good.epoch.epoch, n) == n
-                # The bad device is told to move on: every batch acked, as quarantined.
-                assert await bad.wait_acked(bad.epoch.epoch, n) == n
-                await bad.wait_quarantined(bad.epoch.epoch, n)
-            assert not good.quarantined
             m = receiver.metrics
+            try:
+                async with asyncio.timeout(60):
+                    for i in range(n):
+                        await bad.publish(bad.seal_body(poisons[i % len(poisons)]))
+                        await good.publish(good.seal(hostile.healthy(i)))
+                    assert await good.wait_acked(good.epoch.epoch, n) == n
+                    # The bad device is told to move on: every batch acked, as quarantined.
+                    assert await bad.wait_acked(bad.epoch.epoch, n) == n
+                    await bad.wait_quarantined(bad.epoch.epoch, n)
+            except TimeoutError:
+                pytest.fail(
+                    f"not every batch was acked in 60 s: good acked {good.acked}, bad acked"
+                    f" {bad.acked} ({len(bad.quarantined)} as quarantined); receiver counted"
+                    f" {m.value('edgeos_receiver_batches_total')} batches,"
+                    f" {m.value('edgeos_receiver_storage_errors_total')} storage errors"
+                )
+            assert not good.quarantined
             assert m.value("edgeos_receiver_batches_total") == n
             assert m.value("edgeos_receiver_storage_errors_total") == 0
             assert m.value("edgeos_receiver_quarantined_total", reason="malformed") == n // 2
