@@ -31,7 +31,7 @@ systemctl enable edgeos-firstboot.service edgeos-rauc-mark-good.service \
     edgeos-console-ready.service edgeos-test-shell.service systemd-networkd.service >/dev/null
 # Names resolve in this root only: the mark-good state directory is root's.
 install -d -m 0755 /boot/efi
-chmod 0755 /usr/lib/edgeos/image/rauc-post-install
+chmod 0755 /usr/lib/edgeos/image/rauc-pre-install /usr/lib/edgeos/image/rauc-post-install
 
 # 4. Kernel and initramfs at fixed paths in the root (grub.cfg loads /vmlinuz, /initrd.img).
 kver=$(ls /lib/modules | sort -V | tail -1)

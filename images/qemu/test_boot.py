@@ -18,7 +18,12 @@ Steps (each prints what it sees; the figures are printed as one JSON object at t
   3. bad input refused with the slots untouched: unsigned, signed by another CA, wrong
      compatible;
   4. a bundle whose edgeos never gets healthy: rolled back after the attempt limit, no gap in
-     the batches the receiver has from the device.
+     the batches the receiver has from the device;
+  5. power cut (QEMU killed) while RAUC writes the other slot: the committed slot boots, the
+     install is recorded as interrupted, the half-written slot stays unbootable;
+  6. power cut during the new root's trial boot: the next attempt boots it again and commits;
+  7. a full data partition: batches refused and announced (not lost), a reboot keeps the slot,
+     and once space is freed the backlog drains with no unannounced gap.
 """
 
 from __future__ import annotations
@@ -117,6 +122,10 @@ class Vm:
 
     def __init__(self, disk: Path, work: Path, broker_port: int, smp: int, mem: int) -> None:
         self.work = work
+        self.disk = disk
+        self.broker_port = broker_port
+        self.smp = smp
+        self.mem = mem
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
         vars_fd = work / "AAVMF_VARS.fd"
@@ -219,6 +228,16 @@ class Vm:
             self.proc.kill()
             self.proc.wait()
 
+    def power_cycle(self) -> Vm:
+        """Cut the power (SIGKILL to QEMU: no shutdown, no flush in the guest) and start the
+        same disk again; the console of the new run is read from line 0."""
+        self.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.shell_sock.unlink()
+        fresh = Vm(self.disk, self.work, self.broker_port, self.smp, self.mem)
+        fresh.start()
+        return fresh
+
 
 class Shell:
     """The guest's root shell on the virtio console: run a command, get (rc, output)."""
@@ -303,21 +322,30 @@ def serve_dir(directory: Path) -> tuple[http.server.ThreadingHTTPServer, int]:
     return server, int(server.server_address[1])
 
 
-def ledger(storage_url: str) -> tuple[int, list[str]]:
-    """Batches the receiver holds from the device and the gaps in their sequence numbers."""
+def ledger(storage_url: str) -> tuple[int, list[str], int]:
+    """Batches the receiver holds from the device, the gaps in their sequence numbers that no
+    batch announced (lost), and how many sequence numbers were announced as gaps (batches the
+    runtime refused, e.g. on a full disk: never accepted, so not lost)."""
     from edgeos_testing.receiverdb import read_receiver
 
     data = read_receiver(storage_url, DEVICE)
     by_epoch: dict[int, list[int]] = {}
+    announced: set[tuple[int, int]] = set()
     for b in data.batches:
         by_epoch.setdefault(b.epoch, []).append(b.seq)
+        for epoch, first, last in b.skip:
+            announced.update((epoch, q) for q in range(first, last + 1))
     gaps = []
+    n_announced = 0
     for epoch, seqs in by_epoch.items():
         seqs.sort()
-        missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
-        if missing:
-            gaps.append(f"epoch {epoch}: missing {missing[:10]}")
-    return len(data.batches), gaps
+        missing = set(range(seqs[0], seqs[-1] + 1)) - set(seqs)
+        told = {q for q in missing if (epoch, q) in announced}
+        n_announced += len(told)
+        lost = sorted(missing - told)
+        if lost:
+            gaps.append(f"epoch {epoch}: missing {lost[:10]}")
+    return len(data.batches), gaps, n_announced
 
 
 def make_bundles(out: Path, work: Path) -> dict[str, Path]:
@@ -380,6 +408,57 @@ def make_bundles(out: Path, work: Path) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------- the scenario
+
+STATUS = (
+    "/usr/lib/edgeos/python/bin/python -m edgeos status --config /etc/edgeos/edgeos.toml --json"
+)
+
+
+async def guest_status(shell: Shell) -> dict[str, Any]:
+    """``edgeos status --json`` in the guest ({} when it does not answer)."""
+    rc, out = await asyncio.to_thread(shell.run, STATUS, 60)
+    if rc != 0 or "{" not in out:
+        return {}
+    try:
+        doc = json.loads(out[out.index("{") :])
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _find(doc: Any, key: str) -> Any:
+    """The first value of ``key`` anywhere in a nested status document."""
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc[key]
+        for value in doc.values():
+            if (found := _find(value, key)) is not None:
+                return found
+    return None
+
+
+async def drained(shell: Shell, storage: str, what: str) -> tuple[int, list[str], int]:
+    """Wait until the device's spool is empty and the receiver has no unannounced gap."""
+    t0 = time.monotonic()
+    while True:
+        status = await guest_status(shell)
+        n, gaps, announced = await asyncio.to_thread(ledger, storage)
+        backlog = _find(status, "backlog_batches")
+        if gaps == [] and backlog == 0:
+            return n, gaps, announced
+        if time.monotonic() - t0 > 300:
+            raise Failed(f"{what}: lost {gaps}, backlog {backlog}, status {str(status)[-600:]}")
+        await asyncio.sleep(5)
+
+
+async def grubenv_of(shell: Shell) -> dict[str, str]:
+    out = await asyncio.to_thread(shell.check, "grub-editenv /boot/efi/EFI/edgeos/grubenv list")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+async def rauc_booted(shell: Shell) -> str:
+    raw = await asyncio.to_thread(shell.check, "rauc status --output-format=json 2>/dev/null")
+    return str(json.loads(raw[raw.index("{") :]).get("booted"))
 
 
 async def scenario(args: argparse.Namespace) -> None:
@@ -504,7 +583,7 @@ async def scenario(args: argparse.Namespace) -> None:
             raise Failed(f"unexpected ownership or credentials left on the ESP: {out}")
         t0 = time.monotonic()
         while True:
-            n, gaps = await asyncio.to_thread(ledger, storage)
+            n, gaps, _ = await asyncio.to_thread(ledger, storage)
             if n >= 3:
                 break
             if time.monotonic() - t0 > 300:
@@ -602,7 +681,7 @@ async def scenario(args: argparse.Namespace) -> None:
 
         # ---- 4. a release that never gets healthy: rollback after the attempt limit
         if "rollback" in args.steps:
-            n_before, _ = await asyncio.to_thread(ledger, storage)
+            n_before, _, _ = await asyncio.to_thread(ledger, storage)
             await download("unhealthy")
             await asyncio.to_thread(
                 shell.check, "rauc install /var/lib/edgeos/rauc/unhealthy.raucb 2>&1", 1200
@@ -637,24 +716,165 @@ async def scenario(args: argparse.Namespace) -> None:
             )
             log(f"outcome: {outcome}")
             # every batch the runtime accepted while the release could not deliver arrives now
-            t1 = time.monotonic()
-            while True:
-                spool = await asyncio.to_thread(
-                    shell.run,
-                    "/usr/lib/edgeos/python/bin/python -m edgeos "
-                    "status --config /etc/edgeos/edgeos.toml --json",
-                    60,
-                )
-                n_after, gaps = await asyncio.to_thread(ledger, storage)
-                pending = re.search(r'"backlog_batches":\s*(\d+)', spool[1])
-                if gaps == [] and pending is not None and int(pending.group(1)) == 0:
-                    break
-                if time.monotonic() - t1 > 300:
-                    raise Failed(f"after the rollback: gaps {gaps}, status {spool[1][-600:]}")
-                await asyncio.sleep(5)
+            n_after, gaps, _ = await drained(shell, storage, "after the rollback")
             figures["rollback_batches_delivered"] = n_after - n_before
             figures["rollback_gaps"] = gaps
             figures["rollback"] = "rolled back, no gaps"
+
+        # ---- 5. power cut while RAUC writes the other slot
+        if "powercut" in args.steps:
+            committed = await rauc_booted(shell)
+            other = "A" if committed == "B" else "B"
+            await download("good")
+            await asyncio.to_thread(
+                shell.check,
+                "(rauc install /var/lib/edgeos/rauc/good.raucb"
+                " > /var/lib/edgeos/rauc/install.log 2>&1 &)",
+            )
+            t0 = time.monotonic()
+            while True:
+                _, out = await asyncio.to_thread(
+                    shell.run, "cat /var/lib/edgeos/rauc/install.log", 30
+                )
+                if re.search(r"Copying image to|Updating slot", out):
+                    break
+                if re.search(r"succeeded|failed|rror", out):
+                    raise Failed(f"the install ended before the power could be cut:\n{out}")
+                if time.monotonic() - t0 > 900:
+                    raise Failed(f"RAUC did not start writing the slot in 900 s:\n{out}")
+                await asyncio.sleep(1)
+            log(f"power cut during the install ({out.splitlines()[-1].strip()})")
+            vm = vm.power_cycle()
+            shell = Shell(vm.shell_sock)
+            t, m, _ = await asyncio.to_thread(
+                vm.wait_line,
+                r"EDGEOS-READY slot=(\w) version=(\S+)",
+                since=0,
+                timeout=args.boot_timeout,
+            )
+            figures["powercut_install_to_ready_s"] = round(t - vm.started, 1)
+            if m.group(1) != committed:
+                raise Failed(f"after a power cut during the install: {m.group(0)}")
+            _, m, _ = await asyncio.to_thread(
+                vm.wait_line,
+                r"EDGEOS-RAUC install-interrupted slot=(\w+) booted=(\w)",
+                since=0,
+                timeout=args.boot_timeout,
+            )
+            log(m.group(0))
+            if m.group(1) != other:
+                raise Failed(
+                    f"the interrupted install was reported for the wrong slot: {m.group(0)}"
+                )
+            await asyncio.to_thread(shell.ready, 300)
+            genv = await grubenv_of(shell)
+            if genv.get(f"{other}_OK") != "0" or genv.get("ORDER", "").split()[:1] != [committed]:
+                raise Failed(f"grubenv after an interrupted install: {genv}")
+            outcome = json.loads(
+                await asyncio.to_thread(shell.check, "cat /var/lib/edgeos/rauc/last-outcome.json")
+            )
+            if outcome.get("outcome") != "install_interrupted":
+                raise Failed(f"outcome after an interrupted install: {outcome}")
+            await asyncio.to_thread(
+                shell.check,
+                "rm -f /var/lib/edgeos/rauc/good.raucb /var/lib/edgeos/rauc/install.log",
+            )
+            _, gaps, _ = await drained(shell, storage, "after the power cut during the install")
+            figures["powercut_install"] = f"booted {committed}, {other} left unbootable, recorded"
+
+            # ---- 6. power cut during the new root's first (trial) boot
+            await download("good")
+            await asyncio.to_thread(
+                shell.check, "rauc install /var/lib/edgeos/rauc/good.raucb 2>&1", 1200
+            )
+            await asyncio.to_thread(shell.check, "rm /var/lib/edgeos/rauc/good.raucb")
+            mark = vm.mark()
+            await asyncio.to_thread(shell.send_only, "systemctl reboot")
+            _, m, _ = await asyncio.to_thread(
+                vm.wait_line,
+                r"EDGEOS-RAUC watching slot=(\w) trial=1 attempt=(\S+)",
+                since=mark,
+                timeout=args.boot_timeout,
+            )
+            if m.group(1) != other:
+                raise Failed(f"expected a trial boot of {other}: {m.group(0)}")
+            log(f"power cut during the trial boot ({m.group(0)})")
+            vm = vm.power_cycle()
+            shell = Shell(vm.shell_sock)
+            t0 = vm.started
+            since = 0
+            while True:
+                t, m, since = await asyncio.to_thread(
+                    vm.wait_line,
+                    r"EDGEOS-RAUC (watching|trial-failed|rolled-back|mark-good).*",
+                    since=since,
+                    timeout=args.boot_timeout + 3 * args.health_window + 120,
+                )
+                log(m.group(0))
+                if m.group(1) == "mark-good":
+                    break
+            if f"slot={other} trial=1" not in m.group(0):
+                raise Failed(f"the trial cut by a power loss did not commit {other}: {m.group(0)}")
+            figures["powercut_trial_to_commit_s"] = round(t - t0, 1)
+            await asyncio.to_thread(shell.ready, 300)
+            outcome = json.loads(
+                await asyncio.to_thread(shell.check, "cat /var/lib/edgeos/rauc/last-outcome.json")
+            )
+            if (outcome.get("outcome"), outcome.get("slot")) != ("committed", other):
+                raise Failed(f"outcome after the trial cut by a power loss: {outcome}")
+            _, gaps, _ = await drained(shell, storage, "after the power cut during the trial")
+            figures["powercut_trial"] = f"{other} committed on the next attempt, no gaps"
+
+        # ---- 7. a full data partition
+        if "diskfull" in args.steps:
+            booted = await rauc_booted(shell)
+            n_before, _, announced_before = await asyncio.to_thread(ledger, storage)
+            # As root: past the 5 % reserve too (edgeos, its own user, meets ENOSPC before).
+            out = await asyncio.to_thread(
+                shell.check,
+                "fallocate -l $(df --output=avail -B1 /var/lib/edgeos | tail -1)"
+                " /var/lib/edgeos/filler; dd if=/dev/zero of=/var/lib/edgeos/filler.tail bs=1M"
+                " status=none 2>/dev/null; sync; df -h /var/lib/edgeos | tail -1",
+                900,
+            )
+            log(f"data partition filled: {out}")
+            t0 = time.monotonic()
+            while True:
+                status = await guest_status(shell)
+                refused = _find(status, "refused_batches") or 0
+                if refused > 0:
+                    break
+                if time.monotonic() - t0 > 300:
+                    raise Failed(f"a full data partition was not noticed: {str(status)[-800:]}")
+                await asyncio.sleep(3)
+            figures["diskfull_refused_batches_seen"] = refused
+            log(
+                f"full data partition: {refused} batch(es) refused,"
+                f" dropped {_find(status, 'dropped')}"
+            )
+            # Reboot with the partition still full: the committed slot boots, edgeos starts.
+            mark = vm.mark()
+            t0 = time.monotonic()
+            await asyncio.to_thread(shell.send_only, "systemctl reboot")
+            t, m, _ = await asyncio.to_thread(
+                vm.wait_line,
+                r"EDGEOS-READY slot=(\w) version=(\S+)",
+                since=mark,
+                timeout=args.boot_timeout,
+            )
+            figures["diskfull_reboot_to_ready_s"] = round(t - t0, 1)
+            if m.group(1) != booted:
+                raise Failed(f"a full data partition changed the booted slot: {m.group(0)}")
+            await asyncio.to_thread(shell.ready, 300)
+            await asyncio.to_thread(
+                shell.check, "rm -f /var/lib/edgeos/filler /var/lib/edgeos/filler.tail; sync"
+            )
+            n_after, gaps, announced = await drained(
+                shell, storage, "after the data partition was freed"
+            )
+            figures["diskfull_batches_delivered"] = n_after - n_before
+            figures["diskfull_announced_gaps"] = announced - announced_before
+            figures["diskfull"] = "kept the slot, refused batches announced, nothing lost"
     finally:
         if vm is not None:
             vm.stop()
@@ -665,7 +885,7 @@ async def scenario(args: argparse.Namespace) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image", default="/var/cache/edgeos/image/edgeos-qemu-arm64.img")
-    p.add_argument("--steps", default="boot,update,bad,rollback")
+    p.add_argument("--steps", default="boot,update,bad,rollback,powercut,diskfull")
     p.add_argument("--smp", type=int, default=2)
     p.add_argument("--mem", type=int, default=1536)
     p.add_argument("--boot-timeout", type=float, default=900)

@@ -51,6 +51,7 @@ bundle-formats=-plain
 
 [handlers]
 bootloader-custom-backend=/usr/lib/edgeos/image/rauc-tryboot-backend
+pre-install=/usr/lib/edgeos/image/rauc-pre-install
 post-install=/usr/lib/edgeos/image/rauc-post-install
 
 [keyring]

@@ -13,7 +13,14 @@ it to the root filesystem slots:
   ``--timeout`` -> reboot: grub.cfg counts the attempt and, after three, boots the other slot;
 * booted on a slot other than the one on trial -> grub gave the trial up: the trial slot is
   marked bad in RAUC and the outcome ``rolled_back`` recorded (then the booted slot is judged as
-  above).
+  above);
+* the RAUC pre-install handler's ``installing`` marker still there (the post-install handler
+  removes it once the slot is written) -> an install was cut off (power loss, kill, write
+  error): the outcome ``install_interrupted`` is recorded once; RAUC had marked that slot
+  unbootable before writing it, so grub keeps booting the committed slot.
+
+Each boot says which attempt it is of the booted slot (grubenv ``<slot>_TRY``, counted by
+grub.cfg), so a trial that was cut short by a power loss shows as ``attempt=2``.
 
 Outcomes go to ``/var/lib/edgeos/rauc/last-outcome.json`` and, as ``EDGEOS-RAUC …`` lines, to
 the console (images/test-boot.sh reads them).
@@ -34,6 +41,7 @@ from edgeos.errors import ConfigError
 from edgeos.ota.health import HealthFile
 
 STATE = Path("/var/lib/edgeos/rauc")
+GRUBENV = Path("/boot/efi/EFI/edgeos/grubenv")
 
 
 def say(text: str) -> None:
@@ -45,6 +53,55 @@ def booted_slot() -> str:
         if arg.startswith("rauc.slot="):
             return arg.split("=", 1)[1]
     return ""
+
+
+def grubenv() -> dict[str, str]:
+    """grub.cfg's environment block (``key=value`` lines, padded with ``#``)."""
+    try:
+        raw = GRUBENV.read_bytes()
+    except OSError:
+        return {}
+    out = {}
+    for line in raw.decode(errors="replace").splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+def last_outcome() -> dict[str, object]:
+    try:
+        doc = json.loads((STATE / "last-outcome.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def note_interrupted(booted: str) -> str | None:
+    """An install the pre-install handler started and the post-install handler never finished.
+
+    Records ``install_interrupted`` (the marker is then removed: recorded once) and returns the
+    slot it was writing; ``None`` when there was none.
+    """
+    marker = STATE / "installing"
+    try:
+        started = json.loads(marker.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        started = {}  # torn by the power cut itself: still an install that did not finish
+    if not isinstance(started, dict):
+        started = {}
+    slot = str(started.get("slot") or "other")
+    record(
+        "install_interrupted",
+        slot=slot,
+        booted=booted,
+        version=started.get("bundle_version"),
+        started_at=started.get("started_at"),
+    )
+    marker.unlink(missing_ok=True)
+    return slot
 
 
 def rauc(*args: str) -> None:
@@ -111,8 +168,15 @@ def main() -> int:
         marker.unlink()
         say(f"rolled-back slot={trial.get('slot')} booted={booted}")
         trial = {}
+    interrupted = note_interrupted(booted)
+    if interrupted is not None:
+        say(f"install-interrupted slot={interrupted} booted={booted} (slot left unbootable)")
     on_trial = bool(trial)
-    say(f"watching slot={booted} trial={int(on_trial)} window_s={window:g} timeout_s={timeout:g}")
+    attempt = grubenv().get(f"{booted}_TRY", "?")
+    say(
+        f"watching slot={booted} trial={int(on_trial)} attempt={attempt} window_s={window:g}"
+        f" timeout_s={timeout:g}"
+    )
 
     start = time.monotonic()
     healthy_since: float | None = None
