@@ -66,6 +66,9 @@ arm64_ensure_tools() {
     [ "$(id -u)" = 0 ] || { log "needs root (mmdebstrap, mount namespaces, chroot)"; return 1; }
     local missing=()
     command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+    # mmdebstrap only recommends it, but refuses a foreign --arch without it ("install arch-test
+    # for foreign architecture support"); --no-install-recommends below would leave it out.
+    command -v arch-test >/dev/null || missing+=(arch-test)
     command -v unshare >/dev/null || missing+=(util-linux)
     if [ "$(uname -m)" != aarch64 ]; then
         [ -x /usr/bin/qemu-aarch64-static ] || missing+=(qemu-user-static)
