@@ -20,6 +20,7 @@ from typing import Any
 import aiomqtt
 
 from edgeos.errors import WireError
+from edgeos_protocol.aio import reraise_lost_cancellation
 from edgeos_protocol.crypto import EpochKeyCache, Keyring
 from edgeos_protocol.topics import DEFAULT_PREFIX, TopicKind, subscription, topic
 from edgeos_protocol.wire import (
@@ -89,6 +90,8 @@ class Acker:
         async for message in self.client.messages:
             if isinstance(message.payload, bytes | bytearray):
                 await self.handle(bytes(message.payload))
+                # A cancellation dropped inside the ack's publish still ends the acker.
+                reraise_lost_cancellation()
 
     def stored(self, device: str) -> set[tuple[int, int]]:
         return {

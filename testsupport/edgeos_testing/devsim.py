@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgeos.errors import WireError
+from edgeos_protocol.aio import reraise_lost_cancellation
 from edgeos_protocol.crypto import Epoch, Keyring, Suite
 from edgeos_protocol.wire import (
     DOWNLINK_KINDS,
@@ -215,6 +216,8 @@ class SimDevice:
                 self._notify()
             elif control.kind is ControlKind.COMMAND:
                 await self._answer(control.payload)
+                # The answer's publish can drop a cancellation (edgeos_protocol.aio): stop here.
+                reraise_lost_cancellation()
 
     async def _answer(self, command: dict[str, Any]) -> None:
         version = int(command["version"])

@@ -425,6 +425,9 @@ class Receiver:
             backoff.succeeded()
             for device, key_id, epoch, seq in result.acks:
                 await self._publish_ack(device, key_id, epoch, seq)
+                # A stop that landed as a PUBACK completed can be dropped inside the client
+                # (Python 3.11's wait_for): end here, not at the next write (edgeos_protocol.aio).
+                reraise_lost_cancellation()
 
     def _release(self, taken: list[Taken[str, _Message]]) -> None:
         self._queue.release(taken)
@@ -668,6 +671,9 @@ class Receiver:
                 continue
             for command in due:
                 await self._send_command(storage, command.device, command)
+                # As in the writer: a stop dropped inside a publish must still end this loop,
+                # or the service polls on and the stop waits for systemd's SIGKILL.
+                reraise_lost_cancellation()
 
     async def _send_command(self, storage: Storage, device: str, command: Any) -> None:
         client = self._client
