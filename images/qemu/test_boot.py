@@ -456,6 +456,32 @@ async def grubenv_of(shell: Shell) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+async def last_outcome(shell: Shell) -> dict[str, Any]:
+    """The image's record of the last root update (mark-good.py's last-outcome.json)."""
+    raw = await asyncio.to_thread(shell.check, "cat /var/lib/edgeos/rauc/last-outcome.json")
+    doc = json.loads(raw)
+    return doc if isinstance(doc, dict) else {}
+
+
+async def rauc_until_mark_good(
+    vm: Vm, since: int, args: argparse.Namespace
+) -> list[tuple[float, re.Match[str]]]:
+    """Every ``EDGEOS-RAUC`` console line (time, match) from ``since`` up to the first
+    ``mark-good`` (the last item): trials that failed, rollbacks, watches on the way."""
+    seen = []
+    while True:
+        t, m, since = await asyncio.to_thread(
+            vm.wait_line,
+            r"EDGEOS-RAUC (watching|trial-failed|rolled-back|mark-good|install-interrupted).*",
+            since=since,
+            timeout=args.boot_timeout + 3 * args.health_window + 120,
+        )
+        log(m.group(0))
+        seen.append((t, m))
+        if m.group(1) == "mark-good":
+            return seen
+
+
 async def rauc_booted(shell: Shell) -> str:
     raw = await asyncio.to_thread(shell.check, "rauc status --output-format=json 2>/dev/null")
     return str(json.loads(raw[raw.index("{") :]).get("booted"))
@@ -690,31 +716,21 @@ async def scenario(args: argparse.Namespace) -> None:
             mark = vm.mark()
             t0 = time.monotonic()
             await asyncio.to_thread(shell.send_only, "systemctl reboot")
-            attempts = 0
-            while True:
-                t, m, mark = await asyncio.to_thread(
-                    vm.wait_line,
-                    r"EDGEOS-RAUC (trial-failed|rolled-back|mark-good).*",
-                    since=mark,
-                    timeout=args.boot_timeout + 3 * args.health_window + 120,
-                )
-                log(m.group(0))
-                if m.group(1) == "trial-failed":
-                    attempts += 1
-                    continue
+            seen = await rauc_until_mark_good(vm, mark, args)
+            attempts = sum(1 for _, m in seen if m.group(1) == "trial-failed")
+            for t, m in seen:
                 if m.group(1) == "rolled-back":
                     figures["rollback_reboot_to_fallback_s"] = round(t - t0, 1)
-                    continue
-                break
+            t, m = seen[-1]
             if "slot=B" not in m.group(0) or "rollback_reboot_to_fallback_s" not in figures:
                 raise Failed(f"expected a rollback to slot B, got {m.group(0)}")
             figures["rollback_to_committed_s"] = round(t - t0, 1)
             figures["rollback_failed_attempts"] = attempts
             await asyncio.to_thread(shell.ready, 300)
-            outcome = await asyncio.to_thread(
-                shell.check, "cat /var/lib/edgeos/rauc/last-outcome.json"
-            )
+            outcome = await last_outcome(shell)
             log(f"outcome: {outcome}")
+            if outcome.get("outcome") != "rolled_back":
+                raise Failed(f"outcome after the rollback: {outcome}")
             # every batch the runtime accepted while the release could not deliver arrives now
             n_after, gaps, _ = await drained(shell, storage, "after the rollback")
             figures["rollback_batches_delivered"] = n_after - n_before
@@ -770,9 +786,7 @@ async def scenario(args: argparse.Namespace) -> None:
             genv = await grubenv_of(shell)
             if genv.get(f"{other}_OK") != "0" or genv.get("ORDER", "").split()[:1] != [committed]:
                 raise Failed(f"grubenv after an interrupted install: {genv}")
-            outcome = json.loads(
-                await asyncio.to_thread(shell.check, "cat /var/lib/edgeos/rauc/last-outcome.json")
-            )
+            outcome = await last_outcome(shell)
             if outcome.get("outcome") != "install_interrupted":
                 raise Failed(f"outcome after an interrupted install: {outcome}")
             await asyncio.to_thread(
@@ -802,24 +816,12 @@ async def scenario(args: argparse.Namespace) -> None:
             vm = vm.power_cycle()
             shell = Shell(vm.shell_sock)
             t0 = vm.started
-            since = 0
-            while True:
-                t, m, since = await asyncio.to_thread(
-                    vm.wait_line,
-                    r"EDGEOS-RAUC (watching|trial-failed|rolled-back|mark-good).*",
-                    since=since,
-                    timeout=args.boot_timeout + 3 * args.health_window + 120,
-                )
-                log(m.group(0))
-                if m.group(1) == "mark-good":
-                    break
+            t, m = (await rauc_until_mark_good(vm, 0, args))[-1]
             if f"slot={other} trial=1" not in m.group(0):
                 raise Failed(f"the trial cut by a power loss did not commit {other}: {m.group(0)}")
             figures["powercut_trial_to_commit_s"] = round(t - t0, 1)
             await asyncio.to_thread(shell.ready, 300)
-            outcome = json.loads(
-                await asyncio.to_thread(shell.check, "cat /var/lib/edgeos/rauc/last-outcome.json")
-            )
+            outcome = await last_outcome(shell)
             if (outcome.get("outcome"), outcome.get("slot")) != ("committed", other):
                 raise Failed(f"outcome after the trial cut by a power loss: {outcome}")
             _, gaps, _ = await drained(shell, storage, "after the power cut during the trial")
