@@ -5,6 +5,7 @@ accepted samples; the figures go to the run's report (no timed assertions)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import time
 from pathlib import Path
@@ -213,6 +214,66 @@ async def test_disk_fills(make_rig: Any, hil_report: Any) -> None:
         outcome.problems.append("the spool never met ENOSPC (the quota stopped it first?)")
     if status.get("state") != "running":
         outcome.problems.append(f"runtime state after the full disk: {status.get('state')}")
+    _judge(hil_report, outcome)
+
+
+def _fill(path: Path) -> int:
+    """Write ``path`` until the filesystem says ENOSPC; the bytes it took."""
+    chunk = b"\0" * (64 << 10)
+    n = 0
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                n += f.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return n
+
+
+async def test_restart_on_a_full_disk_starts_refuses_and_delivers_once_freed(
+    make_rig: Any, hil_report: Any
+) -> None:
+    """The gateway is killed (a power cut) and its state disk fills before it comes back (a
+    log, a core dump), with the broker out of reach: it must start on the full disk and run —
+    read, judge, answer ``status`` — refuse and count the batches it cannot store (ENOSPC in
+    the spool's counters), announce them, and deliver everything it stored once space is freed
+    and the link is back. (images/test-boot.sh does this on the image's data partition.)
+    Needs a real small filesystem (tmpfs, root): without one there is nothing to show."""
+    options = spool_quota_options("refuse_new")
+    spool = options["runtime_overrides"]["uplink"]["spool"]
+    spool["max_bytes"] = 64 << 20  # far above the disk: only ENOSPC can refuse
+    del spool["segment_bytes"]
+    try:
+        rig = await make_rig(**options, state_fs_bytes=4 << 20)
+    except PermissionError as exc:
+        pytest.skip(f"no tmpfs for a real full disk here: {exc}")
+    assert isinstance(rig.dut, LocalDut)
+    await _warm(rig)
+    await rig.dut.kill()
+    filler = rig.state_dir / "filler"
+    took = await asyncio.to_thread(_fill, filler)
+    # With the broker reachable the spool lives on the space its acknowledged segments give
+    # back; cut off, nothing is given back and every batch meets the full disk.
+    rig.broker_proxy.partition()
+    await rig.dut.start()  # raises with the runtime's log if it will not start
+    async with asyncio.timeout(120):
+        full = await rig.wait_status(
+            lambda d: d.get("uplink", {}).get("batcher", {}).get("refused_batches", 0) > 0
+        )
+    filler.unlink()
+    rig.broker_proxy.heal()
+    after = (await rig.dut.status())["uplink"]["batches_sealed"]
+    async with asyncio.timeout(60):
+        await rig.wait_batches(after + 2)  # carrying the announcement of what was refused
+    outcome = await finish(rig, "restart on a full disk (4 MiB tmpfs state dir), then freed")
+    outcome.notes["filler_bytes"] = took
+    outcome.notes["state_on_full_disk"] = full.get("state")
+    _quota_checks(outcome, full, rig)
+    if full["uplink"]["spool"].get("enospc", 0) < 1:
+        outcome.problems.append("the spool never met ENOSPC: the disk was not full to it")
+    if full.get("state") != "running":
+        outcome.problems.append(f"runtime state on the full disk: {full.get('state')}")
     _judge(hil_report, outcome)
 
 

@@ -38,9 +38,9 @@ def test_hil_short_suite(tmp_path: Path) -> None:
     print((tmp_path / "latest.md").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     scenarios = report["scenarios"]
-    # 8 fault scenarios (machine link, broker link, broker kill, receiver kill, kill -9,
-    # SIGSTOP, disk fills, wall-clock jumps) and the one-minute soak.
-    assert len(scenarios) >= 9, sorted(scenarios)
+    # 9 fault scenarios (machine link, broker link, broker kill, receiver kill, kill -9,
+    # SIGSTOP, disk fills, restart on a full disk, wall-clock jumps) and the one-minute soak.
+    assert len(scenarios) >= 10, sorted(scenarios)
     assert any(name.startswith("soak") for name in scenarios)
     assert report["soak"]["summary"]["rss_growth_mb"] is not None
     for name, doc in scenarios.items():
