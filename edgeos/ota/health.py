@@ -58,10 +58,19 @@ class HealthSink(Protocol):
 
 
 def _boot_id() -> str:
+    """This boot's id (32 hex digits), or ``""`` when it cannot be told.
+
+    The kernel's ``/proc/sys/kernel/random/boot_id`` first. A unit hardened with
+    ``ProcSubset=pid`` (edgeos.service, edgeos-commit.service) cannot see ``/proc/sys``: the
+    unit hands the same id over as ``EDGEOS_BOOT_ID=%b`` (systemd's boot id specifier, written
+    without dashes). Without it a hardened writer would stamp ``""`` and an unconfined reader
+    (the image's root-slot mark-good) would take every report for one of another boot.
+    """
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        raw = Path("/proc/sys/kernel/random/boot_id").read_text()
     except OSError:
-        return ""
+        raw = os.environ.get("EDGEOS_BOOT_ID", "")
+    return raw.strip().replace("-", "").lower()
 
 
 def _pid_alive(pid: int) -> bool:

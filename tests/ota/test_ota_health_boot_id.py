@@ -1,0 +1,97 @@
+"""The health file's boot id: a writer sandboxed like edgeos.service (``ProcSubset=pid``, so no
+``/proc/sys``) and an unconfined reader (the image's root-slot mark-good, run as root) must agree
+on it, or the reader takes every report for one of another boot and never commits a root slot
+(found by images/test-boot.sh: a healthy 2.0.0 trial rebooted as "health file missing, stale,
+or its writer is dead"). The sandbox is real: a private mount namespace with a procfs mounted
+``subset=pid``, as systemd does for the unit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeos.ota.health import HealthFile, HealthReport
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = HealthReport(service_ready=True, watchdog_alive=True, drivers_connected=1, drivers_total=1)
+WRITER = """
+import sys
+from pathlib import Path
+from edgeos.ota.health import HealthFile, HealthReport
+print(Path("/proc/sys/kernel/random/boot_id").exists(), flush=True)
+HealthFile(Path(sys.argv[1])).report(
+    HealthReport(service_ready=True, watchdog_alive=True, drivers_connected=1, drivers_total=1)
+)
+print("written", flush=True)
+sys.stdin.read()  # alive (the reader checks the writer's pid) until the test closes stdin
+"""
+
+
+def _systemd_boot_id() -> str:
+    """What systemd's ``%b`` gives: this boot's id without dashes."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+
+
+def _read_from_sandboxed_writer(path: Path, env: dict[str, str]) -> HealthReport | None:
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here (needs root): {probe.stderr.decode().strip()}")
+    writer = subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t proc -o subset=pid proc /proc && exec "$@"',
+            "sh",
+            sys.executable,
+            "-c",
+            WRITER,
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert writer.stdout is not None
+        sees_boot_id = writer.stdout.readline().strip()
+        assert sees_boot_id == "False", "the sandbox still shows /proc/sys: it proves nothing"
+        assert writer.stdout.readline().strip() == "written"
+        return HealthFile(path).read(max_age_s=60)
+    finally:
+        assert writer.stdin is not None
+        writer.stdin.close()
+        writer.wait(timeout=30)
+
+
+def test_a_report_from_a_writer_without_proc_sys_counts_when_the_unit_hands_it_the_boot_id(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "EDGEOS_BOOT_ID": _systemd_boot_id()}
+    assert _read_from_sandboxed_writer(tmp_path / "health.json", env) == GOOD
+
+
+def test_without_the_boot_id_handed_over_the_unconfined_reader_refuses_the_report(
+    tmp_path: Path,
+) -> None:
+    """The failure the units' ``Environment=EDGEOS_BOOT_ID=%b`` prevents: the report is
+    stamped with no boot id and reads as one of another boot."""
+    env = {k: v for k, v in os.environ.items() if k != "EDGEOS_BOOT_ID"}
+    assert _read_from_sandboxed_writer(tmp_path / "health.json", env) is None
+
+
+@pytest.mark.parametrize("unit", ["edgeos.service", "edgeos-commit.service"])
+def test_every_unit_that_hides_proc_sys_hands_over_the_boot_id(unit: str) -> None:
+    lines = (ROOT / "systemd" / unit).read_text().splitlines()
+    assert "ProcSubset=pid" in lines
+    assert "Environment=EDGEOS_BOOT_ID=%b" in lines
