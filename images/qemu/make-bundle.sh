@@ -10,6 +10,11 @@
 #                        (a drop-in with IPAddressDeny=10.0.2.100): the runtime starts, reads the
 #                        line and spools, yet never becomes healthy (no acks) -- a release that
 #                        must be rolled back without losing a sample
+#   --variant stub       a 16 MiB root holding only /etc/edgeos-image-version, for bundles that
+#                        must be refused before anything is written (another signer, another
+#                        compatible): a valid bundle in every other respect, built in seconds
+#                        instead of a minute; never bootable, so one that got installed would
+#                        show at once
 #   --compatible C       default: the image's (edgeos-qemu-arm64); another one must be refused
 #   --cert/--key         default: the build's dev signing key (pki/); another CA's must be refused
 set -euo pipefail
@@ -30,7 +35,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$version" ] || { echo "make-bundle: --version is required" >&2; exit 2; }
-case $variant in good|unhealthy) ;; *) echo "make-bundle: --variant good|unhealthy" >&2; exit 2;; esac
+case $variant in good|unhealthy|stub) ;; *) echo "make-bundle: --variant good|unhealthy|stub" >&2; exit 2;; esac
 TREE=$OUT/rootfs.tree
 [ -d "$TREE/usr/lib/edgeos/python" ] || { echo "make-bundle: no built root at $TREE (make image)" >&2; exit 1; }
 
@@ -38,22 +43,29 @@ work=$(mktemp -d "$OUT/bundle.XXXXXX")
 cleanup() { umount "$work/merged" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 mkdir -p "$work"/{upper,ovl,merged,content}
-# The built root stays untouched: the variant's changes go to an overlay's upper layer.
-mount -t overlay overlay -o "lowerdir=$TREE,upperdir=$work/upper,workdir=$work/ovl" "$work/merged"
-echo "$version" > "$work/merged/etc/edgeos-image-version"
-if [ "$variant" = unhealthy ]; then
-    install -d "$work/merged/etc/systemd/system/edgeos.service.d"
-    cat > "$work/merged/etc/systemd/system/edgeos.service.d/50-test-unhealthy.conf" <<'CONF'
+if [ "$variant" = stub ]; then
+    mkdir -p "$work/stub/etc"
+    echo "$version" > "$work/stub/etc/edgeos-image-version"
+    truncate -s 16M "$work/content/rootfs.ext4"
+    mkfs.ext4 -q -L rootfs -E root_owner=0:0 -d "$work/stub" "$work/content/rootfs.ext4"
+else
+    # The built root stays untouched: the variant's changes go to an overlay's upper layer.
+    mount -t overlay overlay -o "lowerdir=$TREE,upperdir=$work/upper,workdir=$work/ovl" "$work/merged"
+    echo "$version" > "$work/merged/etc/edgeos-image-version"
+    if [ "$variant" = unhealthy ]; then
+        install -d "$work/merged/etc/systemd/system/edgeos.service.d"
+        cat > "$work/merged/etc/systemd/system/edgeos.service.d/50-test-unhealthy.conf" <<'CONF'
 # make-bundle.sh --variant unhealthy: a release whose runtime cannot reach the broker.
 [Service]
 IPAddressDeny=10.0.2.100
 CONF
+    fi
+    # The slot's size (build-image.sh's partitions): RAUC refuses an image larger than its slot,
+    # and the free space inside costs nothing in the (compressed) bundle.
+    truncate -s "${EDGEOS_IMAGE_ROOT_MB:-1280}M" "$work/content/rootfs.ext4"
+    mkfs.ext4 -q -L rootfs -E root_owner=0:0 -d "$work/merged" "$work/content/rootfs.ext4"
+    umount "$work/merged"
 fi
-# The slot's size (build-image.sh's partitions): RAUC refuses an image larger than its slot, and
-# the free space inside costs nothing in the (compressed) bundle.
-truncate -s "${EDGEOS_IMAGE_ROOT_MB:-1280}M" "$work/content/rootfs.ext4"
-mkfs.ext4 -q -L rootfs -E root_owner=0:0 -d "$work/merged" "$work/content/rootfs.ext4"
-umount "$work/merged"
 cat > "$work/content/manifest.raucm" <<MANIFEST
 [update]
 compatible=$compatible

@@ -362,7 +362,17 @@ def make_bundles(out: Path, work: Path) -> dict[str, Path]:
 
     run("good", "--version", "2.0.0")
     run("unhealthy", "--version", "3.0.0", "--variant", "unhealthy")
-    run("wrong-compatible", "--version", "2.0.1", "--compatible", "edgeos-other-board")
+    # Bundles that must be refused before anything is written carry a stub root (seconds to
+    # build, never bootable: one that got installed would show at once).
+    run(
+        "wrong-compatible",
+        "--version",
+        "2.0.1",
+        "--variant",
+        "stub",
+        "--compatible",
+        "edgeos-other-board",
+    )
     # signed by a CA the image does not trust
     other = work / "other-ca"
     other.mkdir()
@@ -390,6 +400,8 @@ def make_bundles(out: Path, work: Path) -> dict[str, Path]:
         "other-signer",
         "--version",
         "2.0.2",
+        "--variant",
+        "stub",
         "--cert",
         str(other / "cert.pem"),
         "--key",
