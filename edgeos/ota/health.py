@@ -108,11 +108,21 @@ class HealthFile:
             durable=False,
         )
 
+    def _written_this_boot(self) -> bool:
+        booted_at = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return self.path.stat().st_mtime >= booted_at
+
     def read(self, *, max_age_s: float) -> HealthReport | None:
         """The latest report, or ``None`` when missing, stale, or its writer is dead."""
         try:
             raw = read_json(self.path)
-            if raw["boot_id"] != _boot_id() or not _pid_alive(int(raw["pid"])):
+            stamped = str(raw["boot_id"]).replace("-", "").lower()
+            if stamped != _boot_id() and (stamped or not self._written_this_boot()):
+                # "" is a writer that could not tell (sandboxed, from before EDGEOS_BOOT_ID: an
+                # application slot older than the root reading it): the file's own time must
+                # then be from this boot.
+                return None
+            if not _pid_alive(int(raw["pid"])):
                 return None
             if time.monotonic() - float(raw["monotonic"]) > max_age_s:
                 return None

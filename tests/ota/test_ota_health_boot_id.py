@@ -7,9 +7,11 @@ or its writer is dead"). The sandbox is real: a private mount namespace with a p
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,11 @@ def _systemd_boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
 
 
-def _read_from_sandboxed_writer(path: Path, env: dict[str, str]) -> HealthReport | None:
+def _read_from_sandboxed_writer(
+    path: Path, env: dict[str, str], *, backdate: bool = False
+) -> HealthReport | None:
+    """Read the report while its sandboxed writer is alive; ``backdate``: first set the file's
+    time to before this boot (as a file left by an earlier boot would be)."""
     probe = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, check=False
     )
@@ -67,6 +73,9 @@ def _read_from_sandboxed_writer(path: Path, env: dict[str, str]) -> HealthReport
         sees_boot_id = writer.stdout.readline().strip()
         assert sees_boot_id == "False", "the sandbox still shows /proc/sys: it proves nothing"
         assert writer.stdout.readline().strip() == "written"
+        if backdate:
+            before_boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) - 60
+            os.utime(path, (before_boot, before_boot))
         return HealthFile(path).read(max_age_s=60)
     finally:
         assert writer.stdin is not None
@@ -79,15 +88,20 @@ def test_a_report_from_a_writer_without_proc_sys_counts_when_the_unit_hands_it_t
 ) -> None:
     env = {**os.environ, "EDGEOS_BOOT_ID": _systemd_boot_id()}
     assert _read_from_sandboxed_writer(tmp_path / "health.json", env) == GOOD
+    # stamped with this boot's id, not the fallback's "": a report of another boot stays refused
+    stamped = json.loads((tmp_path / "health.json").read_text())["boot_id"]
+    assert stamped == _systemd_boot_id().lower()
 
 
-def test_without_the_boot_id_handed_over_the_unconfined_reader_refuses_the_report(
+def test_without_the_boot_id_handed_over_a_report_counts_only_while_its_file_is_of_this_boot(
     tmp_path: Path,
 ) -> None:
-    """The failure the units' ``Environment=EDGEOS_BOOT_ID=%b`` prevents: the report is
-    stamped with no boot id and reads as one of another boot."""
+    """A writer that cannot tell the boot id (sandboxed, no ``EDGEOS_BOOT_ID``: an application
+    slot from before the units handed it over) stamps none; the reader then takes the file's
+    own time as the proof that it is of this boot."""
     env = {k: v for k, v in os.environ.items() if k != "EDGEOS_BOOT_ID"}
-    assert _read_from_sandboxed_writer(tmp_path / "health.json", env) is None
+    assert _read_from_sandboxed_writer(tmp_path / "a.json", env) == GOOD
+    assert _read_from_sandboxed_writer(tmp_path / "b.json", env, backdate=True) is None
 
 
 @pytest.mark.parametrize("unit", ["edgeos.service", "edgeos-commit.service"])
@@ -95,3 +109,28 @@ def test_every_unit_that_hides_proc_sys_hands_over_the_boot_id(unit: str) -> Non
     lines = (ROOT / "systemd" / unit).read_text().splitlines()
     assert "ProcSubset=pid" in lines
     assert "Environment=EDGEOS_BOOT_ID=%b" in lines
+
+
+def _stamp(path: Path, boot_id: str) -> None:
+    doc = json.loads(path.read_text())
+    doc["boot_id"] = boot_id
+    path.write_text(json.dumps(doc))
+
+
+def test_a_report_from_an_older_writer_is_read_whatever_it_stamped_if_written_this_boot(
+    tmp_path: Path,
+) -> None:
+    """An application slot older than the root that reads it (a root update does not touch the
+    data partition's slots): unconfined it stamped the id with dashes; sandboxed, before the
+    units handed the id over, it stamped nothing -- then the file's time must be of this boot."""
+    path = tmp_path / "health.json"
+    HealthFile(path).report(GOOD)
+    _stamp(path, Path("/proc/sys/kernel/random/boot_id").read_text().strip())  # with dashes
+    assert HealthFile(path).read(max_age_s=60) == GOOD
+    _stamp(path, "")
+    assert HealthFile(path).read(max_age_s=60) == GOOD
+    before_boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) - 60
+    os.utime(path, (before_boot, before_boot))
+    assert HealthFile(path).read(max_age_s=60) is None
+    _stamp(path, "0" * 32)  # another boot, said plainly: refused whatever the file's time
+    assert HealthFile(path).read(max_age_s=60) is None
