@@ -116,12 +116,15 @@ class HealthFile:
         """The latest report, or ``None`` when missing, stale, or its writer is dead."""
         try:
             raw = read_json(self.path)
-            stamped = str(raw["boot_id"]).replace("-", "").lower()
-            if stamped != _boot_id() and (stamped or not self._written_this_boot()):
-                # "" is a writer that could not tell (sandboxed, from before EDGEOS_BOOT_ID: an
-                # application slot older than the root reading it): the file's own time must
-                # then be from this boot.
-                return None
+            stamped, mine = str(raw["boot_id"]).replace("-", "").lower(), _boot_id()
+            if stamped != mine:
+                if stamped and mine:
+                    return None  # another boot
+                # One side could not tell (sandboxed without EDGEOS_BOOT_ID: code or a unit
+                # from before it, e.g. an application slot older than the root reading it):
+                # the file's own time must then be from this boot.
+                if not self._written_this_boot():
+                    return None
             if not _pid_alive(int(raw["pid"])):
                 return None
             if time.monotonic() - float(raw["monotonic"]) > max_age_s:

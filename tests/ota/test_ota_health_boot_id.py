@@ -134,3 +134,50 @@ def test_a_report_from_an_older_writer_is_read_whatever_it_stamped_if_written_th
     assert HealthFile(path).read(max_age_s=60) is None
     _stamp(path, "0" * 32)  # another boot, said plainly: refused whatever the file's time
     assert HealthFile(path).read(max_age_s=60) is None
+
+
+def test_a_sandboxed_reader_that_cannot_tell_the_boot_id_still_reads_a_report_of_this_boot(
+    tmp_path: Path,
+) -> None:
+    """The other side: a commit watcher under an older unit (no ``EDGEOS_BOOT_ID``) reading a
+    report stamped with the real id; it counts while the file is of this boot, not after."""
+    path = tmp_path / "health.json"
+    HealthFile(path).report(GOOD)
+    reader = """
+import sys
+from pathlib import Path
+from edgeos.ota.health import HealthFile
+print(Path("/proc/sys/kernel/random/boot_id").exists(), HealthFile(Path(sys.argv[1])).read(max_age_s=60) is not None)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "EDGEOS_BOOT_ID"}
+
+    def sandboxed_read() -> str:
+        done = subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount -t proc -o subset=pid proc /proc && exec "$@"',
+                "sh",
+                sys.executable,
+                "-c",
+                reader,
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0 and "unshare" in done.stderr:
+            pytest.skip(f"no mount namespace here (needs root): {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    assert sandboxed_read() == "False True"
+    before_boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) - 60
+    os.utime(path, (before_boot, before_boot))
+    assert sandboxed_read() == "False False"
