@@ -99,6 +99,21 @@ test-arm64-ci:
 test-arm64-image:
 	bash images/arm64/test-stage.sh
 
+# JetPack 6 (docs/arm64.md "Jetson"): the suite in an Ubuntu 22.04 root on Ubuntu's python3.11.
+# JAMMY_ARCH=arm64 (the Jetson, needs ports.ubuntu.com) or amd64 (native, archive.ubuntu.com).
+JAMMY_ARCH ?= arm64
+.PHONY: jammy-root test-jammy test-jammy-ci
+jammy-root:
+	EDGEOS_JAMMY_ARCH=$(JAMMY_ARCH) bash images/jammy/build-root.sh
+
+test-jammy:
+	root=$$(EDGEOS_JAMMY_ARCH=$(JAMMY_ARCH) bash images/jammy/build-root.sh) && \
+	  EDGEOS_TEST_ROOT=$$root bash images/arm64/run-tests.sh $(PYTEST_ARGS)
+
+test-jammy-ci:
+	root=$$(EDGEOS_JAMMY_ARCH=$(JAMMY_ARCH) bash images/jammy/build-root.sh) && \
+	  EDGEOS_TEST_ROOT=$$root bash images/arm64/run-tests.sh --ci $(PYTEST_ARGS)
+
 # --- bootable arm64 A/B image (issue #18; images/README.md, docs/ota.md "Root filesystem A/B"):
 # a Debian bookworm disk image (mmdebstrap + genimage; RAUC A/B roots, GRUB-EFI, data partition)
 # built in /var/cache/edgeos/image, and its boot test in qemu-system-aarch64 (TCG), which prints

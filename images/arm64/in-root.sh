@@ -17,7 +17,7 @@ runuser -u postgres -- psql -qtAc \
        CREATE ROLE edgeos_test LOGIN SUPERUSER PASSWORD 'edgeos_test'; END IF; END \$\$;" >/dev/null
 export EDGEOS_TEST_PG_DSN=postgresql://edgeos_test:edgeos_test@127.0.0.1:5432/postgres
 
-echo "arm64 root: $(uname -m), $(/opt/edgeos-venv/bin/python -V), PostgreSQL $version," \
+echo "test root: $(. /etc/os-release && echo "$PRETTY_NAME"), $(uname -m), $(/opt/edgeos-venv/bin/python -V), PostgreSQL $version," \
     "$(/usr/sbin/mosquitto -h 2>/dev/null | head -1)"
 rc=0
 /opt/edgeos-venv/bin/python -m pytest "$@" || rc=$?

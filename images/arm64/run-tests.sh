@@ -7,6 +7,7 @@
 #     PYTEST ARGS   passed to pytest (default: the suite's own testpaths and options)
 #   EDGEOS_ARM64_RESULTS=DIR   where the log and junit XML go (default /var/tmp/edgeos-arm64/…)
 #   EDGEOS_ARM64_TIMEOUT=S     per-test timeout under emulation (default 600; the suite's is 120)
+#   EDGEOS_TEST_ROOT=DIR       run in this prepared root instead (images/jammy/build-root.sh's)
 #
 # Each run gets a throw-away overlay on the cached root (the root itself is never changed), a
 # fresh copy of the checkout, its own network namespace (its own loopback: the PostgreSQL inside
@@ -20,7 +21,8 @@ if [ "${1:-}" = --ci ]; then
     mapfile -t subset < <(grep -v '^[[:space:]]*\(#\|$\)' "$ARM64_DIR/ci-tests.txt")
 fi
 
-ROOT=$("$ARM64_DIR/build-root.sh")
+ROOT=${EDGEOS_TEST_ROOT:-$("$ARM64_DIR/build-root.sh")}
+[ -f "$ROOT/.edgeos-root-ready" ] || die "$ROOT is not a finished test root"
 arm64_hold_use_lock
 RESULTS=${EDGEOS_ARM64_RESULTS:-/var/tmp/edgeos-arm64/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$RESULTS"
@@ -28,6 +30,8 @@ RUN=$(mktemp -d /var/tmp/edgeos-arm64-run.XXXXXX)
 trap 'rm -rf "$RUN"' EXIT
 mkdir -p "$RUN"/{upper,work,merged}
 arm64_fake_cpuinfo "$RUN/cpuinfo"
+# A root of the host's own architecture runs natively: it gets the host's real cpuinfo.
+[ "$(arm64_chroot "$ROOT" uname -m)" != "$(uname -m)" ] || cp /proc/cpuinfo "$RUN/cpuinfo"
 
 args=(--timeout="${EDGEOS_ARM64_TIMEOUT:-600}" -p no:cacheprovider
       --junitxml=/opt/edgeos-results/junit.xml --durations=25 "${subset[@]}" "$@")
