@@ -46,6 +46,9 @@ mkdir -p "$work"/{upper,ovl,merged,content}
 if [ "$variant" = stub ]; then
     mkdir -p "$work/stub/etc"
     echo "$version" > "$work/stub/etc/edgeos-image-version"
+    # RAUC refuses a bundle whose squashfs is not larger than 4096 bytes, which an almost empty
+    # ext4 compresses to: some incompressible bytes keep the stub a valid bundle.
+    head -c 65536 /dev/urandom > "$work/stub/etc/edgeos-stub-padding"
     truncate -s 16M "$work/content/rootfs.ext4"
     mkfs.ext4 -q -L rootfs -E root_owner=0:0 -d "$work/stub" "$work/content/rootfs.ext4"
 else
