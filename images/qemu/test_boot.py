@@ -705,9 +705,11 @@ async def scenario(args: argparse.Namespace) -> None:
                 await asyncio.to_thread(shell.check, f"rm -f /var/lib/edgeos/rauc/{name}.raucb")
                 if rc == 0:
                     raise Failed(f"the {name} bundle was installed:\n{out}")
+                # RAUC's own words (`LastError: …`), not the progress line that failed
+                lines = out.splitlines()
                 reason = next(
-                    (ln for ln in out.splitlines() if "rror" in ln or "fail" in ln),
-                    out.splitlines()[-1] if out else "",
+                    (ln for ln in lines if "LastError" in ln),
+                    next((ln for ln in lines if "rror" in ln), lines[-1] if lines else ""),
                 )
                 refusals[name] = reason.strip()[-200:]
                 log(f"refused {name}: {refusals[name]}")
