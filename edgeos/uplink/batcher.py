@@ -202,8 +202,9 @@ class Batcher:
         self._position[table.indices] = np.arange(len(table))
         self._identity = bool(np.array_equal(table.indices, np.arange(len(table))))
         self._subtables: OrderedDict[bytes, TagTable] = OrderedDict()
-        #: Announced gaps ``(epoch, first, last)`` not yet passed by an ack.
-        self.skip: list[tuple[int, int, int]] = []
+        #: Announced gaps ``(epoch, first, last)`` not yet passed by an ack; kept in the
+        #: spool's ``gaps.bin`` across restarts (a gap the last run could not get out yet).
+        self.skip: list[tuple[int, int, int]] = merge_ranges(spool.restored_gaps())
         #: Announced gap → (epoch, seq) of the first stored batch that carried it.
         self._carried: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._take_spool_losses()
@@ -257,7 +258,9 @@ class Batcher:
                 del self._carried[s]
             else:
                 keep.append(s)
-        self.skip = keep
+        if keep != self.skip:
+            self.skip = keep
+            self.spool.keep_gaps(keep)
 
     # ------------------------------------------------------------------ loop
 
@@ -381,6 +384,7 @@ class Batcher:
         # A merged range is a new announcement: it needs a carrier of its own.
         self._carried = {g: c for g, c in self._carried.items() if g in self.skip}
         self.counters.skipped_ranges += 1
+        self.spool.keep_gaps(self.skip)
 
     def _take_spool_losses(self) -> None:
         for epoch, first, last in self.spool.take_lost():

@@ -5,6 +5,7 @@ Append-only segment files in one directory::
     seg-<n:016x>.spool   = b"EOSSPL01" record*
     record               = magic "ESR1" | length u32 | crc32 u32 | epoch u64 | seq u64 | payload
     acked.json           = {"<epoch>": seq}  ack watermarks (atomic rename, advisory)
+    gaps.bin             = the batcher's announced gaps not yet acknowledged (see below)
     quarantine/          = corrupt bytes moved aside, for post-mortems
 
 The CRC-32 covers length, epoch, seq and payload. A record is written with one ``write`` and
@@ -19,6 +20,16 @@ deleted once none of its records is pending. The spool is bounded by ``max_bytes
 files; when an append would pass it (or the OS reports ENOSPC) the ``full_policy`` decides:
 ``drop_oldest`` deletes the oldest segments (their pending records are counted as dropped),
 ``refuse_new`` raises :class:`~edgeos.errors.SpoolFull` (counted).
+
+``gaps.bin`` keeps the gaps the batcher announces (a batch the spool refused, records it
+dropped) until a batch that carried them is acknowledged, across restarts: without it a gap at
+the end of an epoch — the disk full and the broker away, then a restart — was forgotten with the
+process, and the receiver never heard of samples the device had counted as lost. The file is
+written in full (zeros) when the spool is first opened, while there is room, and from then on
+only overwritten in place, so keeping an announcement never needs a free block: it works on a
+full disk. Two 4 KiB slots are written alternately, each ``magic "EGP1" | generation u64 |
+count u32 | crc32 u32 | (epoch u64, first u64, last u64)*``; the valid slot with the higher
+generation wins, so a write torn by a power cut leaves the previous list.
 
 The spool is synchronous and thread-safe: call the blocking :meth:`append` through
 ``asyncio.to_thread`` from the event loop (an fsync takes milliseconds to tens of
@@ -54,6 +65,13 @@ _REC = struct.Struct(">4sIIQQ")
 _CRC_PART = struct.Struct(">IQQ")
 #: A record longer than this is corrupt (the wire format caps sealed batches at 16 MiB).
 MAX_RECORD = 32 << 20
+GAPS_FILE = "gaps.bin"
+GAPS_MAGIC = b"EGP1"
+GAPS_SLOT = 4096
+_GAPS_HEAD = struct.Struct(">4sQII")
+_GAPS_RANGE = struct.Struct(">QQQ")
+#: Announced gaps one slot holds (merged ranges; more is counted and the oldest are left out).
+GAPS_CAPACITY = (GAPS_SLOT - _GAPS_HEAD.size) // _GAPS_RANGE.size
 FullPolicy = Literal["drop_oldest", "refuse_new"]
 Writer = Callable[[int, bytes], int]
 
@@ -95,6 +113,13 @@ class SpoolStats:
     quarantined_ranges: int = 0
     quarantined_bytes: int = 0
     recovered_records: int = 0
+    #: Announced gaps read back from ``gaps.bin`` at open (a restart before they were acked).
+    gaps_restored: int = 0
+    #: Writes of ``gaps.bin`` that failed, or lists longer than a slot (oldest left out).
+    gaps_write_errors: int = 0
+    gaps_truncated: int = 0
+    #: ``gaps.bin`` could not be created (no room at the very first open): not kept then.
+    gaps_unavailable: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -144,6 +169,9 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "quarantine").mkdir(exist_ok=True)
         self._recover()
+        self._gaps_fd: int | None = None
+        self._gaps_generation = 0
+        self._restored_gaps = self._open_gaps()
 
     @classmethod
     def from_config(cls, directory: str | Path, config: SpoolConfig) -> Spool:
@@ -440,6 +468,67 @@ class Spool:
             raise StorageError(f"spool segment {segment.path} shrank under a pending record")
         return Record(epoch, seq, payload)
 
+    # ------------------------------------------------------------------ announced gaps
+
+    def _open_gaps(self) -> list[tuple[int, int, int]]:
+        path = self.directory / GAPS_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            self.counters.gaps_unavailable = 1
+            return []
+        try:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, 2 * GAPS_SLOT, 0) if size == 2 * GAPS_SLOT else b""
+            if size != 2 * GAPS_SLOT:
+                # New (or cut short): allocate both slots now, while there is room.
+                os.ftruncate(fd, 0)
+                if os.pwrite(fd, bytes(2 * GAPS_SLOT), 0) != 2 * GAPS_SLOT:
+                    raise OSError(errno.ENOSPC, "short write")
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            self.counters.gaps_unavailable = 1
+            return []
+        self._gaps_fd = fd
+        best: tuple[int, list[tuple[int, int, int]]] | None = None
+        for slot in (data[:GAPS_SLOT], data[GAPS_SLOT:]):
+            parsed = _parse_gaps_slot(slot)
+            if parsed is not None and (best is None or parsed[0] > best[0]):
+                best = parsed
+        if best is None:
+            return []
+        self._gaps_generation = best[0]
+        self.counters.gaps_restored = len(best[1])
+        return best[1]
+
+    def restored_gaps(self) -> list[tuple[int, int, int]]:
+        """The announced, not yet acknowledged gaps kept by the previous run (at open)."""
+        return list(self._restored_gaps)
+
+    def keep_gaps(self, ranges: list[tuple[int, int, int]]) -> None:
+        """Keep the batcher's announced gaps in ``gaps.bin`` (needs no free block; never
+        raises: a failure is counted, the announcement still goes out from memory)."""
+        with self._lock:
+            if self._gaps_fd is None or self._closed:
+                return
+            ranges = merge_ranges(ranges)
+            if len(ranges) > GAPS_CAPACITY:
+                self.counters.gaps_truncated += 1
+                ranges = ranges[-GAPS_CAPACITY:]
+            self._gaps_generation += 1
+            body = b"".join(_GAPS_RANGE.pack(*r) for r in ranges)
+            head = _GAPS_HEAD.pack(GAPS_MAGIC, self._gaps_generation, len(ranges), zlib.crc32(body))
+            slot = (head + body).ljust(GAPS_SLOT, b"\0")
+            try:
+                os.pwrite(self._gaps_fd, slot, (self._gaps_generation % 2) * GAPS_SLOT)
+                if self.fsync:
+                    os.fdatasync(self._gaps_fd)
+            except OSError:
+                self.counters.gaps_write_errors += 1
+
     def take_lost(self) -> list[tuple[int, int, int]]:
         """``(epoch, first, last)`` ranges lost since the last call (dropped, quarantined)."""
         with self._lock:
@@ -497,6 +586,10 @@ class Spool:
         """Close every file; further appends raise :class:`StorageError`."""
         with self._lock:
             self._closed = True
+            if self._gaps_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._gaps_fd)
+                self._gaps_fd = None
             for segment in list(self._segments.values()):
                 with contextlib.suppress(OSError):
                     os.close(segment.fd)
@@ -519,6 +612,19 @@ def merge_ranges(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int
         else:
             out.append((epoch, first, last))
     return out
+
+
+def _parse_gaps_slot(slot: bytes) -> tuple[int, list[tuple[int, int, int]]] | None:
+    """(generation, ranges) of one ``gaps.bin`` slot; None when empty, torn or corrupt."""
+    if len(slot) < _GAPS_HEAD.size:
+        return None
+    magic, generation, count, crc = _GAPS_HEAD.unpack_from(slot)
+    if magic != GAPS_MAGIC or count > GAPS_CAPACITY:
+        return None
+    body = slot[_GAPS_HEAD.size : _GAPS_HEAD.size + count * _GAPS_RANGE.size]
+    if zlib.crc32(body) != crc:
+        return None
+    return generation, [_GAPS_RANGE.unpack_from(body, i * _GAPS_RANGE.size) for i in range(count)]
 
 
 def _ranges(keys: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

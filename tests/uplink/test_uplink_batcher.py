@@ -187,6 +187,55 @@ async def test_refused_batch_and_dropped_records_are_announced_as_gaps(tmp_path:
     assert batcher.skip == []
 
 
+async def test_a_gap_the_last_run_could_not_get_out_is_announced_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """The boot test's full data partition: the broker away, batches refused, then a restart
+    before any batch could carry the announcement. The next run (a new epoch) announces it."""
+    line = SyntheticLine(nests=10, tags_per_nest=200)
+
+    def spool() -> Spool:
+        return Spool(
+            tmp_path / "s",
+            max_bytes=1 << 20,
+            segment_bytes=64 << 10,
+            full_policy="refuse_new",
+            fsync=True,
+        )
+
+    first = spool()
+    batcher = Batcher(table=line.table, keyring=RING, device="gw-1", spool=first, level=1)
+    rng = np.random.default_rng(0)
+    for i in range(1000):
+        batcher.add(
+            Scan(float(i), line.table.indices, rng.normal(0, 1e6, 2000), np.zeros(2000, np.uint8))
+        )
+        if await batcher.flush() is None:
+            break
+    old_epoch = batcher.epoch.epoch
+    gap = batcher.skip
+    assert len(gap) == 1 and gap[0][0] == old_epoch
+    first.close()  # the process ends; everything in memory is gone
+
+    second = spool()
+    assert second.stats()["gaps_restored"] == 1
+    restarted = Batcher(table=line.table, keyring=RING, device="gw-1", spool=second, level=1)
+    assert restarted.epoch.epoch != old_epoch and restarted.skip == gap
+    second.ack(old_epoch, 10_000)  # the receiver took the rest: room again
+    restarted.add(line.record(2000.0))
+    stored = await restarted.flush()
+    assert stored is not None and stored.epoch == restarted.epoch.epoch
+    last = list(second.pending())[-1]
+    _, batch = open_sealed(last.payload, epoch_key_for(parse_header(last.payload), RING.current))
+    assert batch.meta["skip"] == [list(gap[0])]
+    # Acknowledged: forgotten, in memory and on disk.
+    restarted.on_ack(stored.epoch, stored.seq)
+    assert restarted.skip == []
+    second.close()
+    with spool() as third:
+        assert third.restored_gaps() == []
+
+
 async def test_skipped_scans_are_announced_once_in_the_next_stored_batch(tmp_path: Path) -> None:
     line = SyntheticLine(nests=1, tags_per_nest=10)
     runs = [["fast", "plc1", 1_700_000_000_100_000, 1_700_000_000_200_000, 2]]

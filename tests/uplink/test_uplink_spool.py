@@ -15,7 +15,7 @@ import pytest
 
 from edgeos.config import SpoolConfig
 from edgeos.errors import SpoolFull, StorageError
-from edgeos.uplink.spool import FILE_MAGIC, Spool
+from edgeos.uplink.spool import FILE_MAGIC, GAPS_FILE, GAPS_SLOT, Spool
 from edgeos_testing.crashload import payload_for
 
 
@@ -295,3 +295,53 @@ def test_kill_9_at_random_instants_loses_nothing_that_returned(tmp_path: Path) -
 @pytest.mark.slow
 def test_kill_9_soak(tmp_path: Path) -> None:
     _kill_runs(tmp_path, kills=120, seed=1000)
+
+
+def test_kept_gaps_survive_a_reopen_and_a_torn_write_leaves_the_previous_list(
+    tmp_path: Path,
+) -> None:
+    with Spool(tmp_path) as spool:
+        assert spool.restored_gaps() == []
+        spool.keep_gaps([(7, 3, 4), (7, 5, 5), (9, 1, 1)])
+        spool.keep_gaps([(7, 3, 5), (9, 1, 2)])
+    with Spool(tmp_path) as spool:
+        assert spool.restored_gaps() == [(7, 3, 5), (9, 1, 2)]
+        assert spool.stats()["gaps_restored"] == 2
+    # A power cut in the middle of the next write: that slot is garbage, the other one holds.
+    path = tmp_path / GAPS_FILE
+    data = bytearray(path.read_bytes())
+    with Spool(tmp_path) as spool:
+        spool.keep_gaps([(7, 3, 5), (9, 1, 2), (11, 4, 4)])
+    written = path.read_bytes()
+    slot = next(i for i in (0, GAPS_SLOT) if written[i : i + GAPS_SLOT] != data[i : i + GAPS_SLOT])
+    data[slot : slot + 40] = written[slot : slot + 40]  # only its first bytes reached the disk
+    path.write_bytes(bytes(data))
+    with Spool(tmp_path) as spool:
+        assert spool.restored_gaps() == [(7, 3, 5), (9, 1, 2)]
+
+
+def test_keeping_gaps_needs_no_free_block(tmp_path: Path) -> None:
+    """The journal is written in full at the first open; on a disk with no block left, keeping
+    an announcement still works (a real 1 MiB tmpfs, filled to ENOSPC)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]
+    if subprocess.run(mount, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
+    try:
+        with Spool(mnt / "spool", fsync=True) as spool:
+            pass
+        with open(mnt / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(4096))
+        with pytest.raises(OSError):
+            (mnt / "probe").write_bytes(bytes(8192))
+        with Spool(mnt / "spool", fsync=True) as spool:
+            spool.keep_gaps([(5, 1, 9)])
+            assert spool.stats()["gaps_write_errors"] == 0
+        with Spool(mnt / "spool", fsync=True) as spool:
+            assert spool.restored_gaps() == [(5, 1, 9)]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
