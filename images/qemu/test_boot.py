@@ -349,6 +349,19 @@ def ledger(storage_url: str) -> tuple[int, list[str], int]:
     return len(data.batches), gaps, n_announced
 
 
+def untold_seqs(storage_url: str, epoch: int, last_seq: int) -> list[int]:
+    """Sequence numbers 1..last_seq of ``epoch`` the receiver neither holds nor was told of."""
+    from edgeos_testing.receiverdb import read_receiver
+
+    data = read_receiver(storage_url, DEVICE)
+    known = {b.seq for b in data.batches if b.epoch == epoch}
+    for b in data.batches:
+        for e, first, last in b.skip:
+            if e == epoch:
+                known.update(range(first, last + 1))
+    return sorted(set(range(1, last_seq + 1)) - known)
+
+
 def make_bundles(out: Path, work: Path) -> dict[str, Path]:
     mk = HERE / "make-bundle.sh"
     b: dict[str, Path] = {}
@@ -878,6 +891,9 @@ async def scenario(args: argparse.Namespace) -> None:
                 f" dropped {_find(status, 'dropped')}"
             )
             # Reboot with the partition still full: the committed slot boots, edgeos starts.
+            # What this run refused is announced only in memory so far (nothing can be stored
+            # to carry it): the next run must still tell the receiver (the spool's gaps.bin).
+            killed = _find(await guest_status(shell), "batcher") or {}
             mark = vm.mark()
             t0 = time.monotonic()
             await asyncio.to_thread(shell.send_only, "systemctl reboot")
@@ -900,7 +916,19 @@ async def scenario(args: argparse.Namespace) -> None:
             )
             figures["diskfull_batches_delivered"] = n_after - n_before
             figures["diskfull_announced_gaps"] = announced - announced_before
-            figures["diskfull"] = "kept the slot, refused batches announced, nothing lost"
+            untold = await asyncio.to_thread(
+                untold_seqs, storage, int(killed.get("epoch", "0"), 16), int(killed.get("seq", 0))
+            )
+            figures["diskfull_rebooted_run_last_seq"] = killed.get("seq")
+            if not killed or untold:
+                raise Failed(
+                    f"batches of the run rebooted on the full partition neither stored nor"
+                    f" announced: {untold} (its status: {killed})"
+                )
+            figures["diskfull"] = (
+                "kept the slot; what was refused before the reboot announced after it; nothing"
+                " accepted lost"
+            )
     finally:
         if vm is not None:
             vm.stop()
