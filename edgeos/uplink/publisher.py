@@ -284,9 +284,12 @@ class Publisher:
         self.counters.state = "connecting"
         async with client:
             self.counters.connects += 1
-            self.counters.state = "connected"
             await client.subscribe(self.topics.ack, qos=1)
             await client.subscribe(self.topics.command, qos=1)
+            # "connected" once acks and commands can arrive: the session is clean, so a command
+            # published between CONNACK and SUBACK would never reach this device (seen in the
+            # arm64 lane, where that window is wide).
+            self.counters.state = "connected"
             await client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
             # Python 3.11's wait_for (inside aiomqtt) can drop a cancellation that lands as an
             # operation completes: do not start serving for a caller that gave up.
