@@ -239,11 +239,15 @@ class MosquittoBroker:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the broker and wait until it accepts TCP connections on its port."""
+        """Start the broker and wait until it accepts TCP connections on its port and has
+        logged that it runs: Mosquitto opens its listeners *before* it installs its signal
+        handlers, and a SIGHUP (:meth:`reload`) in between kills it (seen under arm64
+        emulation, where that window is wide)."""
         if self.running:
             return
         with open(self.log_file, "ab") as log:
             log.write(b"--- start ---\n")
+        runs_before = self._log_count(" running")
         self._proc = subprocess.Popen(
             [self._binary, "-c", str(self.config_file)],
             stdin=subprocess.DEVNULL,
@@ -261,10 +265,20 @@ class MosquittoBroker:
                 contextlib.suppress(OSError),
                 socket.create_connection((self.host, self.port), timeout=0.2),
             ):
-                return
+                break
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"mosquitto did not listen on {self.port}\n{self.log_tail()}")
+            time.sleep(0.02)
+        # "mosquitto version X running" comes right after the signal handlers are set.
+        deadline = time.monotonic() + max(self.start_timeout, 60.0)
+        while self._log_count(" running") <= runs_before:
+            if self._proc.poll() is not None:
+                self._proc = None
+                raise RuntimeError(f"mosquitto exited at start\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"mosquitto listens but never logged running\n{self.log_tail()}")
             time.sleep(0.02)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -310,6 +324,8 @@ class MosquittoBroker:
         deadline = time.monotonic() + timeout
         next_signal = 0.0
         while self._log_count("Reloading config.") <= before:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited while reloading\n{self.log_tail()}")
             now = time.monotonic()
             if now > deadline:
                 raise RuntimeError(f"mosquitto did not reload\n{self.log_tail()}")
