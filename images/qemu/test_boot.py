@@ -259,7 +259,14 @@ class Shell:
         sock = self._connect()
         self.n += 1
         tag = f"__EDGEOS_RC_{self.n}_"
-        sock.sendall(f"{cmd}; echo {tag}$?__\n".encode())
+        # The console echoes the typed line, wrapped at the terminal's width (a long command's
+        # first part has no tag to recognise it by): the output starts after a marker line that
+        # the echo cannot contain (its two halves are joined only by the shell).
+        begin = f"__EDGEOS_OUT_{self.n}__"
+        half = len(begin) // 2
+        sock.sendall(
+            f"printf '%s\\n' '{begin[:half]}''{begin[half:]}'; {cmd}; echo {tag}$?__\n".encode()
+        )
         rx = re.compile(re.escape(tag).encode() + rb"(\d+)__")
         deadline = time.monotonic() + timeout
         while not (m := rx.search(self.buf)):
@@ -276,8 +283,13 @@ class Shell:
             self.buf += chunk
         out, self.buf = self.buf[: m.start()], self.buf[m.end() :]
         text = out.decode(errors="replace").replace("\r", "")
-        # drop the echo of the command line itself
-        lines = [ln for ln in text.split("\n") if tag not in ln]
+        lines = text.split("\n")
+        # (the marker line may start with the terminal's escape sequences)
+        marks = [i for i, ln in enumerate(lines) if ln.endswith(begin)]
+        if marks:
+            lines = lines[marks[-1] + 1 :]
+        # drop what is left of the echo of the command line itself
+        lines = [ln for ln in lines if tag not in ln]
         return int(m.group(1)), "\n".join(lines).strip()
 
     def send_only(self, cmd: str) -> None:
