@@ -392,6 +392,7 @@ def _ota_commit(args: argparse.Namespace, dev: _Device) -> int:
         stale_after_s=args.stale_after,
         poll=lambda: health.read(max_age_s=args.stale_after),
         poll_interval_s=1.0,
+        why_not=lambda: health.refused,
     )
     outcome = asyncio.run(monitor.run())
     state = slots.read_state()

@@ -93,6 +93,8 @@ class HealthFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        #: Why the last :meth:`read` returned ``None`` (for the watcher's log line), else "".
+        self.refused = ""
 
     def report(self, health: HealthReport) -> None:
         """Write one report atomically (call every few seconds from the runtime)."""
@@ -113,22 +115,33 @@ class HealthFile:
         return self.path.stat().st_mtime >= booted_at
 
     def read(self, *, max_age_s: float) -> HealthReport | None:
-        """The latest report, or ``None`` when missing, stale, or its writer is dead."""
+        """The latest report, or ``None`` when missing, stale, or its writer is dead (which
+        of them: :attr:`refused`)."""
+        self.refused = ""
         try:
             raw = read_json(self.path)
             stamped, mine = str(raw["boot_id"]).replace("-", "").lower(), _boot_id()
             if stamped != mine:
                 if stamped and mine:
-                    return None  # another boot
+                    return self._refuse(f"health file written in another boot ({stamped[:8]}…)")
                 # One side could not tell (sandboxed without EDGEOS_BOOT_ID: code or a unit
                 # from before it, e.g. an application slot older than the root reading it):
                 # the file's own time must then be from this boot.
                 if not self._written_this_boot():
-                    return None
-            if not _pid_alive(int(raw["pid"])):
-                return None
-            if time.monotonic() - float(raw["monotonic"]) > max_age_s:
-                return None
+                    return self._refuse("health file written before this boot")
+            pid = int(raw["pid"])
+            if not _pid_alive(pid):
+                return self._refuse(f"health file's writer (pid {pid}) is gone")
+            age = time.monotonic() - float(raw["monotonic"])
+            if age > max_age_s:
+                return self._refuse(f"last health report {age:.0f} s old (limit {max_age_s:g} s)")
             return HealthReport(**raw["health"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        except FileNotFoundError:
+            return self._refuse("no health file yet (the runtime has not reported)")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return self._refuse(f"health file unreadable: {type(exc).__name__}: {exc}")
+
+    def _refuse(self, why: str) -> HealthReport | None:
+        """Record why and return None (what :meth:`read` returns then)."""
+        self.refused = why
+        return None

@@ -46,6 +46,7 @@ class TrialMonitor:
         clock: Clock | None = None,
         poll: Callable[[], HealthReport | None] | None = None,
         poll_interval_s: float = 1.0,
+        why_not: Callable[[], str] | None = None,
     ) -> None:
         self._slots = slots
         self._window = health_window_s
@@ -53,6 +54,8 @@ class TrialMonitor:
         self._stale = stale_after_s
         self._clock = clock or SystemClock()
         self._poll = poll
+        #: Why ``poll`` last returned None (e.g. :attr:`HealthFile.refused`), for the verdict.
+        self._why_not = why_not
         self._interval = min(poll_interval_s, health_window_s / 4)
         self._healthy_since: float | None = None
         self._last_report: float | None = None
@@ -79,7 +82,10 @@ class TrialMonitor:
                 observed = self._poll()
                 if observed is None:
                     self._healthy_since = None
-                    self._last_problems = ["health file missing, stale, or its writer is dead"]
+                    why = self._why_not() if self._why_not is not None else ""
+                    self._last_problems = [
+                        why or "health file missing, stale, or its writer is dead"
+                    ]
                 else:
                     self.report(observed)
             now = self._clock.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -181,3 +182,36 @@ print(Path("/proc/sys/kernel/random/boot_id").exists(), HealthFile(Path(sys.argv
     before_boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) - 60
     os.utime(path, (before_boot, before_boot))
     assert sandboxed_read() == "False False"
+
+
+def test_an_unreadable_report_says_which_of_the_reasons_it_is(tmp_path: Path) -> None:
+    """The watchers' verdict (trial-failed …, the commit log) names the cause instead of
+    "missing, stale, or its writer is dead": the boot test's first failure took a mount of the
+    disk image to tell which."""
+    path = tmp_path / "health.json"
+    health = HealthFile(path)
+    assert health.read(max_age_s=60) is None and "no health file yet" in health.refused
+    health.report(GOOD)
+    assert health.read(max_age_s=60) == GOOD and health.refused == ""
+    _stamp(path, "0" * 32)
+    assert health.read(max_age_s=60) is None and "another boot" in health.refused
+    health.report(GOOD)
+    doc = json.loads(path.read_text())
+    doc["monotonic"] -= 100
+    path.write_text(json.dumps(doc))
+    assert health.read(max_age_s=60) is None
+    old = re.search(r"last health report (\d+) s old \(limit 60 s\)", health.refused)
+    assert old is not None and int(old.group(1)) >= 100
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    doc["monotonic"] += 100
+    doc["pid"] = int(dead.stdout)
+    path.write_text(json.dumps(doc))
+    assert health.read(max_age_s=60) is None
+    assert f"writer (pid {int(dead.stdout)}) is gone" in health.refused
+    path.write_text("{not json")
+    assert health.read(max_age_s=60) is None and "unreadable" in health.refused

@@ -296,6 +296,29 @@ async def test_monitor_treats_silence_as_unhealthy(
     assert "no health report" in (device.slots.read_state().last_failure or "")
 
 
+async def test_a_trial_failed_on_the_health_file_records_which_reason_it_was(
+    device: Device, make_release: MakeRelease, tmp_path: Path
+) -> None:
+    device.slots.install(make_release("1.1.0"))
+    device.slots.boot_check()
+    clock = VirtualClock()
+    health = HealthFile(tmp_path / "never-written.json")
+    monitor = TrialMonitor(
+        device.slots,
+        health_window_s=60,
+        trial_timeout_s=100,
+        clock=clock,
+        poll=lambda: health.read(max_age_s=15),
+        why_not=lambda: health.refused,
+    )
+    import asyncio
+
+    task = asyncio.create_task(monitor.run())
+    await clock.advance(120, step=1)
+    assert await task is TrialOutcome.FAILED
+    assert "no health file yet" in (device.slots.read_state().last_failure or "")
+
+
 async def test_monitor_returns_when_not_on_trial(device: Device) -> None:
     monitor = TrialMonitor(device.slots, health_window_s=1, clock=VirtualClock())
     assert await monitor.run() is TrialOutcome.NOT_ON_TRIAL

@@ -204,7 +204,11 @@ def main() -> int:
             problems = (
                 report.problems()
                 if report is not None
-                else ["health file missing, stale, or its writer is dead"]
+                # (an edgeos older than HealthFile.refused: the lumped reason)
+                else [
+                    getattr(health, "refused", "")
+                    or "health file missing, stale, or its writer is dead"
+                ]
             )
         if now - start >= timeout:
             if on_trial:
