@@ -70,7 +70,7 @@ GAPS_MAGIC = b"EGP1"
 GAPS_SLOT = 4096
 _GAPS_HEAD = struct.Struct(">4sQII")
 _GAPS_RANGE = struct.Struct(">QQQ")
-#: Announced gaps one slot holds (merged ranges; more is counted and the oldest are left out).
+#: Announced gaps one slot holds (merged ranges; beyond it the list is cut, and counted).
 GAPS_CAPACITY = (GAPS_SLOT - _GAPS_HEAD.size) // _GAPS_RANGE.size
 FullPolicy = Literal["drop_oldest", "refuse_new"]
 Writer = Callable[[int, bytes], int]
@@ -115,7 +115,8 @@ class SpoolStats:
     recovered_records: int = 0
     #: Announced gaps read back from ``gaps.bin`` at open (a restart before they were acked).
     gaps_restored: int = 0
-    #: Writes of ``gaps.bin`` that failed, or lists longer than a slot (oldest left out).
+    #: Writes of ``gaps.bin`` that failed; lists longer than a slot (cut to the slot: the
+    #: ranges of the lowest epoch numbers are kept only in memory).
     gaps_write_errors: int = 0
     gaps_truncated: int = 0
     #: ``gaps.bin`` could not be created (no room at the very first open): not kept then.
