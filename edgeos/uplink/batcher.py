@@ -207,7 +207,12 @@ class Batcher:
         self.skip: list[tuple[int, int, int]] = merge_ranges(spool.restored_gaps())
         #: Announced gap → (epoch, seq) of the first stored batch that carried it.
         self._carried: dict[tuple[int, int, int], tuple[int, int]] = {}
+        #: ``skip`` gained a gap that ``gaps.bin`` does not hold yet (written off the loop).
+        self._gaps_dirty = False
         self._take_spool_losses()
+        if self._gaps_dirty:
+            self._gaps_dirty = False
+            self.spool.keep_gaps(self.skip)
 
     def _new_epoch(self) -> Epoch:
         if self._max_epoch_seq is None:
@@ -260,7 +265,9 @@ class Batcher:
                 keep.append(s)
         if keep != self.skip:
             self.skip = keep
-            self.spool.keep_gaps(keep)
+            # Not synced (this runs on the loop, once per ack): a forgotten removal only makes
+            # the next run announce an acknowledged gap again, which the receiver ignores.
+            self.spool.keep_gaps(keep, durable=False)
 
     # ------------------------------------------------------------------ loop
 
@@ -324,6 +331,7 @@ class Batcher:
             if self.drain_events is not None:
                 events.extend(self.drain_events())
             self._take_spool_losses()
+            await self._keep_gaps()
             if self.skipped_scans is not None:
                 self._scan_skips.extend(self.skipped_scans())
             if not records and not events:
@@ -351,10 +359,12 @@ class Batcher:
                 self.counters.refused_batches += 1
                 self.counters.refused_samples += samples
                 self._announce_gap(epoch, seq, seq)
+                await self._keep_gaps()
                 log.warning("uplink batch %d refused by the spool: %s", seq, exc)
                 return None
             except StorageError:
                 self._announce_gap(epoch, seq, seq)
+                await self._keep_gaps()
                 raise
             self.counters.append_seconds.record(self.clock.monotonic() - t1)
             for gap in announced:
@@ -384,7 +394,17 @@ class Batcher:
         # A merged range is a new announcement: it needs a carrier of its own.
         self._carried = {g: c for g, c in self._carried.items() if g in self.skip}
         self.counters.skipped_ranges += 1
-        self.spool.keep_gaps(self.skip)
+        self._gaps_dirty = True
+
+    async def _keep_gaps(self) -> None:
+        """Write new announcements to the spool's ``gaps.bin`` (synced, so off the loop)."""
+        if not self._gaps_dirty:
+            return
+        self._gaps_dirty = False
+        if self.spool.fsync:
+            await asyncio.to_thread(self.spool.keep_gaps, list(self.skip))
+        else:
+            self.spool.keep_gaps(list(self.skip))
 
     def _take_spool_losses(self) -> None:
         for epoch, first, last in self.spool.take_lost():

@@ -509,9 +509,11 @@ class Spool:
         """The announced, not yet acknowledged gaps kept by the previous run (at open)."""
         return list(self._restored_gaps)
 
-    def keep_gaps(self, ranges: list[tuple[int, int, int]]) -> None:
+    def keep_gaps(self, ranges: list[tuple[int, int, int]], *, durable: bool = True) -> None:
         """Keep the batcher's announced gaps in ``gaps.bin`` (needs no free block; never
-        raises: a failure is counted, the announcement still goes out from memory)."""
+        raises: a failure is counted, the announcement still goes out from memory).
+        ``durable``: ``fdatasync`` too (when the spool syncs at all) — blocks: call it through
+        ``asyncio.to_thread`` from the event loop."""
         with self._lock:
             if self._gaps_fd is None or self._closed:
                 return
@@ -525,7 +527,7 @@ class Spool:
             slot = (head + body).ljust(GAPS_SLOT, b"\0")
             try:
                 os.pwrite(self._gaps_fd, slot, (self._gaps_generation % 2) * GAPS_SLOT)
-                if self.fsync:
+                if self.fsync and durable:
                     os.fdatasync(self._gaps_fd)
             except OSError:
                 self.counters.gaps_write_errors += 1
