@@ -34,6 +34,26 @@ sys.stdin.read()  # alive (the reader checks the writer's pid) until the test cl
 """
 
 
+def _sandboxed(code: str, path: Path) -> list[str]:
+    """``python -c code path`` in a private mount namespace whose procfs is ``subset=pid``
+    (what systemd's ``ProcSubset=pid`` gives edgeos.service)."""
+    mount = 'mount -t proc -o subset=pid proc /proc && exec "$@"'
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        mount,
+        "sh",
+        sys.executable,
+        "-c",
+        code,
+        str(path),
+    ]
+
+
 def _systemd_boot_id() -> str:
     """What systemd's ``%b`` gives: this boot's id without dashes."""
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
@@ -50,20 +70,7 @@ def _read_from_sandboxed_writer(
     if probe.returncode != 0:
         pytest.skip(f"no mount namespace here (needs root): {probe.stderr.decode().strip()}")
     writer = subprocess.Popen(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            'mount -t proc -o subset=pid proc /proc && exec "$@"',
-            "sh",
-            sys.executable,
-            "-c",
-            WRITER,
-            str(path),
-        ],
+        _sandboxed(WRITER, path),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -154,20 +161,7 @@ print(Path("/proc/sys/kernel/random/boot_id").exists(), HealthFile(Path(sys.argv
 
     def sandboxed_read() -> str:
         done = subprocess.run(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                'mount -t proc -o subset=pid proc /proc && exec "$@"',
-                "sh",
-                sys.executable,
-                "-c",
-                reader,
-                str(path),
-            ],
+            _sandboxed(reader, path),
             capture_output=True,
             text=True,
             env=env,
