@@ -50,30 +50,9 @@ log "debian root done after $(($(date +%s) - started)) s"
 # from a copy of the checkout (run-tests.sh refreshes that copy before every run, so the installed
 # metadata -- dependencies, entry points -- only has to change when a pyproject file does, which
 # changes the cache key).
-arm64_sync_src "$PARTIAL$ROOT_SRC"
-cp -L /etc/resolv.conf "$PARTIAL/etc/resolv.conf"
-# pip inside the root trusts what pip on this host trusts (PIP_CERT / pip.conf `cert`, else the
-# host's CA bundle): behind a TLS-inspecting proxy that is the only way to reach the index.
-host_ca=$(pip3 config get global.cert 2>/dev/null || true)
-host_ca=${PIP_CERT:-${host_ca:-/etc/ssl/certs/ca-certificates.crt}}
-[ -f "$host_ca" ] && install -D -m 0644 "$host_ca" "$PARTIAL/etc/edgeos-build/pip-ca.crt"
-targets=$(arm64_pip_targets)
-[ -n "$targets" ] || die "no \`pip install -e …\` line found in the Makefile"
-log "pip install $targets"
 cpuinfo=$(mktemp)
 arm64_fake_cpuinfo "$cpuinfo"
-unshare --mount --propagation private --fork bash -euc '
-    source "$1"; root=$2; cpuinfo=$3; targets=$4
-    arm64_mount_kernel_fs "$root" "$cpuinfo"
-    arm64_chroot "$root" /bin/bash -euc "
-        [ -f /etc/edgeos-build/pip-ca.crt ] && export PIP_CERT=/etc/edgeos-build/pip-ca.crt
-        python3 -m venv $ROOT_VENV
-        $ROOT_VENV/bin/pip install --quiet --upgrade pip
-        cd $ROOT_SRC
-        $ROOT_VENV/bin/pip install --quiet $targets
-        $ROOT_VENV/bin/pip freeze --exclude-editable > /opt/edgeos-freeze.txt
-    "
-' _ "$ARM64_DIR/lib.sh" "$PARTIAL" "$cpuinfo" "$targets" >&2
+arm64_install_venv "$PARTIAL" python3 "$cpuinfo"
 rm -f "$cpuinfo"
 uname_m=$(arm64_chroot "$PARTIAL" uname -m)
 [ "$uname_m" = aarch64 ] || die "the root's uname -m is $uname_m, not aarch64"

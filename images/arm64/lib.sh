@@ -127,6 +127,37 @@ arm64_sync_src() {
         "$REPO/" "$dst/"
 }
 
+# The Python side of a test root ($1): a venv $ROOT_VENV made by the root's interpreter $2
+# (python3 on Debian, python3.11 on jammy) with the Makefile's editable installs from a copy of
+# the checkout; $3 is the cpuinfo to bind (arm64_fake_cpuinfo). pip inside the root trusts what
+# pip on this host trusts (PIP_CERT / pip.conf `cert`, else the host's CA bundle): behind a
+# TLS-inspecting proxy that is the only way to reach the index. (Not in the roots' cache key:
+# bump ARM64_ROOT_FORMAT when a change here changes what a root holds.)
+arm64_install_venv() {
+    local root=$1 python=$2 cpuinfo=$3 host_ca targets
+    arm64_sync_src "$root$ROOT_SRC"
+    rm -f "$root/etc/resolv.conf"  # on Ubuntu a symlink to systemd-resolved's stub
+    cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+    host_ca=$(pip3 config get global.cert 2>/dev/null || true)
+    host_ca=${PIP_CERT:-${host_ca:-/etc/ssl/certs/ca-certificates.crt}}
+    [ -f "$host_ca" ] && install -D -m 0644 "$host_ca" "$root/etc/edgeos-build/pip-ca.crt"
+    targets=$(arm64_pip_targets)
+    [ -n "$targets" ] || die "no \`pip install -e …\` line found in the Makefile"
+    log "pip install $targets ($python)"
+    unshare --mount --propagation private --fork bash -euc '
+        source "$1"; root=$2; cpuinfo=$3; targets=$4; python=$5
+        arm64_mount_kernel_fs "$root" "$cpuinfo"
+        arm64_chroot "$root" /bin/bash -euc "
+            [ -f /etc/edgeos-build/pip-ca.crt ] && export PIP_CERT=/etc/edgeos-build/pip-ca.crt
+            $python -m venv $ROOT_VENV
+            $ROOT_VENV/bin/pip install --quiet --upgrade pip
+            cd $ROOT_SRC
+            $ROOT_VENV/bin/pip install --quiet $targets
+            $ROOT_VENV/bin/pip freeze --exclude-editable > /opt/edgeos-freeze.txt
+        "
+    ' _ "$ARM64_DIR/lib.sh" "$root" "$cpuinfo" "$targets" "$python" >&2
+}
+
 # A clean environment for the chroot: none of the host's PIP_*, VIRTUAL_ENV or PYTHON* settings
 # (they point at host paths and host-only package indexes).
 arm64_chroot() {

@@ -86,29 +86,9 @@ fi
 log "ubuntu root done after $(($(date +%s) - started)) s"
 
 # The venv from Ubuntu's python3.11 (the decision), the same editable installs as the Debian lane.
-arm64_sync_src "$PARTIAL$ROOT_SRC"
-rm -f "$PARTIAL/etc/resolv.conf"  # jammy: a symlink to systemd-resolved's stub
-cp -L /etc/resolv.conf "$PARTIAL/etc/resolv.conf"
-host_ca=$(pip3 config get global.cert 2>/dev/null || true)
-host_ca=${PIP_CERT:-${host_ca:-/etc/ssl/certs/ca-certificates.crt}}
-[ -f "$host_ca" ] && install -D -m 0644 "$host_ca" "$PARTIAL/etc/edgeos-build/pip-ca.crt"
-targets=$(arm64_pip_targets)
-[ -n "$targets" ] || die "no \`pip install -e …\` line found in the Makefile"
-log "pip install $targets (python3.11 from Ubuntu)"
 arm64_fake_cpuinfo "$WORK/cpuinfo"
 [ "$ARCH" = arm64 ] || cp /proc/cpuinfo "$WORK/cpuinfo"
-unshare --mount --propagation private --fork bash -euc '
-    source "$1"; root=$2; cpuinfo=$3; targets=$4
-    arm64_mount_kernel_fs "$root" "$cpuinfo"
-    arm64_chroot "$root" /bin/bash -euc "
-        [ -f /etc/edgeos-build/pip-ca.crt ] && export PIP_CERT=/etc/edgeos-build/pip-ca.crt
-        python3.11 -m venv $ROOT_VENV
-        $ROOT_VENV/bin/pip install --quiet --upgrade pip
-        cd $ROOT_SRC
-        $ROOT_VENV/bin/pip install --quiet $targets
-        $ROOT_VENV/bin/pip freeze --exclude-editable > /opt/edgeos-freeze.txt
-    "
-' _ "$ARM64_DIR/lib.sh" "$PARTIAL" "$WORK/cpuinfo" "$targets" >&2
+arm64_install_venv "$PARTIAL" python3.11 "$WORK/cpuinfo"
 uname_m=$(arm64_chroot "$PARTIAL" uname -m)
 [ "$uname_m" = "$UNAME" ] || die "the root's uname -m is $uname_m, not $UNAME"
 pyver=$(arm64_chroot "$PARTIAL" "$ROOT_VENV/bin/python" -c 'import sys; print(sys.version.split()[0])')
